@@ -1,0 +1,33 @@
+"""cfvit-deploy: CF-ViT from PyTorch to production (two ONNX graphs and a gated orchestrator).
+
+Torch-free modules (config, manifest, preprocessing, errors, io) import eagerly; the torch parts
+(`load_checkpoint`, `CFViT`, ...) are loaded on first attribute access so that `import cfvit_deploy`
+stays cheap and works on an inference-only install.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .config import ModelConfig
+from .errors import CFViTError, CheckpointError, ManifestError, UsageError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "CFViT": "model",
+    "CFViTOutput": "model",
+    "CoarseOutput": "model",
+    "load_checkpoint": "checkpoints",
+    "save_checkpoint": "checkpoints",
+    "stage_gmacs": "flops",
+}
+
+__all__ = ["ModelConfig", "CFViTError", "CheckpointError", "ManifestError", "UsageError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,39 @@
+"""Typed errors. Every user-facing failure is one of these; the CLI prints them as one line."""
+
+from __future__ import annotations
+
+
+class CFViTError(Exception):
+    """Base class of every error the toolkit raises on purpose (bad input, bad files, bad flags)."""
+
+    exit_code: int = 1
+
+
+class UsageError(CFViTError):
+    """A flag or argument is invalid (exit code 2)."""
+
+    exit_code = 2
+
+
+class CheckpointError(CFViTError):
+    """A checkpoint is missing, unreadable, not a CF-ViT, or does not match the model."""
+
+
+class ManifestError(CFViTError):
+    """An export folder is incomplete, tampered with, or of an unknown format version."""
+
+
+class ExportError(CFViTError):
+    """Exporting a graph failed."""
+
+
+class ImageError(CFViTError):
+    """An image file cannot be read or decoded."""
+
+
+class ProviderError(CFViTError):
+    """An execution provider or runtime is unavailable or not active."""
+
+
+class OutputExistsError(UsageError):
+    """An output exists and --force was not given."""

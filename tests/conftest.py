@@ -1,0 +1,38 @@
+"""Shared test fixtures: the upstream reference checkpoints and small models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("CFVIT_FIXTURES", ROOT.parent / "shared" / "fixtures" / "upstream"))
+FIXTURE_NAMES = sorted(p.stem for p in FIXTURES.glob("*.pth") if (p.with_suffix(".npz")).exists())
+
+
+class UpstreamFixture:
+    """One reference checkpoint with the outputs the original code produced for it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pth = FIXTURES / f"{name}.pth"
+        self.info = json.loads((FIXTURES / f"{name}.json").read_text())
+        with np.load(FIXTURES / f"{name}.npz") as data:
+            self.ref = {k: data[k] for k in data.files}
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.info["num_heads"])
+
+    @property
+    def images(self) -> np.ndarray:
+        return self.ref["fine_images"]
+
+
+@pytest.fixture(params=FIXTURE_NAMES or [pytest.param(None, marks=pytest.mark.skip("no upstream fixtures"))])
+def upstream(request: pytest.FixtureRequest) -> UpstreamFixture:
+    return UpstreamFixture(request.param)
