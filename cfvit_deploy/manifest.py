@@ -1,0 +1,220 @@
+"""The export manifest: the one contract between `exporters/` and `runtimes/` (torch-free).
+
+An export folder holds ``coarse.onnx``, ``fine.onnx`` (optionally ``baseline.onnx``) and
+``manifest.json``. Runtimes read only this file and the graphs it names; loading verifies the
+format version, that every graph exists and that its sha256 matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+from .errors import ManifestError
+from .preprocessing import PreprocessConfig
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, element type and symbolic shape ("batch" is dynamic)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX file of the export."""
+
+    file: str
+    sha256: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass
+class Manifest:
+    """Everything a runtime needs to know about an export."""
+
+    model: ModelConfig
+    preprocessing: PreprocessConfig
+    graphs: dict[str, GraphSpec]
+    gmacs: dict[str, float]
+    precision: str = "fp32"
+    optimized: bool = False
+    opset: int = 17
+    default_eta: float = 0.7
+    class_names: list[str] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    #: Set by :meth:`load`: the folder the manifest was read from (not serialised).
+    directory: Path | None = field(default=None, compare=False)
+
+    # -- derived --------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.model.fine_image_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def labels(self) -> list[str]:
+        """Class names, or "class_<i>" where none were recorded."""
+        return list(self.class_names) if self.class_names else [f"class_{i}" for i in range(self.num_classes)]
+
+    def graph_path(self, name: str) -> Path:
+        if name not in self.graphs:
+            raise ManifestError(f"export has no {name!r} graph (graphs: {', '.join(self.graphs)})")
+        if self.directory is None:
+            raise ManifestError("manifest was not loaded from a folder; graph paths are unknown")
+        return self.directory / self.graphs[name].file
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("directory")
+        d["model"] = self.model.to_dict()
+        d["preprocessing"] = self.preprocessing.to_dict()
+        d["image_sizes"] = {"fine": self.model.fine_image_size, "coarse": self.model.coarse_image_size}
+        d["derived"] = {"k": self.model.k, "fine_seq_len": self.model.fine_seq_len, "num_coarse": self.model.num_coarse}
+        return {"format_version": d.pop("format_version"), **d}
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Manifest":
+        """Parse a manifest dict; any problem is a :class:`ManifestError`."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"manifest must be a JSON object, got {type(data).__name__}")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"unsupported manifest format_version {version!r} (this cfvit-deploy reads version {FORMAT_VERSION}); "
+                "re-export with this version"
+            )
+        try:
+            graphs = {
+                name: GraphSpec(
+                    file=str(g["file"]),
+                    sha256=str(g["sha256"]),
+                    inputs=[TensorSpec(**t) for t in g["inputs"]],
+                    outputs=[TensorSpec(**t) for t in g["outputs"]],
+                )
+                for name, g in data["graphs"].items()
+            }
+            manifest = cls(
+                model=ModelConfig.from_dict(data["model"]),
+                preprocessing=PreprocessConfig.from_dict(data["preprocessing"]),
+                graphs=graphs,
+                gmacs={str(k): float(v) for k, v in data["gmacs"].items()},
+                precision=str(data.get("precision", "fp32")),
+                optimized=bool(data.get("optimized", False)),
+                opset=int(data.get("opset", 17)),
+                default_eta=float(data.get("default_eta", 0.7)),
+                class_names=None if data.get("class_names") is None else [str(c) for c in data["class_names"]],
+                versions={str(k): str(v) for k, v in dict(data.get("versions", {})).items()},
+                source=dict(data.get("source", {})),
+            )
+        except ManifestError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ManifestError(f"invalid manifest: {type(exc).__name__}: {exc}") from None
+        for name in ("coarse", "fine"):
+            if name not in manifest.graphs:
+                raise ManifestError(f"invalid manifest: no {name!r} graph listed")
+        if manifest.precision not in PRECISIONS:
+            raise ManifestError(f"invalid manifest: unknown precision {manifest.precision!r}")
+        if not (0.0 <= manifest.default_eta <= 1.0) or math.isnan(manifest.default_eta):
+            raise ManifestError(f"invalid manifest: default_eta {manifest.default_eta} outside [0, 1]")
+        if manifest.class_names is not None and len(manifest.class_names) != manifest.num_classes:
+            raise ManifestError("invalid manifest: class_names length differs from num_classes")
+        return manifest
+
+    @classmethod
+    def load(cls, directory: str | Path, verify: bool = True) -> "Manifest":
+        """Read ``DIR/manifest.json``; with `verify`, check every graph file and its sha256."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ManifestError(f"export folder not found: {directory}")
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{directory} is not an export folder: {MANIFEST_NAME} is missing (run `cfvit export`)")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"{path} is not valid JSON: {exc}") from None
+        manifest = cls.from_dict(data)
+        manifest.directory = directory
+        if verify:
+            manifest.verify()
+        return manifest
+
+    def verify(self) -> None:
+        """Every graph exists and matches its recorded sha256 (tampering or mixed exports fail)."""
+        for name, spec in self.graphs.items():
+            path = self.graph_path(name)
+            if not path.is_file():
+                raise ManifestError(f"export is incomplete: {name} graph {path} is missing")
+            digest = sha256_file(path)
+            if digest != spec.sha256:
+                raise ManifestError(
+                    f"checksum mismatch for {path.name}: manifest says {spec.sha256[:12]}…, file is {digest[:12]}… "
+                    "(the graph was modified or comes from another export)"
+                )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+#: Graph interface (names are also recorded per graph in the manifest; runtimes read them from there).
+#: The fine graph's inputs other than ``images`` are coarse outputs of the same name.
+GRAPH_IO_DOC: dict[str, dict[str, str]] = {
+    "coarse": {
+        "images": "(batch, 3, 32g, 32g) float32 ImageNet-normalized images; resized to 16g inside the graph",
+        "coarse_logits": "(batch, classes) float32 coarse-stage logits; the gate uses max softmax of these",
+        "global_attention": "(batch, g*g) float32 EMA class attention (blocks 3..last), selects the patches",
+        "reuse_tokens": "(batch, g*g, C) float32 final-normed coarse patch tokens; the fine graph feeds them "
+        "through the reuse block (so exiting images do not pay for it)",
+        "coarse_embedding": "(batch, g*g, C) float32 coarse input tokens (patch embedding + coarse position "
+        "embedding); the uninformative patches enter the fine stage as these",
+    },
+    "fine": {
+        "images": "(batch, 3, 32g, 32g) float32, the same images (only those that did not exit)",
+        "global_attention": "from coarse.onnx",
+        "reuse_tokens": "from coarse.onnx",
+        "coarse_embedding": "from coarse.onnx",
+        "fine_logits": "(batch, classes) float32 fine-stage logits",
+        "informative_idx": "(batch, k) int64 coarse patches refined at fine resolution, descending score",
+    },
+    "baseline": {
+        "images": "(batch, 3, 32g, 32g) float32",
+        "logits": "(batch, classes) float32 plain ViT on all (2g)^2 fine patches (same weights, no reuse)",
+    },
+}
