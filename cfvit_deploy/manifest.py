@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -109,37 +110,37 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"manifest must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version != FORMAT_VERSION:
             raise ManifestError(
                 f"unsupported manifest format_version {version!r} (this cfvit-deploy reads version {FORMAT_VERSION}); "
                 "re-export with this version"
             )
         try:
-            graphs = {
-                name: GraphSpec(
-                    file=str(g["file"]),
-                    sha256=str(g["sha256"]),
-                    inputs=[TensorSpec(**t) for t in g["inputs"]],
-                    outputs=[TensorSpec(**t) for t in g["outputs"]],
-                )
-                for name, g in data["graphs"].items()
-            }
+            _expect(isinstance(data["graphs"], dict), "graphs must be an object")
+            _expect(isinstance(data["gmacs"], dict), "gmacs must be an object")
+            optimized, opset = data.get("optimized", False), data.get("opset", 17)
+            _expect(isinstance(optimized, bool), f"optimized must be true or false, got {optimized!r}")
+            _expect(_is_int(opset), f"opset must be an integer, got {opset!r}")
+            class_names = data.get("class_names")
+            _expect(class_names is None or isinstance(class_names, list), "class_names must be a list")
+            versions, source = data.get("versions", {}), data.get("source", {})
+            _expect(isinstance(versions, dict) and isinstance(source, dict), "versions and source must be objects")
             manifest = cls(
-                model=ModelConfig.from_dict(data["model"]),
+                model=_model_config(data["model"]),
                 preprocessing=PreprocessConfig.from_dict(data["preprocessing"]),
-                graphs=graphs,
+                graphs={name: _graph_spec(name, g) for name, g in data["graphs"].items()},
                 gmacs={str(k): float(v) for k, v in data["gmacs"].items()},
                 precision=str(data.get("precision", "fp32")),
-                optimized=bool(data.get("optimized", False)),
-                opset=int(data.get("opset", 17)),
+                optimized=optimized,
+                opset=opset,
                 default_eta=float(data.get("default_eta", 0.7)),
-                class_names=None if data.get("class_names") is None else [str(c) for c in data["class_names"]],
-                versions={str(k): str(v) for k, v in dict(data.get("versions", {})).items()},
-                source=dict(data.get("source", {})),
+                class_names=None if class_names is None else [str(c) for c in class_names],
+                versions={str(k): str(v) for k, v in versions.items()},
+                source=dict(source),
             )
         except ManifestError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
             raise ManifestError(f"invalid manifest: {type(exc).__name__}: {exc}") from None
         for name in ("coarse", "fine"):
             if name not in manifest.graphs:
@@ -150,6 +151,11 @@ class Manifest:
             raise ManifestError(f"invalid manifest: default_eta {manifest.default_eta} outside [0, 1]")
         if manifest.class_names is not None and len(manifest.class_names) != manifest.num_classes:
             raise ManifestError("invalid manifest: class_names length differs from num_classes")
+        if manifest.preprocessing.crop_size != manifest.image_size:
+            raise ManifestError(
+                f"invalid manifest: preprocessing crop_size {manifest.preprocessing.crop_size} differs from "
+                f"the model's image size {manifest.image_size}"
+            )
         return manifest
 
     @classmethod
@@ -162,9 +168,13 @@ class Manifest:
         if not path.is_file():
             raise ManifestError(f"{directory} is not an export folder: {MANIFEST_NAME} is missing (run `cfvit export`)")
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"{path} is not valid JSON: {exc}") from None
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ManifestError(f"cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
+            raise ManifestError(f"{path} is not valid JSON: {type(exc).__name__}: {exc}") from None
         manifest = cls.from_dict(data)
         manifest.directory = directory
         if verify:
@@ -177,12 +187,73 @@ class Manifest:
             path = self.graph_path(name)
             if not path.is_file():
                 raise ManifestError(f"export is incomplete: {name} graph {path} is missing")
-            digest = sha256_file(path)
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                raise ManifestError(f"cannot read {name} graph {path}: {exc.strerror or exc}") from None
             if digest != spec.sha256:
                 raise ManifestError(
                     f"checksum mismatch for {path.name}: manifest says {spec.sha256[:12]}…, file is {digest[:12]}… "
                     "(the graph was modified or comes from another export)"
                 )
+
+
+def _expect(ok: bool, problem: str) -> None:
+    if not ok:
+        raise ManifestError(f"invalid manifest: {problem}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: JSON type checks for ModelConfig fields, by annotation (ModelConfig itself does arithmetic on them).
+_FIELD_CHECKS = {
+    "int": _is_int,
+    "float": lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+}
+
+
+def _model_config(data: Any) -> ModelConfig:
+    _expect(isinstance(data, dict), "model must be an object")
+    for f in fields(ModelConfig):
+        check = _FIELD_CHECKS.get(str(f.type))
+        if f.name in data and check is not None and not check(data[f.name]):
+            raise ManifestError(f"invalid manifest: model.{f.name} must be {f.type}, got {data[f.name]!r}")
+    return ModelConfig.from_dict(data)
+
+
+def _tensor_spec(graph: str, data: Any) -> TensorSpec:
+    spec = TensorSpec(**data)
+    _expect(
+        isinstance(spec.name, str)
+        and isinstance(spec.dtype, str)
+        and isinstance(spec.doc, str)
+        and isinstance(spec.shape, list)
+        and all(isinstance(d, str) or _is_int(d) for d in spec.shape),
+        f"{graph} graph: malformed tensor spec {data!r}",
+    )
+    return spec
+
+
+def _graph_spec(name: str, data: Any) -> GraphSpec:
+    file, sha256 = data["file"], data["sha256"]
+    _expect(
+        isinstance(file, str) and file not in ("", ".", "..") and Path(file).name == file,
+        f"{name} graph file {file!r} must be a plain file name inside the export folder",
+    )
+    _expect(
+        isinstance(sha256, str) and re.fullmatch("[0-9a-f]{64}", sha256) is not None,
+        f"{name} graph sha256 {sha256!r} is not a hex sha256 digest",
+    )
+    return GraphSpec(
+        file=file,
+        sha256=sha256,
+        inputs=[_tensor_spec(name, t) for t in data["inputs"]],
+        outputs=[_tensor_spec(name, t) for t in data["outputs"]],
+    )
 
 
 def sha256_file(path: Path) -> str:

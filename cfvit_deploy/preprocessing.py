@@ -7,7 +7,11 @@ decode, apply EXIF orientation, convert to RGB, resize the shorter side to int(3
 
 from __future__ import annotations
 
-import warnings
+import contextlib
+import errno
+import math
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,26 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def __post_init__(self) -> None:
+        for name in ("crop_size", "resize_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.resize_size < self.crop_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}")
+        if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; expected one of {', '.join(_INTERPOLATION)}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not (
+                isinstance(value, tuple)
+                and len(value) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            ):
+                raise ValueError(f"{name} must be three finite numbers, got {value!r}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std!r}")
+
     @classmethod
     def for_model(cls, cfg: ModelConfig) -> "PreprocessConfig":
         size = cfg.fine_image_size
@@ -50,9 +74,7 @@ class PreprocessConfig:
     def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
         d = dict(data)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        if d.get("interpolation") not in _INTERPOLATION:
-            raise ValueError(f"unknown interpolation {d.get('interpolation')!r}")
-        return cls(**d)
+        return cls(**d)  # __post_init__ validates every field
 
 
 def is_image_file(path: Path) -> bool:
@@ -67,22 +89,16 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                with Image.open(path) as img:
-                    w, h = img.size
-                    if max_pixels is not None and w * h > max_pixels:
-                        raise ImageError(
-                            f"{path}: image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
-                            "(possible decompression bomb; raise it with --max-pixels)"
-                        )
-                    img.seek(0)
-                    img = ImageOps.exif_transpose(img)
-                    return _to_rgb(img)
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
+        with _pil_pixel_limit(max_pixels), Image.open(path) as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageError(
+                    f"{path}: image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
+                    "(possible decompression bomb; raise it with --max-pixels)"
+                )
+            img.seek(0)
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -92,22 +108,52 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
     except UnidentifiedImageError:
+        if path.is_file() and path.stat().st_size == 0:
+            raise ImageError(f"{path}: empty file (0 bytes)") from None
         raise ImageError(f"{path}: not a recognised image format") from None
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP
+        if exc.errno == errno.ELOOP:
             raise ImageError(f"{path}: symlink loop") from None
         raise ImageError(f"{path}: cannot decode image ({exc})") from None
-    except (ValueError, SyntaxError, EOFError, Image.DecompressionBombError, MemoryError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own check fired first (above twice its limit)
+        limit = "" if max_pixels is None else f" of {max_pixels:,}"
+        raise ImageError(
+            f"{path}: {exc}; above the limit{limit} (possible decompression bomb; raise it with --max-pixels)"
+        ) from None
+    except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise ImageError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Let PIL's own bomb check allow `max_pixels` (load_image enforces it exactly).
+
+    PIL's limit is a process-wide global: it is left alone when `max_pixels` is within it, and
+    otherwise lifted only while holding a lock, so concurrent decodes cannot leave it lifted.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None and limit is not None and max_pixels <= limit:
+        yield
+        return
+    with _PIL_LIMIT_LOCK:
+        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         img.load()
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit gray: rescale to 8 bit
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16/32-bit gray: rescale to 8 bit
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        # I;16 is always 16-bit (a dark image must stay dark); "I" has no declared depth, so guess.
+        top = 65535.0 if img.mode != "I" or arr.max(initial=0) > 255 else 255.0
         return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -120,16 +166,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def preprocess(img: Image.Image, pp: PreprocessConfig) -> np.ndarray:
-    """RGB PIL image -> normalized (3, crop, crop) float32 array."""
+    """PIL image (converted to RGB as `load_image` does) -> normalized (3, crop, crop) float32 array."""
+    if img.mode != "RGB":
+        img = _to_rgb(img)
     w, h = img.size  # shorter side -> resize_size, as torchvision's Resize(int)
     if w <= h:
         size = (pp.resize_size, max(pp.resize_size, int(pp.resize_size * h / w)))
     else:
         size = (max(pp.resize_size, int(pp.resize_size * w / h)), pp.resize_size)
-    img = img.resize(size, _INTERPOLATION[pp.interpolation])
-    left = int(round((size[0] - pp.crop_size) / 2.0))
-    top = int(round((size[1] - pp.crop_size) / 2.0))
-    img = img.crop((left, top, left + pp.crop_size, top + pp.crop_size))
+    crop, resample = pp.crop_size, _INTERPOLATION[pp.interpolation]
+    left = int(round((size[0] - crop) / 2.0))
+    top = int(round((size[1] - crop) / 2.0))
+    if size[0] * size[1] <= 4 * pp.resize_size**2:  # usual aspect ratios: exactly resize, then crop
+        img = img.resize(size, resample).crop((left, top, left + crop, top + crop))
+    else:  # extreme aspect ratios: resample only the cropped region (the full resize can need gigabytes)
+        sx, sy = w / size[0], h / size[1]
+        img = img.resize((crop, h), resample, box=(left * sx, 0, (left + crop) * sx, h))
+        img = img.resize((crop, crop), resample, box=(0, top * sy, crop, (top + crop) * sy))
     arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -1,0 +1,1 @@
+"""Data: the built-in synthetic image set and ImageFolder datasets for training."""

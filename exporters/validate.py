@@ -1,0 +1,2 @@
+def validate(*a, **k): raise NotImplementedError
+class ValidationReport: pass

@@ -1,0 +1,193 @@
+"""Graph variants built with ONNX Runtime / onnxconverter-common tooling (no hand-written rewriting).
+
+* optimize: ``onnxruntime.transformers.optimizer`` (attention, LayerNorm, GELU fusions; model_type vit)
+* fp16: ``onnxruntime.transformers`` float16 conversion with fp32 inputs/outputs; LayerNorm, Softmax, TopK and the
+  selection-score path stay in fp32
+* int8: ``onnxruntime.quantization.quantize_dynamic`` of the MatMul weights (signed int8)
+
+These need no torch, so they also turn an existing fp32 export into a variant (:func:`make_variant`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from cfvit_deploy.config import ModelConfig
+from cfvit_deploy.errors import ExportError, UsageError
+from cfvit_deploy.io import atomic_directory
+from cfvit_deploy.manifest import PRECISIONS, GraphSpec, Manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+#: Ops kept in fp32 in the fp16 variant (numerically sensitive, or selection-critical).
+FP16_KEEP_OPS = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "TopK", "ReduceMean", "Resize"]
+
+
+def _ancestors(graph: onnx.GraphProto, outputs: set[str]) -> set[str]:
+    """Names of the nodes that any of `outputs` depends on."""
+    producer = {out: node for node in graph.node for out in node.output}
+    seen: set[str] = set()
+    stack = [producer[o] for o in outputs if o in producer]
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        stack.extend(producer[i] for i in node.input if i in producer)
+    return seen
+
+
+def score_path_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes that only feed `global_attention` (the EMA of attention rows): kept in fp32."""
+    graph = model.graph
+    outs = {o.name for o in graph.output}
+    if "global_attention" not in outs:
+        return []
+    return sorted(_ancestors(graph, {"global_attention"}) - _ancestors(graph, outs - {"global_attention"}))
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+def _isolate_outputs(model: onnx.ModelProto) -> None:
+    """Give every graph output that is also consumed inside the graph its own Identity node.
+
+    onnxconverter-common's keep_io_types casts graph outputs in place and would otherwise feed
+    the fp32 cast to internal consumers that expect fp16.
+    """
+    graph = model.graph
+    consumed = {i for node in graph.node for i in node.input}
+    for out in graph.output:
+        if out.name not in consumed:
+            continue
+        internal = f"{out.name}__internal"
+        for node in graph.node:
+            node.output[:] = [internal if o == out.name else o for o in node.output]
+            node.input[:] = [internal if i == out.name else i for i in node.input]
+        graph.node.append(onnx.helper.make_node("Identity", [internal], [out.name], name=f"{out.name}__output"))
+
+
+def _restore_fp32_outputs(model: onnx.ModelProto) -> None:
+    """keep_io_types casts a graph output that a kept-fp32 node produces back to fp16: undo that cast."""
+    producer = {o: node for node in model.graph.node for o in node.output}
+    for out in model.graph.output:
+        if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16:
+            continue
+        node = producer.get(out.name)
+        if node is None or node.op_type != "Cast":
+            raise ExportError(f"fp16 conversion left output {out.name} in fp16")
+        for attr in node.attribute:
+            if attr.name == "to":
+                attr.i = onnx.TensorProto.FLOAT
+        out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+
+
+def _optimize(path: Path, cfg: ModelConfig) -> str:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(path), model_type="vit", num_heads=cfg.num_heads, hidden_size=cfg.embed_dim, opt_level=0)
+    stats = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    opt.save_model_to_file(str(path))
+    return "ORT transformer optimizer: " + (", ".join(f"{k}={v}" for k, v in sorted(stats.items())) or "no fusions")
+
+
+def _fp16(path: Path) -> str:
+    from onnxruntime.transformers import float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(path))
+    _isolate_outputs(model)
+    _name_nodes(model)
+    keep = score_path_nodes(model)
+    wrapped = OnnxModel(model)
+    wrapped.convert_float_to_float16(
+        keep_io_types=True,
+        op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_OPS,
+        node_block_list=keep,
+    )
+    _restore_fp32_outputs(wrapped.model)
+    wrapped.topological_sort()
+    onnx.save(wrapped.model, str(path))
+    return f"fp16 (kept in fp32: {', '.join(FP16_KEEP_OPS)}, {len(keep)} score-path nodes)"
+
+
+def _int8(path: Path) -> str:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / path.name
+        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        shutil.copyfile(out, path)
+    return "int8 dynamic quantization of MatMul weights (signed int8 weights, uint8 activations)"
+
+
+def apply_variant(path: Path, cfg: ModelConfig, precision: str = "fp32", optimize: bool = False) -> str:
+    """Turn the fp32 graph at `path` into the requested variant, in place; returns a note."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and optimize:
+        raise UsageError(
+            "fp16 cannot be combined with --optimize: ORT's float16 converter breaks the fused graph (SSA error); "
+            "export fp16 and optimized separately"
+        )
+    notes = []
+    try:
+        if optimize:
+            notes.append(_optimize(path, cfg))
+        if precision == "fp16":
+            notes.append(_fp16(path))
+        elif precision == "int8":
+            notes.append(_int8(path))
+    except (UsageError, ExportError):
+        raise
+    except Exception as exc:  # the converters raise assorted types
+        raise ExportError(f"building the {precision} variant of {path.name} failed: {exc}") from exc
+    return "; ".join(notes) or "fp32"
+
+
+def make_variant(
+    src_dir: str | Path, out_dir: str | Path, precision: str = "fp32", optimize: bool = False, force: bool = False
+) -> Manifest:
+    """Build a variant folder from an existing fp32 export (torch-free)."""
+    src = Manifest.load(src_dir)
+    if src.precision != "fp32" or src.optimized:
+        raise UsageError(f"variants are built from a plain fp32 export; {src_dir} is {src.precision}")
+    graphs: dict[str, GraphSpec] = {}
+    notes: dict[str, str] = {}
+    with atomic_directory(Path(out_dir), force=force) as tmp:
+        for name, spec in src.graphs.items():
+            path = tmp / spec.file
+            shutil.copyfile(src.graph_path(name), path)
+            notes[name] = apply_variant(path, src.model, precision, optimize)
+            model = onnx.load(str(path))
+            for prop in model.metadata_props:
+                if prop.key == "cfvit.precision":
+                    prop.value = precision
+                elif prop.key == "cfvit.optimized":
+                    prop.value = str(optimize)
+            onnx.save(model, str(path))
+            graphs[name] = GraphSpec(spec.file, sha256_file(path), spec.inputs, spec.outputs)
+        manifest = Manifest(
+            model=src.model,
+            preprocessing=src.preprocessing,
+            graphs=graphs,
+            gmacs=src.gmacs,
+            precision=precision,
+            optimized=optimize,
+            opset=src.opset,
+            default_eta=src.default_eta,
+            class_names=src.class_names,
+            versions=src.versions,
+            source={**src.source, "variant_of": str(Path(src_dir).resolve()), "notes": notes},
+        )
+        manifest.save(tmp)
+    manifest.directory = Path(out_dir)
+    return manifest
