@@ -36,3 +36,28 @@ class UpstreamFixture:
 @pytest.fixture(params=FIXTURE_NAMES or [pytest.param(None, marks=pytest.mark.skip("no upstream fixtures"))])
 def upstream(request: pytest.FixtureRequest) -> UpstreamFixture:
     return UpstreamFixture(request.param)
+
+
+@pytest.fixture(scope="session")
+def export_dir_factory(tmp_path_factory: pytest.TempPathFactory):
+    """make(fixture_name, **export_kwargs) -> export folder (exported once per session and kwargs)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(name: str, **kwargs) -> Path:
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            from exporters import export
+
+            fx = UpstreamFixture(name)
+            out = tmp_path_factory.mktemp(f"export-{name}") / "export"
+            export(fx.pth, out, num_heads=fx.num_heads, **kwargs)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def upstream_export(upstream: UpstreamFixture, export_dir_factory) -> tuple[UpstreamFixture, Path]:
+    """An upstream fixture and its fp32 export folder."""
+    return upstream, export_dir_factory(upstream.name)
