@@ -2,7 +2,10 @@
 
 * :class:`OrtBackend` — ONNX Runtime with the CPU, CUDA or TensorRT execution provider. After the
   sessions are created it checks that the requested provider is really active (ONNX Runtime falls
-  back to CPU silently) and raises :class:`ProviderError` unless fallback was allowed.
+  back to CPU silently) and raises :class:`ProviderError` unless fallback was allowed. On a GPU it
+  also offers the IOBinding path (:meth:`OrtBackend.run_bound`, :meth:`OrtBackend.take`) that keeps
+  the coarse outputs on the device for the fine graph.
+* :class:`~runtimes.openvino_backend.OpenVinoBackend` — the same graphs compiled by OpenVINO (CPU).
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class SessionConfig:
     fp16: bool = False  #: TensorRT fp16 kernels
     provider_options: dict[str, Any] = field(default_factory=dict)
     graph_optimization: str = "all"  #: "disable" | "basic" | "extended" | "all"
+    #: chain the graphs through IOBinding with device-resident intermediates (None: on for cuda and
+    #: tensorrt, off for cpu, where binding only adds overhead)
+    io_binding: bool | None = None
 
 
 def check_provider(provider: str) -> str:
@@ -83,6 +89,12 @@ class OrtBackend:
         }
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
         self._inputs = {name: [i.name for i in s.get_inputs()] for name, s in self.sessions.items()}
+        on_gpu = all(s.get_providers()[0] != "CPUExecutionProvider" for s in self.sessions.values())
+        use_binding = on_gpu if self.config.io_binding is None else self.config.io_binding
+        #: where the IOBinding path keeps intermediates ("cuda", or "cpu" when forced); None: plain runs
+        self.io_device: str | None = ("cuda" if on_gpu else "cpu") if use_binding else None
+        self.device_id = int(self.config.provider_options.get("device_id", os.environ.get("CFVIT_CUDA_DEVICE", 0)))
+        self._take = self._take_session(ort) if self.io_device and "fine" in self.sessions else None
 
     def _session(self, ort: Any, path: Path, wanted: str) -> Any:
         cfg = self.config
@@ -98,8 +110,9 @@ class OrtBackend:
             so.inter_op_num_threads = 1
         if not cfg.spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if wanted != "CPUExecutionProvider" and not cfg.allow_fallback:
-            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        # No "session.disable_cpu_ep_fallback": ORT rejects it next to an explicit CPU EP, and without
+        # one it fails on the shape nodes that CUDA deliberately leaves to the CPU. The check of the
+        # active provider below catches the silent fallback instead.
         providers: list[Any] = [(wanted, self._provider_options(wanted))]
         if wanted != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")
@@ -144,6 +157,76 @@ class OrtBackend:
     def run(self, graph: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {name: inputs[name] for name in self._inputs[graph]}
         return dict(zip(self._outputs[graph], self.sessions[graph].run(self._outputs[graph], feeds)))
+
+    # -- IOBinding path (device-resident intermediates) ----------------------------------------------
+    def to_device(self, array: np.ndarray) -> Any:
+        """Copy a host array to :attr:`io_device` once, as an ``onnxruntime.OrtValue``."""
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.io_device, self.device_id)
+
+    def run_bound(self, graph: str, inputs: Mapping[str, Any], host_outputs: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Run `graph` with its outputs allocated on :attr:`io_device`.
+
+        `inputs` are OrtValues (used in place) or host arrays (copied once). Outputs come back as
+        OrtValues that stay on the device, except those named in `host_outputs`, copied to numpy.
+        A binding is made per call, so concurrent calls share no mutable state.
+        """
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        for name in self._inputs[graph]:
+            value = inputs[name]
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self._outputs[graph]:
+            binding.bind_output(name, self.io_device, self.device_id)
+        session.run_with_iobinding(binding)
+        values = dict(zip(self._outputs[graph], binding.get_outputs()))
+        return {name: v.numpy() if name in host_outputs else v for name, v in values.items()}
+
+    def take(self, values: Mapping[str, Any], rows: np.ndarray) -> dict[str, Any]:
+        """Rows `rows` (batch axis) of the fine graph's inputs, gathered on :attr:`io_device`.
+
+        Runs a one-node-per-input ONNX ``Gather`` graph on the same provider, so device-resident
+        coarse outputs never travel to the host (no torch or cupy needed); only `rows` is uploaded.
+        """
+        if self._take is None:
+            raise UsageError("take() needs the IOBinding path and a fine graph (SessionConfig.io_binding)")
+        names = self._inputs["fine"]
+        feeds = {name: values[name] for name in names}
+        feeds["rows"] = np.ascontiguousarray(rows, dtype=np.int64)
+        session, binding = self._take, self._take.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in names:
+            binding.bind_output(f"{name}_rows", self.io_device, self.device_id)
+        session.run_with_iobinding(binding)
+        return dict(zip(names, binding.get_outputs()))
+
+    def _take_session(self, ort: Any) -> Any:
+        """A session of the tiny graph behind :meth:`take` (built in memory with ``onnx.helper``)."""
+        from onnx import TensorProto, helper
+
+        types = {"tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16,
+                 "tensor(int64)": TensorProto.INT64}
+        fine = self.sessions["fine"].get_inputs()
+        graph = helper.make_graph(
+            [helper.make_node("Gather", [i.name, "rows"], [f"{i.name}_rows"], axis=0) for i in fine],
+            "take_rows",
+            [helper.make_tensor_value_info(i.name, types[i.type], None) for i in fine]
+            + [helper.make_tensor_value_info("rows", TensorProto.INT64, ["n"])],
+            [helper.make_tensor_value_info(f"{i.name}_rows", types[i.type], None) for i in fine],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if self.io_device == "cuda":  # CUDA EP also under TensorRT: no engine build for a Gather
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device_id}))
+        return ort.InferenceSession(model.SerializeToString(), providers=providers)
 
 
 def create_backend(manifest: Manifest, provider: str = "cpu", config: SessionConfig | None = None,
