@@ -1,0 +1,62 @@
+"""OpenVINO backend: the export's ONNX graphs compiled for the CPU by OpenVINO (optional runtime).
+
+Same interface as :class:`~runtimes.backends.OrtBackend`: ``run(graph, inputs) -> outputs``. The
+batch axis stays dynamic. Inference runs in f32 (CPUs with AMX or AVX512-BF16 would otherwise
+default to bf16) with ``SessionConfig.threads`` as ``INFERENCE_NUM_THREADS``. Each thread gets its
+own infer request, so ``run`` is safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from cfvit_deploy.errors import ProviderError
+from cfvit_deploy.manifest import Manifest
+
+from .backends import SessionConfig
+
+
+class OpenVinoBackend:
+    """OpenVINO compiled models for every graph of an export (device "CPU")."""
+
+    def __init__(self, manifest: Manifest, config: SessionConfig | None = None,
+                 graphs: tuple[str, ...] | None = None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise ProviderError(
+                f"provider openvino needs the openvino package ({exc}); pip install cfvit-deploy[openvino]"
+            ) from None
+        self.name = "openvino-cpu"
+        self.provider = "openvino"
+        self.manifest = manifest
+        self.config = config or SessionConfig()
+        properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+        if self.config.threads:
+            properties["INFERENCE_NUM_THREADS"] = int(self.config.threads)
+        core = ov.Core()
+        self.compiled: dict[str, Any] = {}
+        for name in graphs or tuple(manifest.graphs):
+            path = manifest.graph_path(name)
+            try:
+                self.compiled[name] = core.compile_model(core.read_model(str(path)), "CPU", properties)
+            except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
+                raise ProviderError(f"OpenVINO cannot compile {path.name}: {str(exc).strip().splitlines()[0]}") from None
+        self._outputs = {name: [o.get_any_name() for o in m.outputs] for name, m in self.compiled.items()}
+        self._inputs = {name: [i.get_any_name() for i in m.inputs] for name, m in self.compiled.items()}
+        self._local = threading.local()
+
+    def _request(self, graph: str) -> Any:
+        requests = self._local.__dict__.setdefault("requests", {})
+        if graph not in requests:
+            requests[graph] = self.compiled[graph].create_infer_request()
+        return requests[graph]
+
+    def run(self, graph: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {name: np.ascontiguousarray(inputs[name]) for name in self._inputs[graph]}
+        results = self._request(graph).infer(feeds)  # copies the outputs (share_outputs=False)
+        return {name: results[i] for i, name in enumerate(self._outputs[graph])}
