@@ -1,0 +1,146 @@
+"""The built-in synthetic set and ImageFolder listing/datasets."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cfvit_deploy import ModelConfig
+from cfvit_deploy.data.folder import ImageFolderDataset, find_splits, normalize, random_resized_crop
+from cfvit_deploy.data.synthetic import CLASSES, make_synthetic_dataset, read_meta
+from cfvit_deploy.errors import OutputExistsError, UsageError
+from cfvit_deploy.preprocessing import PreprocessConfig, load_image, preprocess
+
+PP = PreprocessConfig.for_model(ModelConfig.named("deit", "micro"))
+
+
+def _bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("syn") / "data", 4, 2, seed=0)
+
+
+def test_synthetic_layout_labels_and_difficulties(synthetic: Path) -> None:
+    for split, n in (("train", 4), ("val", 2)):
+        assert sorted(p.name for p in (synthetic / split).iterdir() if p.is_dir()) == sorted(CLASSES)
+        rows = list(csv.DictReader(open(synthetic / split / "labels.csv")))
+        assert len(rows) == n * len(CLASSES)
+        assert {r["difficulty"] for r in rows} == {"easy", "hard"}
+        for r in rows:
+            assert (synthetic / split / r["file"]).is_file() and r["file"].startswith(r["class"] + "/")
+    meta = json.loads((synthetic / "meta.json").read_text())
+    assert meta["classes"] == list(CLASSES) and meta["seed"] == 0
+    with Image.open(next((synthetic / "train" / "ring").glob("*.png"))) as img:
+        assert img.size == (224, 224) and img.mode == "RGB"
+
+
+def test_synthetic_is_deterministic_per_seed(tmp_path: Path, synthetic: Path) -> None:
+    same = make_synthetic_dataset(tmp_path / "same", 4, 2, seed=0)
+    other = make_synthetic_dataset(tmp_path / "other", 4, 2, seed=1)
+    assert _bytes(same) == _bytes(synthetic)
+    a, b = _bytes(other), _bytes(synthetic)
+    assert a.keys() == b.keys()
+    assert all(a[k] != b[k] for k in a if k.endswith(".png"))
+
+
+def test_synthetic_reuses_identical_set_and_refuses_others(tmp_path: Path) -> None:
+    root = make_synthetic_dataset(tmp_path / "d", 1, 1, image_size=64)
+    stamp = (root / "meta.json").stat().st_mtime_ns
+    assert make_synthetic_dataset(root, 1, 1, image_size=64) == root
+    assert (root / "meta.json").stat().st_mtime_ns == stamp
+    with pytest.raises(OutputExistsError):
+        make_synthetic_dataset(root, 2, 1, image_size=64)
+    make_synthetic_dataset(root, 2, 1, image_size=64, force=True)
+    assert read_meta(root)["n_train_per_class"] == 2  # type: ignore[index]
+    with pytest.raises(UsageError):
+        make_synthetic_dataset(tmp_path / "bad", 0, 1)
+
+
+def test_find_splits_train_val(synthetic: Path) -> None:
+    splits = find_splits(synthetic)
+    assert splits.classes == sorted(CLASSES)
+    assert len(splits.train) == 40 and len(splits.val) == 20
+    for path, label in splits.train + splits.val:
+        assert path.parent.name == splits.classes[label]
+
+
+def test_find_splits_fraction_is_stratified_and_deterministic(synthetic: Path) -> None:
+    flat = synthetic / "train"
+    a, b = find_splits(flat, 0.25, seed=3), find_splits(flat, 0.25, seed=3)
+    assert a == b and len(a.val) == 10 and len(a.train) == 30
+    assert sorted(label for _, label in a.val) == list(range(10))
+    assert not {p for p, _ in a.val} & {p for p, _ in a.train}
+    assert find_splits(flat, 0.25, seed=4).val != a.val
+
+
+@pytest.mark.parametrize(
+    "layout,fraction,message",
+    [
+        ({}, None, "no class folders"),
+        ({"a.png": None}, 0.5, "put them in one sub-folder per class"),
+        ({"cat/x.png": None, "dog/readme.txt": None}, 0.5, "without image files in .*: dog$"),
+        ({"cat/x.png": None}, None, "pass --val-fraction"),
+        ({"cat/x.png": None}, 1.5, r"must lie in \(0, 1\)"),
+        ({"train/cat/x.png": None}, None, "no val/ folder"),
+        ({"train/cat/x.png": None, "val/cat/y.png": None}, 0.2, "only splits a flat"),
+        ({"train/cat/x.png": None, "val/dog/y.png": None}, None, "missing from train/: dog"),
+    ],
+)
+def test_find_splits_errors(tmp_path: Path, layout: dict[str, None], fraction: float | None, message: str) -> None:
+    for rel in layout:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".png"):
+            Image.new("RGB", (8, 8)).save(tmp_path / rel)
+        else:
+            (tmp_path / rel).write_text("x")
+    with pytest.raises(UsageError, match=message):
+        find_splits(tmp_path, fraction)
+
+
+def test_find_splits_missing_dir(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not found"):
+        find_splits(tmp_path / "nope")
+
+
+def test_eval_dataset_is_exactly_preprocess(synthetic: Path) -> None:
+    splits = find_splits(synthetic)
+    ds = ImageFolderDataset(splits.val, PP, train=False)
+    for i in (0, 7):
+        x, label = ds[i]
+        assert label == splits.val[i][1]
+        np.testing.assert_array_equal(x.numpy(), preprocess(load_image(splits.val[i][0]), PP))
+        np.testing.assert_array_equal(ds[i][0].numpy(), x.numpy())  # cached copy
+
+
+def test_train_dataset_augments_deterministically(synthetic: Path) -> None:
+    samples = find_splits(synthetic).train
+    ds = ImageFolderDataset(samples, PP, train=True, seed=1)
+    x0 = ds[3][0]
+    assert x0.shape == (3, 224, 224) and x0.dtype.is_floating_point
+    assert np.array_equal(ImageFolderDataset(samples, PP, train=True, seed=1)[3][0].numpy(), x0.numpy())
+    ds.set_epoch(1)
+    assert not np.array_equal(ds[3][0].numpy(), x0.numpy())
+
+
+def test_normalize_matches_preprocess_bitwise() -> None:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    pp = PreprocessConfig(crop_size=32, resize_size=32)
+    np.testing.assert_array_equal(normalize(img, pp), preprocess(img, pp))
+
+
+@settings(max_examples=30, deadline=None)
+@given(w=st.integers(1, 300), h=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_random_resized_crop_size(w: int, h: int, seed: int) -> None:
+    out = random_resized_crop(Image.new("RGB", (w, h)), 24, np.random.default_rng(seed))
+    assert out.size == (24, 24)
