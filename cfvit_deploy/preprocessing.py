@@ -179,10 +179,14 @@ def preprocess(img: Image.Image, pp: PreprocessConfig) -> np.ndarray:
     top = int(round((size[1] - crop) / 2.0))
     if size[0] * size[1] <= 4 * pp.resize_size**2:  # usual aspect ratios: exactly resize, then crop
         img = img.resize(size, resample).crop((left, top, left + crop, top + crop))
-    else:  # extreme aspect ratios: resample only the cropped region (the full resize can need gigabytes)
-        sx, sy = w / size[0], h / size[1]
-        img = img.resize((crop, h), resample, box=(left * sx, 0, (left + crop) * sx, h))
-        img = img.resize((crop, crop), resample, box=(0, top * sy, crop, (top + crop) * sy))
+    else:  # extreme aspect ratios: the full resize can need gigabytes, so resample only what the crop needs:
+        # the source rows under it (plus filter support), in PIL's order (horizontal pass first)
+        x0, x1 = left * w / size[0], (left + crop) * w / size[0]
+        y0, y1 = top * h / size[1], (top + crop) * h / size[1]
+        margin = 3 * max(h / size[1], 1.0)  # more than the filter support (2 source pixels per scale step)
+        r0, r1 = max(0, int(y0 - margin)), min(h, math.ceil(y1 + margin))
+        band = img.crop((0, r0, w, r1)).resize((crop, r1 - r0), resample, box=(x0, 0, x1, r1 - r0))
+        img = band.resize((crop, crop), resample, box=(0, y0 - r0, crop, y1 - r0))
     arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

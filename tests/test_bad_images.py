@@ -195,6 +195,13 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(rgb(out)[0], np.repeat(np.array([0, 0, 1, 128, 255])[:, None], 3, axis=1))
 
 
+def test_dark_16_bit_png_stays_dark(tmp_path):
+    """All values below 256 are still 16-bit values: nearly black, not full 8-bit brightness."""
+    Image.fromarray(np.array([[0, 100, 200, 255]], np.uint16)).save(tmp_path / "dark.png")
+    assert stored_mode(tmp_path / "dark.png") == "I;16"
+    np.testing.assert_array_equal(rgb(load_image(tmp_path / "dark.png"))[0], np.array([[0] * 3, [0] * 3, [1] * 3, [1] * 3]))
+
+
 def test_1_bit_png(tmp_path):
     bits = (np.indices((8, 12)).sum(axis=0) % 2).astype(bool)  # checkerboard
     Image.fromarray(bits).save(tmp_path / "bits.png")

@@ -124,6 +124,20 @@ def test_extreme_aspect_ratio_matches_full_resize(w, h):
     assert np.abs(out - expected).mean() < 0.05 * ONE_LEVEL
 
 
+def test_extreme_aspect_ratio_never_materializes_the_full_resize(monkeypatch):
+    """A 5000x3 strip would resize to 426666x256 (and a 1e7x1 one to gigabytes) before cropping."""
+    sizes, real = [], Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return real(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    assert preprocess(noise(5000, 3), PP).shape == (3, 224, 224)
+    assert preprocess(noise(2, 4000), PP).shape == (3, 224, 224)
+    assert sizes and max(w * h for w, h in sizes) <= 4 * 256 * 256, sizes
+
+
 def test_preprocess_converts_non_rgb_like_load_image(tmp_path):
     rgba = np.random.default_rng(3).integers(0, 256, (50, 70, 4), dtype=np.uint8)
     img = Image.fromarray(rgba, "RGBA")
