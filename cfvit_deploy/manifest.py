@@ -168,11 +168,11 @@ class Manifest:
         if not path.is_file():
             raise ManifestError(f"{directory} is not an export folder: {MANIFEST_NAME} is missing (run `cfvit export`)")
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except OSError as exc:
             raise ManifestError(f"cannot read {path}: {exc.strerror or exc}") from None
         try:
-            data = json.loads(text)
+            data = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
             raise ManifestError(f"{path} is not valid JSON: {type(exc).__name__}: {exc}") from None
         manifest = cls.from_dict(data)
