@@ -7,12 +7,13 @@ User errors (:class:`cfvit_deploy.errors.CFViTError`) print one line ``error: ..
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from cfvit_deploy.errors import CFViTError
+from cfvit_deploy.errors import CFViTError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -27,6 +28,195 @@ _state = {"debug": False}
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors too.")) -> None:
     _state["debug"] = debug
+
+
+def _csv_list(value: str, kind: type, flag: str) -> list:
+    """Parse a comma-separated flag value ("1,4") into a list of `kind`."""
+    try:
+        items = [kind(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} expects comma-separated {kind.__name__} values, got {value!r}") from None
+    if not items:
+        raise UsageError(f"{flag} is empty")
+    return items
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="CF-ViT checkpoint (official or cfvit-deploy's)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export folder to create."),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads (official files: default 6)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8."),
+    optimize: bool = typer.Option(False, "--optimize", help="ONNX Runtime transformer fusions."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also export baseline.onnx (plain ViT, all fine tokens)."),
+    eta: float = typer.Option(0.7, "--eta", help="Default confidence threshold recorded in the manifest."),
+    simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Run onnxsim on each graph."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing export folder."),
+) -> None:
+    """Export a checkpoint as coarse.onnx + fine.onnx (+ baseline.onnx) + manifest.json."""
+    from exporters import export
+
+    manifest = export(checkpoint, out, num_heads=num_heads, opset=opset, precision=precision, optimize=optimize,
+                      baseline=baseline, simplify=simplify, default_eta=eta, force=force,
+                      progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    cfg = manifest.model
+    console.print(f"exported CF-ViT {cfg.arch} g={cfg.coarse_grid} ({manifest.precision}"
+                  f"{', optimized' if manifest.optimized else ''}) to {out}")
+    for name, spec in manifest.graphs.items():
+        size = (out / spec.file).stat().st_size / 1e6
+        console.print(f"  {spec.file:<14} {size:7.1f} MB  {manifest.source['notes'][name]}")
+
+
+@app.command("validate")
+def validate_cmd(
+    export_dir: Path = typer.Argument(..., help="Export folder (from `cfvit export`)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="PyTorch reference (default: the manifest's)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of real images to compare on too."),
+    provider: str = typer.Option("cpu", "--provider", help="cpu | cuda | tensorrt | openvino."),
+    batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Comma-separated batch sizes."),
+    etas: str = typer.Option("0.25,0.5,0.75,0.9", "--etas", help="Comma-separated eta values for the exit check."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (fp32 default 1e-4)."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (fp32 default 1e-4)."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Top-1 agreement rate required."),
+    min_exit: Optional[float] = typer.Option(None, "--min-exit", help="Exit-decision agreement rate required."),
+    report: Optional[Path] = typer.Option(None, "--report", help="JSON report (default EXPORT_DIR/validation.json)."),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Accept a fallback to the CPU provider."),
+) -> int:
+    """Compare the graphs with PyTorch; exit 0 only if every check PASSED."""
+    from exporters import validate
+    from rich.table import Table
+
+    result = validate(export_dir, checkpoint, images=images, provider=provider,
+                      batch_sizes=tuple(_csv_list(batch_sizes, int, "--batch-sizes")),
+                      etas=tuple(_csv_list(etas, float, "--etas")), atol=atol, rtol=rtol,
+                      min_top1=min_top1, min_exit=min_exit, allow_fallback=allow_fallback)
+    table = Table(title=f"cfvit validate {export_dir} ({result.precision}, {provider})")
+    for col in ("check", "metric", "value", "limit", "result"):
+        table.add_column(col)
+    for c in result.checks:
+        table.add_row(c.name, c.metric, f"{c.value:.3g}", f"{c.threshold:.3g}",
+                      "[green]PASSED[/green]" if c.passed else "[red]FAILED[/red]")
+    Console().print(table)
+    for c in result.checks:
+        print(c.line())
+    path = result.save(report or export_dir / "validation.json")
+    n_failed = len(result.failed)
+    print(f"{'PASSED' if result.passed else 'FAILED'}: {len(result.checks) - n_failed}/{len(result.checks)} checks "
+          f"passed (report: {path})")
+    return 0 if result.passed else 1
+
+
+@app.command("train")
+def train_cmd(
+    data: Path = typer.Argument(..., help="Image folder: DATA/train + DATA/val, or class folders with --val-fraction."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Use the built-in image set at DATA (generated if absent)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="deit | lvvit (default: deit)."),
+    size: Optional[str] = typer.Option(None, "--size", help="micro | tiny | small (default: micro)."),
+    coarse_grid: Optional[int] = typer.Option(None, "--coarse-grid", help="Coarse grid g, 7 or 9 (default: 7)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: 30)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: 64)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, cosine) (default: 1e-3)."),
+    selection_after: Optional[int] = typer.Option(
+        None, "--selection-after", help="Warm-up epochs on all fine tokens before informative selection (default: 2/3)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, order and augmentation (default: 0)."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Split flat class folders by this fraction."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint's weights."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run saved in this checkpoint."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint to write (default: cfvit.pth, or RESUME)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per epoch."),
+) -> None:
+    """Train a CF-ViT (CE on fine + KL(fine || coarse); all fine tokens, then informative selection)."""
+    from dataclasses import replace
+
+    from cfvit_deploy.data.synthetic import ensure_synthetic_dataset
+    from cfvit_deploy.training import TrainRecipe, resume_recipe, train
+
+    given = {k: v for k, v in dict(arch=arch, size=size, coarse_grid=coarse_grid, epochs=epochs, batch_size=batch_size,
+                                   lr=lr, selection_after=selection_after, seed=seed).items() if v is not None}
+    recipe = replace(resume_recipe(resume), **given) if resume else TrainRecipe(**given)
+    if synthetic:
+        data = ensure_synthetic_dataset(data)
+    result = train(data, out or resume or Path("cfvit.pth"), recipe, init=init, resume=resume,
+                   val_fraction=val_fraction, force=force, progress=progress)
+    val = result.val
+    print(f"trained {recipe.arch}/{recipe.size} g={recipe.coarse_grid} on {len(result.class_names)} classes for "
+          f"{len(result.history)} epochs in {result.seconds:.0f} s: val accuracy coarse {val.coarse_acc:.1%}, "
+          f"fine {val.fine_acc:.1%} -> {result.path}")
+
+
+@app.command("make-data")
+def make_data_cmd(
+    out: Path = typer.Argument(..., help="Folder to create (train/, val/, labels.csv, meta.json)."),
+    per_class: int = typer.Option(150, "--per-class", help="Training images per class."),
+    val_per_class: Optional[int] = typer.Option(None, "--val-per-class", help="Validation images per class (default: per-class / 3)."),
+    image_size: int = typer.Option(224, "--image-size", help="Image side in pixels."),
+    hard_fraction: float = typer.Option(0.5, "--hard-fraction", help="Share of hard images (small, off-centre, cluttered)."),
+    seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same bytes."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
+) -> None:
+    """Generate the built-in synthetic image set (10 classes of shapes and textures, easy and hard)."""
+    from cfvit_deploy.data.synthetic import make_synthetic_dataset
+
+    n_val = val_per_class if val_per_class is not None else max(1, per_class // 3)
+    root = make_synthetic_dataset(out, per_class, n_val, seed, image_size, hard_fraction, force)
+    print(f"wrote {per_class} training and {n_val} validation images per class to {root}")
+
+
+@app.command("infer")
+def infer_cmd(
+    export_dir: Path = typer.Argument(..., help="Export folder (from `cfvit export`)."),
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="Exit threshold in [0, 1] (default: the manifest's)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per pipeline call."),
+    provider: str = typer.Option("cpu", "--provider", help="cpu | cuda | tensorrt | openvino."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Accept a fallback to the CPU provider."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="results.csv or results.jsonl (default: rows on stdout)."),
+    topk: int = typer.Option(5, "--topk", help="Labels per row (at most the number of classes)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also read the sub-folders of folders."),
+    overlay: Optional[Path] = typer.Option(None, "--overlay", help="Folder for PNGs of fine-stage images with the refined patches."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Largest image accepted (default 89,478,485 pixels)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output file and overlay PNGs."),
+) -> int:
+    """Classify images with the gated two-stage pipeline: one row per input file.
+
+    An image exits at the coarse stage when its max softmax probability is >= eta; the others are
+    re-split and classified by the fine stage. Unreadable files get an error row and the run goes on.
+
+    Exit codes: 0 every file classified, 1 some files failed (or the export/provider is unusable),
+    2 usage error, 130 interrupted (the output keeps the rows done so far and a final note).
+    """
+    from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS
+    from runtimes.backends import SessionConfig
+    from runtimes.infer import InferInterrupted, InferRow, infer
+
+    def show(row: InferRow) -> None:
+        if row.error:
+            print(f"{row.path}\terror: {row.error}")
+        else:
+            top = ", ".join(f"{label} {p:.3f}" for label, p in zip(row.labels, row.probs))
+            print(f"{row.path}\t{row.stage}\tconf {row.confidence:.3f}\tpatches {row.patches}\t{top}")
+
+    try:
+        s = infer(export_dir, inputs, eta=eta, batch_size=batch_size, topk=topk, recursive=recursive,
+                  provider=provider, config=SessionConfig(threads=threads, allow_fallback=allow_fallback),
+                  output=output, force=force, overlay=overlay,
+                  max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                  on_row=None if output else show, progress=console if console.is_terminal else None)
+    except InferInterrupted as exc:
+        s = exc.summary
+        where = f" to {s.output}" if s.output else ""
+        console.print(f"interrupted: {s.rows} of {s.inputs} rows written{where}")
+        return 130
+    console.print(
+        f"images: {s.inputs}  exited at coarse: {s.exited} ({s.exit_rate:.1%})  went to fine: {s.fine}  "
+        f"errors: {s.errors}  {s.images_per_s:.1f} img/s"
+        + (f"  -> {s.output}" if s.output else "") + (f"  overlays: {s.overlays}" if overlay else ""),
+        markup=False, highlight=False,
+    )
+    return 1 if s.errors else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,7 +1,7 @@
 """PyTorch -> ONNX: the two-graph export, its variants and validation against PyTorch."""
 
-from .export import export
-from .validate import ValidationReport, validate
+from .onnx_export import export
+from .validation import ValidationReport, validate
 from .variants import make_variant
 
 __all__ = ["export", "validate", "make_variant", "ValidationReport"]
