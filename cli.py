@@ -182,11 +182,9 @@ def infer_cmd(
 ) -> int:
     """Classify images with the gated two-stage pipeline: one row per input file.
 
-    An image exits at the coarse stage when its max softmax probability is >= eta; the others are
-    re-split and classified by the fine stage. Unreadable files get an error row and the run goes on.
+    An image exits at the coarse stage when its max softmax probability is >= eta; the others are re-split and classified by the fine stage. Unreadable files get an error row and the run goes on.
 
-    Exit codes: 0 every file classified, 1 some files failed (or the export/provider is unusable),
-    2 usage error, 130 interrupted (the output keeps the rows done so far and a final note).
+    Exit codes: 0 every file classified; 1 some files failed (or the export or provider is unusable); 2 usage error; 130 interrupted (the output keeps the rows done so far and a final note).
     """
     from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS
     from runtimes.backends import SessionConfig
@@ -208,14 +206,12 @@ def infer_cmd(
     except InferInterrupted as exc:
         s = exc.summary
         where = f" to {s.output}" if s.output else ""
-        console.print(f"interrupted: {s.rows} of {s.inputs} rows written{where}")
+        print(f"interrupted: {s.rows} of {s.inputs} rows written{where}", file=sys.stderr)
         return 130
-    console.print(
-        f"images: {s.inputs}  exited at coarse: {s.exited} ({s.exit_rate:.1%})  went to fine: {s.fine}  "
-        f"errors: {s.errors}  {s.images_per_s:.1f} img/s"
-        + (f"  -> {s.output}" if s.output else "") + (f"  overlays: {s.overlays}" if overlay else ""),
-        markup=False, highlight=False,
-    )
+    print(f"files: {s.inputs}  classified: {s.images}  exited at coarse: {s.exited} ({s.exit_rate:.1%})  "
+          f"went to fine: {s.fine}  errors: {s.errors}  {s.images_per_s:.1f} img/s"
+          + (f"  overlays: {s.overlays}" if overlay else "") + (f"  -> {s.output}" if s.output else ""),
+          file=sys.stderr)
     return 1 if s.errors else 0
 
 

@@ -250,6 +250,8 @@ def infer(
     for name, value in (("batch size", batch_size), ("topk", topk), ("workers", workers or 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    if config is not None and config.threads is not None and (isinstance(config.threads, bool) or config.threads < 1):
+        raise UsageError(f"threads must be a positive integer, got {config.threads!r}")
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
         raise UsageError(f"max pixels must be a positive integer, got {max_pixels!r}")
     if not isinstance(source, CFViTPipeline):
