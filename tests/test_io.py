@@ -160,7 +160,6 @@ def test_atomic_directory_refuses_a_missing_parent(tmp_path):
 
 
 # -- known problem (reported, not fixed here): mkstemp/mkdtemp create 0600/0700, and the rename keeps it ----
-@pytest.mark.xfail(strict=True, reason="atomic outputs keep mkstemp/mkdtemp's private mode instead of the umask's")
 def test_atomic_outputs_get_the_usual_permissions(tmp_path):
     old = os.umask(0o022)
     try:
