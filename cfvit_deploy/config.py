@@ -44,6 +44,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHS)}")
+        for name in ("embed_dim", "depth", "num_heads", "num_classes", "coarse_grid", "patch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if not 0 <= self.ema_start < self.depth:
