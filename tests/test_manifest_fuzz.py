@@ -179,7 +179,7 @@ def mutate(path: tuple, value: Any = None, delete: bool = False) -> dict:
         (("format_version",), "1", "unsupported manifest format_version '1'"),
         (("format_version",), True, "unsupported manifest format_version True"),
         (("format_version",), None, "unsupported manifest format_version None"),
-        (("model", "num_heads"), 0, "ZeroDivisionError"),
+        (("model", "num_heads"), 0, "num_heads must be a positive integer"),
         (("model", "embed_dim"), "%c", "model.embed_dim must be int"),
         (("model", "coarse_grid"), 7.5, "model.coarse_grid must be int"),
         (("model", "mlp_ratio"), math.nan, "model.mlp_ratio must be float"),
