@@ -9,6 +9,8 @@ from typing import Any
 _LAZY = {
     "CFViTPipeline": "pipeline",
     "PipelineResult": "pipeline",
+    "StageTimings": "pipeline",
+    "OpenVinoBackend": "openvino_backend",
     "OrtBackend": "backends",
     "SessionConfig": "backends",
     "create_backend": "backends",
