@@ -218,6 +218,16 @@ def rows_for_batch(result: PipelineResult, paths: Sequence[Path], labels: Sequen
     ]
 
 
+def decode_image(path: Path, pp: PreprocessConfig, max_pixels: int | None) -> np.ndarray | str:
+    """The preprocessed image, or why it cannot be read (never raises: one bad file must not stop the run)."""
+    try:
+        return load_and_preprocess(path, pp, max_pixels)
+    except ImageError as exc:  # its message starts with the path, which the row already has
+        return str(exc).removeprefix(f"{path}: ")
+    except Exception as exc:  # anything PIL did not anticipate
+        return f"{type(exc).__name__}: {exc}"
+
+
 def infer(
     source: str | Path | Manifest | CFViTPipeline,
     inputs: Sequence[str | Path],
@@ -331,13 +341,7 @@ class _Run:
         self.summary = InferSummary()
 
     def _decode(self, path: Path) -> np.ndarray | str:
-        """The preprocessed image, or why it cannot be read (never raises: one bad file must not stop the run)."""
-        try:
-            return load_and_preprocess(path, self.manifest.preprocessing, self.max_pixels)
-        except ImageError as exc:  # its message starts with the path, which the row already has
-            return str(exc).removeprefix(f"{path}: ")
-        except Exception as exc:  # anything PIL did not anticipate
-            return f"{type(exc).__name__}: {exc}"
+        return decode_image(path, self.manifest.preprocessing, self.max_pixels)
 
     def loop(self, paths: Sequence[Path], emit: Callable[[InferRow], None], console: Any) -> None:
         start = perf_counter()
