@@ -173,12 +173,17 @@ def infer_cmd(
     provider: str = typer.Option("cpu", "--provider", help="cpu | cuda | tensorrt | openvino."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Accept a fallback to the CPU provider."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="results.csv or results.jsonl (default: rows on stdout)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="results.csv or .jsonl (.parquet with --engine ray) (default: rows on stdout)."),
     topk: int = typer.Option(5, "--topk", help="Labels per row (at most the number of classes)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also read the sub-folders of folders."),
     overlay: Optional[Path] = typer.Option(None, "--overlay", help="Folder for PNGs of fine-stage images with the refined patches."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Largest image accepted (default 89,478,485 pixels)."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output file and overlay PNGs."),
+    engine: str = typer.Option("local", "--engine", help="local | ray (Ray Data; pip install 'cfvit-deploy[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray: local (default, a private cluster), auto, or ray://host:10001."),
+    num_actors: Optional[int] = typer.Option(None, "--num-actors", help="Ray: pipeline actors (default: from the cluster's CPUs)."),
+    actor_threads: Optional[int] = typer.Option(None, "--actor-threads", help="Ray: ONNX Runtime threads per actor."),
+    shared_export: bool = typer.Option(False, "--shared-export", help="Ray: actors load EXPORT_DIR by path (shared file system), not from the object store."),
 ) -> int:
     """Classify images with the gated two-stage pipeline: one row per input file.
 
@@ -198,11 +203,26 @@ def infer_cmd(
             print(f"{row.path}\t{row.stage}\tconf {row.confidence:.3f}\tpatches {row.patches}\t{top}")
 
     try:
-        s = infer(export_dir, inputs, eta=eta, batch_size=batch_size, topk=topk, recursive=recursive,
-                  provider=provider, config=SessionConfig(threads=threads, allow_fallback=allow_fallback),
-                  output=output, force=force, overlay=overlay,
-                  max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
-                  on_row=None if output else show, progress=console if console.is_terminal else None)
+        pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        if engine == "ray":
+            from runtimes.ray_engine import infer_ray
+
+            local_only = {"--threads (use --actor-threads)": threads, "--overlay": overlay, "--allow-fallback": allow_fallback}
+            if any(local_only.values()):
+                raise UsageError(f"{next(f for f, v in local_only.items() if v)} is not supported with --engine ray")
+            s = infer_ray(export_dir, inputs, eta=eta, batch_size=batch_size, topk=topk, recursive=recursive,
+                          provider=provider, address=address or "local", num_actors=num_actors,
+                          actor_threads=actor_threads, shared_export=shared_export, output=output, force=force,
+                          max_pixels=pixels, on_row=None if output else show, progress=console.is_terminal)
+        elif engine != "local":
+            raise UsageError(f"unknown engine {engine!r}; available: local, ray")
+        elif address is not None or num_actors is not None or actor_threads is not None or shared_export:
+            raise UsageError("--address, --num-actors, --actor-threads and --shared-export need --engine ray")
+        else:
+            s = infer(export_dir, inputs, eta=eta, batch_size=batch_size, topk=topk, recursive=recursive,
+                      provider=provider, config=SessionConfig(threads=threads, allow_fallback=allow_fallback),
+                      output=output, force=force, overlay=overlay, max_pixels=pixels,
+                      on_row=None if output else show, progress=console if console.is_terminal else None)
     except InferInterrupted as exc:
         s = exc.summary
         where = f" to {s.output}" if s.output else ""
