@@ -230,7 +230,7 @@ def decode_image(path: Path, pp: PreprocessConfig, max_pixels: int | None) -> np
 
 def infer(
     source: str | Path | Manifest | CFViTPipeline,
-    inputs: Sequence[str | Path],
+    inputs: str | Path | Sequence[str | Path],
     *,
     eta: float | None = None,
     batch_size: int = 32,
@@ -271,6 +271,7 @@ def infer(
         if out_path.suffix.lower() not in OUTPUT_SUFFIXES:
             raise UsageError(f"output {out_path} must end in {' or '.join(OUTPUT_SUFFIXES)}")
         check_output(out_path, force)
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     paths = collect_inputs(inputs, recursive)
     if not paths:
         raise UsageError(f"no image files found in {', '.join(str(p) for p in inputs) or 'the inputs'}"
