@@ -104,9 +104,9 @@ def plan_actors(cluster_cpus: float, num_actors: int | None = None, actor_thread
         num_actors = max(1, int(share // (actor_threads or 2)))
     threads = actor_threads or max(1, int(share // num_actors))
     request = min(float(threads), share / num_actors)
-    if request > 1:
-        request = float(math.floor(request))
-    return ActorPlan(num_actors, round(request, 4), threads, decode, min(1.0, decode))
+    # whole CPUs above 1; below, rounded down to Ray's resource granularity (1e-4)
+    request = float(math.floor(request)) if request > 1 else math.floor(request * 1e4) / 1e4
+    return ActorPlan(num_actors, request, threads, decode, min(1.0, decode))
 
 
 @contextlib.contextmanager
@@ -168,9 +168,10 @@ def infer_ray(
     """
     if eta is not None:
         eta = check_eta(eta)
-    for name, value in (("batch size", batch_size), ("topk", topk), ("num actors", num_actors or 1),
-                        ("actor threads", actor_threads or 1), ("max pixels", max_pixels or 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    for name, value in (("batch size", batch_size), ("topk", topk), ("num actors", num_actors),
+                        ("actor threads", actor_threads), ("max pixels", max_pixels)):
+        optional = name in ("num actors", "actor threads", "max pixels")
+        if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
     if check_provider(provider) not in CPU_PROVIDERS:
         raise UsageError(f"--engine ray runs CPU providers only ({', '.join(CPU_PROVIDERS)}), got {provider!r}")
@@ -194,7 +195,10 @@ def infer_ray(
             writer = _open_writer(stack, tmp, out_path.suffix.lower(), topk)
             emit, note = _tee(writer.row, on_row), writer.note
         export = str(Path(export_dir).absolute()) if shared_export else [ray.put(_export_files(manifest))]
-        plan = plan_actors(float(ray.cluster_resources().get("CPU", 0)), num_actors, actor_threads)
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+        plan = plan_actors(cpus, num_actors, actor_threads)
+        if plan.num_actors > math.ceil(len(paths) / batch_size):  # more actors than batches: idle actors
+            plan = plan_actors(cpus, math.ceil(len(paths) / batch_size), plan.threads)
         ds = _dataset(ray, paths, manifest.preprocessing, max_pixels, batch_size, plan,
                       (export, provider, eta, topk), progress)
         start = perf_counter()

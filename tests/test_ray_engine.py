@@ -1,0 +1,224 @@
+"""`cfvit infer --engine ray`: same rows as the local engine on a 2-CPU Ray cluster, resource plan, no-Ray error."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cli
+from cfvit_deploy.errors import ManifestError, UsageError
+from runtimes.infer import InferRow, infer
+from runtimes.ray_engine import INSTALL_HINT, _load_pipeline_manifest, infer_ray, plan_actors
+
+from tests.conftest import FIXTURES
+
+EXPORT = "deit_g7"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ray_2cpu():
+    """One local Ray cluster limited to 2 CPUs for the module (Ray takes seconds to start)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    pytest.importorskip("pyarrow")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A folder of good PNG/JPEG images and bad files, plus an explicitly named non-image."""
+    root = tmp_path_factory.mktemp("ray-images")
+    folder = root / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(21):
+        h, w = 160 + 7 * i, 300 - 5 * i
+        if i % 3 == 0:  # smooth gradients and noise: a mix of coarse exits and fine-stage images
+            img = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+        else:
+            y, x = np.mgrid[0:h, 0:w]
+            rgb = np.stack([(x * (i + 1)) % 256, (y * 3) % 256, ((x + y) * i) % 256], -1)
+            img = Image.fromarray(rgb.astype(np.uint8))
+        if i == 4:
+            img = img.convert("L")
+        elif i == 5:
+            img = img.convert("RGBA")
+        img.save(folder / f"img{i:02d}.{'png' if i % 2 else 'jpg'}")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    good = (folder / "img00.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    notes = root / "notes.txt"
+    notes.write_text("not an image")
+    return [folder, notes]
+
+
+@pytest.fixture(scope="module")
+def export(export_dir_factory) -> Path:
+    if not (FIXTURES / f"{EXPORT}.pth").exists():
+        pytest.skip("no upstream fixtures")
+    return export_dir_factory(EXPORT)
+
+
+def _cli(*args: object) -> int:
+    return cli.main(["infer", *(str(a) for a in args)])
+
+
+def _read(path: Path) -> list[dict]:
+    """Rows of an output file in the JSONL record layout."""
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    records = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            ranks = range(1, 1 + sum(k.startswith("label_") for k in r))
+            topk = [{"label": r[f"label_{i}"], "prob": float(r[f"prob_{i}"])} for i in ranks if r[f"label_{i}"]]
+            records.append({"path": r["path"], "stage": r["stage"] or None,
+                            "confidence": float(r["confidence"]) if r["confidence"] else None,
+                            "patches": int(r["patches"]) if r["patches"] else None, "topk": topk, "error": r["error"]})
+    return records
+
+
+def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
+    assert [r["path"] for r in got] == [r["path"] for r in want]  # one row per file, input order
+    for g, w in zip(got, want):
+        assert (g["stage"], g["patches"], g["error"]) == (w["stage"], w["patches"], w["error"]), g["path"]
+        assert [t["label"] for t in g["topk"]] == [t["label"] for t in w["topk"]], g["path"]
+        np.testing.assert_allclose([t["prob"] for t in g["topk"]], [t["prob"] for t in w["topk"]], atol=TOL)
+        if w["confidence"] is None:
+            assert g["confidence"] is None
+        else:
+            assert g["confidence"] == pytest.approx(w["confidence"], abs=TOL)
+
+
+@pytest.fixture(scope="module")
+def local_rows(export: Path, images: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    """The local engine's rows (CLI), as JSONL and CSV."""
+    out = tmp_path_factory.mktemp("ray-local")
+    rows = {}
+    for suffix in (".jsonl", ".csv"):
+        assert _cli(export, *images, "--batch-size", 8, "--output", out / f"local{suffix}") == 1  # error rows
+        rows[suffix] = _read(out / f"local{suffix}")
+    stages = [r["stage"] for r in rows[".jsonl"]]
+    assert {"coarse", "fine"} <= set(stages) and stages.count(None) == 4  # both stages and the bad files
+    return rows
+
+
+@pytest.mark.parametrize("num_actors, suffix", [(2, ".parquet"), (1, ".csv")])
+def test_cli_ray_rows_equal_local(ray_2cpu, export, images, local_rows, tmp_path, num_actors, suffix) -> None:
+    """2 CPUs, 1 or 2 actors: the run finishes and its rows equal the local engine's; --force replaces."""
+    out = tmp_path / f"ray{suffix}"
+    out.write_text("old")
+    args = (export, *images, "--engine", "ray", "--batch-size", 8, "--num-actors", num_actors, "--output", out)
+    assert _cli(*args) == 2 and out.read_text() == "old"  # exists, no --force
+    assert _cli(*args, "--force") == 1  # error rows -> exit 1, like the local engine
+    _assert_same_rows(_read(out), local_rows[".jsonl" if suffix == ".parquet" else suffix])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_python_twin_shared_export(ray_2cpu, export, images) -> None:
+    """infer_ray with the export read by path: the same InferRow objects as infer(), in input order."""
+    want: list[InferRow] = []
+    infer(export, images, batch_size=5, on_row=want.append)
+    got: list[InferRow] = []
+    summary = infer_ray(export, images, batch_size=5, shared_export=True, actor_threads=1, on_row=got.append)
+    _assert_same_rows([r.to_json() for r in got], [r.to_json() for r in want])
+    assert (summary.inputs, summary.rows, summary.errors) == (len(want), len(want), 4)
+    assert summary.exited + summary.fine == len(want) - 4
+
+
+def test_decode_runs_in_its_own_tasks(ray_2cpu, export, images) -> None:
+    """Ray Data must not fuse decoding into the actors (it fuses maps with equal remote args)."""
+    from cfvit_deploy.manifest import Manifest
+    from runtimes.infer import collect_inputs
+    from runtimes.ray_engine import _dataset, _ordered
+
+    manifest = Manifest.load(export)
+    plan = plan_actors(2, num_actors=1, actor_threads=1)
+    assert plan.cpus_per_actor == plan.cpus_per_decode_task == 1.0  # the case where fusion would happen
+    ds = _dataset(ray_2cpu, collect_inputs(images), manifest.preprocessing, None, 8, plan,
+                  (str(export), "cpu", None, 3), False)
+    assert len(list(_ordered(ds))) == 25
+    stats = ds.stats()
+    assert "MapBatches(_decode_batch):" in stats and "MapBatches(_PipelineActor):" in stats
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
+@pytest.mark.parametrize("num_actors", [None, 1, 2, 3, 8])
+@pytest.mark.parametrize("threads", [None, 1, 2, 4])
+def test_plan_leaves_cpus_for_decoding(cpus, num_actors, threads) -> None:
+    plan = plan_actors(cpus, num_actors, threads)
+    assert plan.num_actors == (num_actors or plan.num_actors) and plan.num_actors >= 1
+    assert plan.threads == (threads or plan.threads) and plan.threads >= 1
+    assert 0 < plan.cpus_per_actor and (plan.cpus_per_actor <= 1 or plan.cpus_per_actor.is_integer())
+    assert plan.num_actors * plan.cpus_per_actor + plan.decode_cpus <= cpus + 1e-9
+    assert 0 < plan.cpus_per_decode_task <= plan.decode_cpus
+    if cpus >= 2:
+        assert plan.decode_cpus >= 1
+
+
+def test_plan_two_cpus() -> None:
+    """The measured case: 2 CPUs, 2 actors at 1 CPU each never finished; 0.5 each leaves 1 CPU to read."""
+    two = plan_actors(2, num_actors=2)
+    assert (two.num_actors, two.cpus_per_actor, two.threads, two.decode_cpus) == (2, 0.5, 1, 1.0)
+    one = plan_actors(2, num_actors=1)
+    assert (one.num_actors, one.cpus_per_actor, one.decode_cpus) == (1, 1.0, 1.0)
+    assert plan_actors(2).num_actors == 1
+    assert plan_actors(16, actor_threads=4) == plan_actors(16, num_actors=3, actor_threads=4)
+    assert plan_actors(16, actor_threads=4).cpus_per_actor == 4.0
+    with pytest.raises(UsageError, match="no CPUs"):
+        plan_actors(0)
+
+
+def test_without_ray_says_how_to_install(monkeypatch, export, images, tmp_path, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(UsageError, match=r"pip install 'cfvit-deploy\[ray\]'"):
+        infer_ray(export, images)
+    assert _cli(export, *images, "--engine", "ray", "--output", tmp_path / "r.csv") == 2
+    assert INSTALL_HINT in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--engine", "ray", "--overlay", "ov"], "--overlay is not supported"),
+    (["--engine", "ray", "--threads", "2"], "--actor-threads"),
+    (["--engine", "ray", "--provider", "cuda"], "CPU providers only"),
+    (["--engine", "ray", "--num-actors", "0"], "num actors must be a positive integer"),
+    (["--engine", "ray", "--output", "r.txt"], ".parquet"),
+    (["--engine", "spark"], "unknown engine"),
+    (["--num-actors", "2"], "need --engine ray"),
+    (["--output", "r.parquet"], "must end in .csv or .jsonl"),
+])
+def test_usage_errors(export, images, tmp_path, monkeypatch, capsys, args, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert _cli(export, *images, *args) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_actor_verifies_checksums(export, tmp_path) -> None:
+    """What each actor loads: coarse and fine only (baseline.onnx is not shipped), sha256 verified."""
+    copy = tmp_path / "copy"
+    shutil.copytree(export, copy)
+    manifest = _load_pipeline_manifest(copy)
+    assert set(manifest.graphs) == {"coarse", "fine"}
+    fine = copy / manifest.graphs["fine"].file
+    fine.write_bytes(fine.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ManifestError, match="checksum mismatch"):
+        _load_pipeline_manifest(copy)
