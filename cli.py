@@ -235,6 +235,50 @@ def infer_cmd(
     return 1 if s.errors else 0
 
 
+
+@app.command("bench")
+def bench_cmd(
+    export_dir: Path = typer.Argument(..., help="Export folder (from `cfvit export`; --baseline for the baseline rows)."),
+    providers: str = typer.Option("cpu", "--providers", help="Comma-separated: cpu, cuda, tensorrt, openvino."),
+    precisions: Optional[str] = typer.Option(
+        None, "--precisions", help="Comma-separated: fp32, fp16, int8, optimized, int8-optimized (default: the export's)."),
+    batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes."),
+    eta: Optional[str] = typer.Option(None, "--eta", help="Comma-separated exit thresholds (real gate)."),
+    fine_fraction: Optional[str] = typer.Option(
+        None, "--fine-fraction", help="Comma-separated fine fractions (synthetic gate; default 0.24,0.52,1.0 without --eta)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of real images (default: synthetic inputs)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed calls per cell (at least one pass over the inputs)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="Timed calls per cell."),
+    duration: Optional[float] = typer.Option(None, "--duration", help="Seconds of timed calls per cell (default 3)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for every runtime (default: physical cores)."),
+    torch: bool = typer.Option(False, "--torch", help="Also time PyTorch eager (gated predict and the plain ViT)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint for --torch (default: the manifest's)."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run every cell in this process (faster, less isolated)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.json/csv and plots."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+) -> int:
+    """Time the gated pipeline against the plain ViT across providers x precisions x batch sizes x gates.
+
+    Exit codes: 0 at least one cell measured (skipped cells are listed with their reason); 1 nothing could be measured, or the export is unusable; 2 usage error.
+    """
+    from runtimes.bench import render_table, run_bench
+
+    result = run_bench(
+        export_dir, providers=_csv_list(providers, str, "--providers"),
+        precisions=_csv_list(precisions, str, "--precisions") if precisions else None,
+        batch_sizes=_csv_list(batch_sizes, int, "--batch-sizes"),
+        etas=_csv_list(eta, float, "--eta") if eta else (),
+        fine_fractions=_csv_list(fine_fraction, float, "--fine-fraction") if fine_fraction else None,
+        images=images, warmup=warmup, iterations=iterations, duration=duration, threads=threads, torch=torch,
+        checkpoint=checkpoint, isolation="inline" if in_process else "process", out=out, force=force,
+        progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    Console(width=None if sys.stdout.isatty() else 200).print(render_table(result))
+    for note in result.notes:
+        print(f"note: {note}")
+    if out:
+        print(f"results: {out}/results.json, results.csv, latency.png, throughput.png", file=sys.stderr)
+    return 0 if result.find() else 1
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Console-script entry point; returns the exit code."""
     try:
