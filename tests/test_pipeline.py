@@ -283,7 +283,7 @@ def test_gpu_provider_without_gpu_is_a_provider_error(export_dir_factory, provid
 @pytest.mark.skipif(not HAS_GPU, reason="needs CUDAExecutionProvider and an NVIDIA GPU (nvidia-smi)")
 def test_cuda_iobinding_matches_cpu(upstream_export):
     fx, export_dir = upstream_export
-    gpu = CFViTPipeline(export_dir, provider="cuda")
+    gpu = CFViTPipeline(export_dir, provider="cuda", config=SessionConfig(provider_options={"use_tf32": 0}))
     assert gpu.io_device == "cuda"
     assert all(p[0] == "CUDAExecutionProvider" for p in gpu.backend.active_providers.values())
     cpu = CFViTPipeline(export_dir)
