@@ -195,10 +195,10 @@ def infer_ray(
             writer = _open_writer(stack, tmp, out_path.suffix.lower(), topk)
             emit, note = _tee(writer.row, on_row), writer.note
         export = str(Path(export_dir).absolute()) if shared_export else [ray.put(_export_files(manifest))]
-        cpus = float(ray.cluster_resources().get("CPU", 0))
+        cpus, batches = float(ray.cluster_resources().get("CPU", 0)), math.ceil(len(paths) / batch_size)
         plan = plan_actors(cpus, num_actors, actor_threads)
-        if plan.num_actors > math.ceil(len(paths) / batch_size):  # more actors than batches: idle actors
-            plan = plan_actors(cpus, math.ceil(len(paths) / batch_size), plan.threads)
+        if plan.num_actors > batches:  # an actor per batch at most: more would stay idle
+            plan = plan_actors(cpus, batches, plan.threads)
         ds = _dataset(ray, paths, manifest.preprocessing, max_pixels, batch_size, plan,
                       (export, provider, eta, topk), progress)
         start = perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -222,3 +223,14 @@ def test_actor_verifies_checksums(export, tmp_path) -> None:
     fine.write_bytes(fine.read_bytes()[:-1] + b"\0")
     with pytest.raises(ManifestError, match="checksum mismatch"):
         _load_pipeline_manifest(copy)
+
+
+def test_cli_starts_and_stops_its_own_cluster(export, images, local_rows, tmp_path) -> None:
+    """`--engine ray` in a fresh process: a private local cluster, started and shut down by the run."""
+    pytest.importorskip("ray")
+    out = tmp_path / "ray.jsonl"
+    proc = subprocess.run([sys.executable, str(Path(cli.__file__)), "infer", str(export), *map(str, images),
+                           "--engine", "ray", "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "errors: 4" in proc.stderr
+    _assert_same_rows(_read(out), local_rows[".jsonl"])
