@@ -125,7 +125,7 @@ def ray_cluster(address: str = "local") -> Iterator[Any]:
             ray.init(num_cpus=_machine_cpus(), include_dashboard=False, logging_level=logging.WARNING)
         else:
             ray.init(address=address, logging_level=logging.WARNING)
-    except ConnectionError as exc:
+    except (ConnectionError, ValueError) as exc:  # no cluster there; a bad address; ray:// without ray[client]
         raise UsageError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
     try:
         yield ray
