@@ -43,7 +43,7 @@ import numpy as np
 
 from cfvit_deploy.errors import CFViTError, ManifestError, ProviderError, UsageError
 from cfvit_deploy.flops import baseline_gmacs, stage_gmacs
-from cfvit_deploy.io import atomic_directory, check_output
+from cfvit_deploy.io import atomic_directory, atomic_write_path, check_output
 from cfvit_deploy.manifest import Manifest
 
 from .backends import SessionConfig, check_provider, create_backend
@@ -165,17 +165,22 @@ class BenchResult:
         """Measured rows whose fields equal `match`."""
         return [r for r in self.rows if r.status == "ok" and all(getattr(r, k) == v for k, v in match.items())]
 
+    def write_files(self, directory: str | Path) -> list[Path]:
+        """results.json, results.csv, latency.png and throughput.png in `directory`, each replaced atomically."""
+        directory = Path(directory)
+        with atomic_write_path(directory / "results.json") as tmp:
+            tmp.write_text(json.dumps(self.to_json(), indent=2, default=_json_default) + "\n")
+        with atomic_write_path(directory / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+            writer.writeheader()
+            writer.writerows(r.to_dict() for r in self.rows)
+        return [directory / "results.json", directory / "results.csv", *plot(self, directory)]
+
     def save(self, out: str | Path, force: bool = False) -> Path:
-        """Write results.json, results.csv, latency.png and throughput.png into the folder `out`, atomically."""
-        out = Path(out)
-        with atomic_directory(out, force=force) as tmp:
-            (tmp / "results.json").write_text(json.dumps(self.to_json(), indent=2, default=_json_default) + "\n")
-            with open(tmp / "results.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
-                writer.writeheader()
-                writer.writerows(r.to_dict() for r in self.rows)
-            plot(self, tmp)
-        return out
+        """Write :meth:`write_files` into a new folder `out` (replaced only with `force`), atomically."""
+        with atomic_directory(Path(out), force=force) as tmp:
+            self.write_files(tmp)
+        return Path(out)
 
 
 def _json_default(value: Any) -> Any:
@@ -736,7 +741,8 @@ def plot(result: BenchResult, directory: Path) -> list[Path]:
             if series:
                 ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(directory / name, dpi=110)
+        with atomic_write_path(directory / name) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         paths.append(directory / name)
     return paths
