@@ -142,7 +142,7 @@ def _machine_cpus() -> int:
 
 def infer_ray(
     export_dir: str | Path,
-    inputs: Sequence[str | Path],
+    inputs: str | Path | Sequence[str | Path],
     *,
     eta: float | None = None,
     batch_size: int = 32,
@@ -182,6 +182,7 @@ def infer_ray(
         check_output(out_path, force)
     ray = import_ray()
     manifest = Manifest.load(export_dir)
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     paths = collect_inputs(inputs, recursive)
     if not paths:
         raise UsageError(f"no image files found in {', '.join(str(p) for p in inputs) or 'the inputs'}"

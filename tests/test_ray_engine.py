@@ -139,6 +139,7 @@ def test_python_twin_shared_export(ray_2cpu, export, images) -> None:
     infer(export, images, batch_size=5, on_row=want.append)
     got: list[InferRow] = []
     summary = infer_ray(export, images, batch_size=5, shared_export=True, actor_threads=1, on_row=got.append)
+    assert infer_ray(export, images[1], batch_size=5).rows == 1  # a single path
     _assert_same_rows([r.to_json() for r in got], [r.to_json() for r in want])
     assert (summary.inputs, summary.rows, summary.errors) == (len(want), len(want), 4)
     assert summary.exited + summary.fine == len(want) - 4
