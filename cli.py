@@ -279,6 +279,39 @@ def bench_cmd(
         print(f"results: {out}/results.json, results.csv, latency.png, throughput.png", file=sys.stderr)
     return 0 if result.find() else 1
 
+@app.command("sweep")
+def sweep_cmd(
+    export_dir: Path = typer.Argument(..., help="Export folder (from `cfvit export`)."),
+    folder: Path = typer.Argument(..., help="Labelled images: FOLDER/<class>/<images>."),
+    etas: str = typer.Option("0:1:0.05", "--etas", help="start:stop:step or a comma-separated list."),
+    provider: str = typer.Option("cpu", "--provider", help="cpu | cuda | tensorrt | openvino."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per orchestrator call."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Use at most N images (seeded sample)."),
+    out: Path = typer.Option(Path("sweep"), "--out", "-o", help="Output folder (sweep.json, sweep.csv, sweep.png)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Accuracy, exit rate, expected GMACs and measured img/s for each eta, with the trade-off plot."""
+    from rich.table import Table
+
+    from cfvit_deploy.io import check_output
+    from runtimes.sweep import sweep
+
+    check_output(out, force)
+    result = sweep(export_dir, folder, etas, provider=provider, batch_size=batch_size, threads=threads,
+                   max_images=max_images, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    table = Table(title=f"cfvit sweep: {result.n_images} images, {provider}, batch {batch_size}")
+    for col in ("eta", "top-1", "exit rate", "GMACs/img", "img/s"):
+        table.add_column(col, justify="right")
+    for r in result.rows:
+        table.add_row(f"{r.eta:.2f}", f"{100 * r.accuracy:.1f}%", f"{100 * r.exit_rate:.0f}%",
+                      f"{r.expected_gmacs:.3f}", f"{r.img_per_s:.1f}")
+    Console().print(table)
+    if result.skipped_files:
+        console.print(f"skipped {len(result.skipped_files)} unreadable files (listed in sweep.json)")
+    console.print(f"wrote {result.save(out, force=force)}/sweep.json, sweep.csv, sweep.png")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Console-script entry point; returns the exit code."""
     try:

@@ -1,0 +1,81 @@
+"""cfvit sweep: per-eta accuracy, exit rate, expected GMACs and measured throughput."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cfvit_deploy import UsageError
+from cfvit_deploy.manifest import Manifest
+from cfvit_deploy.preprocessing import load_and_preprocess
+from runtimes import CFViTPipeline
+from runtimes.sweep import parse_etas, sweep
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir()
+        for i in range(4):
+            arr = (rng.random((40 + 8 * i, 60, 3)) * 255).astype(np.uint8)
+            Image.fromarray(arr).resize((120, 100)).save(root / f"c{c}" / f"{i}.png")
+    (root / "c1" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_parse_etas():
+    assert parse_etas("0:1:0.25") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert parse_etas("0.7,0.3") == [0.3, 0.7]
+    assert len(parse_etas("0:1:0.05")) == 21
+    for bad in ("0:1:0", "a,b", "0:2:0.5", "nan"):
+        with pytest.raises(UsageError):
+            parse_etas(bad)
+
+
+def test_sweep_matches_an_independent_computation(labelled, export_dir_factory):
+    export_dir = export_dir_factory("deit_g7")
+    result = sweep(export_dir, labelled, "0,0.5,1", batch_size=5)
+    assert result.n_images == 12 and len(result.skipped_files) == 1 and "broken.png" in result.skipped_files[0]
+    manifest = Manifest.load(export_dir)
+    files = sorted(p for p in labelled.rglob("*.png") if p.name != "broken.png")
+    x = np.stack([load_and_preprocess(p, manifest.preprocessing) for p in files])
+    y = np.array([int(p.parent.name[1]) for p in files])
+    pipe = CFViTPipeline(export_dir)
+    by_eta = {r.eta: r for r in result.rows}
+    for eta in (0.0, 0.5, 1.0):
+        res = pipe.run(x, eta)
+        row = by_eta[eta]
+        assert row.accuracy == pytest.approx(float((res.logits.argmax(1) == y).mean()))
+        assert row.exit_rate == pytest.approx(float(res.exited.mean()))
+        g = manifest.gmacs
+        assert row.expected_gmacs == pytest.approx(g["coarse"] + (1 - row.exit_rate) * (g["fine"] - g["coarse"]))
+        assert row.img_per_s > 0 and row.ms_per_image == pytest.approx(1000 / row.img_per_s)
+    assert by_eta[0.0].exit_rate == 1.0 and by_eta[1.0].exit_rate == 0.0
+
+
+def test_cli_writes_files_and_refuses_overwrite(labelled, export_dir_factory, tmp_path):
+    from cli import main
+
+    export_dir = export_dir_factory("deit_g7")
+    out = tmp_path / "sw"
+    assert main(["sweep", str(export_dir), str(labelled), "--etas", "0:1:0.5", "--out", str(out)]) == 0
+    data = json.loads((out / "sweep.json").read_text())
+    assert [r["eta"] for r in data["rows"]] == [0.0, 0.5, 1.0]
+    assert (out / "sweep.csv").read_text().splitlines()[0].startswith("eta,accuracy,exit_rate")
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["sweep", str(export_dir), str(labelled), "--out", str(out)]) == 2
+    assert main(["sweep", str(export_dir), str(labelled), "--etas", "0:1.5:0.5", "--out", str(tmp_path / "x")]) == 2
+    assert main(["sweep", str(export_dir), str(labelled), "--batch-size", "0", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_class_folders_must_fit_the_model(tmp_path, export_dir_factory):
+    for c in range(11):
+        (tmp_path / f"k{c:02d}").mkdir()
+        Image.new("RGB", (32, 32)).save(tmp_path / f"k{c:02d}" / "a.png")
+    with pytest.raises(UsageError, match="11 class folders; the model has 10"):
+        sweep(export_dir_factory("deit_g7"), tmp_path, "0.5")
