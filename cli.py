@@ -87,6 +87,10 @@ def validate_cmd(
     from exporters import validate
     from rich.table import Table
 
+    from cfvit_deploy.io import check_output
+
+    if report is not None:  # a --report in a missing folder is refused before the run, not after it
+        check_output(report, force=True)
     result = validate(export_dir, checkpoint, images=images, provider=provider,
                       batch_sizes=tuple(_csv_list(batch_sizes, int, "--batch-sizes")),
                       etas=tuple(_csv_list(etas, float, "--etas")), atol=atol, rtol=rtol,

@@ -29,8 +29,15 @@ def _umask_mode(base: int) -> int:
 
 @contextlib.contextmanager
 def atomic_write_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary file beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary file beside `path`; on success it replaces `path` in one rename.
+
+    A `path` that is a folder, or in a missing folder, is a :class:`UsageError` before anything is written.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file name for the output")
+    if not path.parent.is_dir():
+        raise UsageError(f"output directory {path.parent} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

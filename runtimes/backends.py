@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +60,25 @@ def check_provider(provider: str) -> str:
     if provider not in PROVIDERS:
         raise UsageError(f"unknown provider {provider!r}; available: {', '.join(PROVIDERS)}")
     return provider
+
+
+@contextlib.contextmanager
+def _quiet_ort_log(ort: Any, quiet: bool) -> Iterator[None]:
+    """With `quiet`, ONNX Runtime logs only FATAL messages while the block runs.
+
+    A GPU provider that cannot start (no GPU, missing CUDA libraries) makes ONNX Runtime print
+    several ERROR and WARNING lines before it falls back; the :class:`ProviderError` raised after
+    the active-provider check says it in one line instead. The level is set back to ONNX Runtime's
+    default (WARNING) afterwards.
+    """
+    if not quiet:
+        yield
+        return
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)
 
 
 class OrtBackend:
@@ -116,13 +136,16 @@ class OrtBackend:
         providers: list[Any] = [(wanted, self._provider_options(wanted))]
         if wanted != "CPUExecutionProvider":
             providers.append("CPUExecutionProvider")
-        try:
-            session = ort.InferenceSession(str(path), so, providers=providers)
+        try:  # enable_fallback=0: ORT's own retry prints to stdout (where `cfvit infer` writes rows)
+            with _quiet_ort_log(ort, wanted != "CPUExecutionProvider"):
+                session = ort.InferenceSession(str(path), so, providers=providers, enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             if cfg.allow_fallback:
                 session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             else:
-                raise ProviderError(f"cannot create a {self.provider} session for {path.name}: {exc}") from None
+                first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+                raise ProviderError(f"cannot create a {self.provider} session for {path.name}: {first}; "
+                                    "pass --allow-fallback to run on the CPU instead") from None
         active = session.get_providers()
         if active[0] != wanted and not cfg.allow_fallback:
             raise ProviderError(
