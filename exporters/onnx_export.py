@@ -181,6 +181,8 @@ def export(
         raise UsageError(f"opset {opset} is not supported; use 13..21 (default {DEFAULT_OPSET})")
     if not 0.0 <= default_eta <= 1.0:
         raise UsageError(f"default eta {default_eta} must lie in [0, 1]")
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise UsageError(f"num_heads must be a positive integer, got {num_heads!r}")  # 0 must not mean "default"
     say = progress or (lambda msg: log.info(msg))
     model, info = _resolve_model(model_or_checkpoint, num_heads)
     cfg = model.config
