@@ -7,6 +7,7 @@ User errors (:class:`cfvit_deploy.errors.CFViTError`) print one line ``error: ..
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -322,7 +323,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = app(args=argv, standalone_mode=False)
     except CFViTError as exc:
         if _state["debug"] or "--debug" in (argv if argv is not None else sys.argv):
-            raise
+            traceback.print_exc()  # then the same line and exit code as without --debug
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except typer.Exit as exc:
