@@ -336,7 +336,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     except Exception as exc:  # click's usage errors (typer vendors click): duck-typed
         if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
-            print(f"error: {exc.format_message()}", file=sys.stderr)
+            message = exc.format_message()
+            if message:  # `cfvit` alone has printed the help already; its message is empty
+                print(f"error: {message}", file=sys.stderr)
             return exc.exit_code
         raise
     return result if isinstance(result, int) else 0
