@@ -252,7 +252,7 @@ def bench_cmd(
     fine_fraction: Optional[str] = typer.Option(
         None, "--fine-fraction", help="Comma-separated fine fractions (synthetic gate; default 0.24,0.52,1.0 without --eta)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of real images (default: synthetic inputs)."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed calls per cell (at least one pass over the inputs)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed calls per cell (the first runs both stages)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Timed calls per cell."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Seconds of timed calls per cell (default 3)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for every runtime (default: physical cores)."),
