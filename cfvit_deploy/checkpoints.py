@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import pickle
+import pickletools
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,18 +32,46 @@ def _read(path: Path) -> Any:
     if path.is_dir():
         raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # raw pickles make torch warn before it refuses them
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+        culprit = _pickled_global(str(exc), path)
+        if culprit:
             raise CheckpointError(
                 f"refusing to load {path}: it contains Python objects that would run code when unpickled "
-                f"(only plain tensors and containers are accepted) [{first[:160]}]"
+                f"({culprit}); only plain tensors and containers are accepted"
             ) from None
+        operand = re.search(r"Unsupported operand \d+", str(exc))
+        first = operand.group(0) if operand else (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise CheckpointError(f"not a PyTorch checkpoint (unpickling failed): {path}: {first[:160]}") from None
     except Exception as exc:  # torch.load raises many types for garbage (KeyError, RuntimeError, ...)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"not a readable PyTorch checkpoint (corrupt or truncated?): {path}: {msg[:200]}") from None
+
+
+def _pickled_global(message: str, path: Path) -> str | None:
+    """The callable (module.name) a refused pickle would import, or None (random bytes, text, ...).
+
+    Taken from torch's refusal when it names one; otherwise the file's opcodes are read with
+    pickletools, which only parses them (nothing is imported or run).
+    """
+    named = re.search(r"GLOBAL ([\w.]+)", message)
+    if named:
+        return named.group(1)
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    return str(arg).replace(" ", ".")
+                if op.name == "STACK_GLOBAL":
+                    return ".".join(strings[-2:])
+                if isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a well-formed pickle: pickletools raises ValueError and others
+        return None
+    return None
 
 
 def extract_state_dict(obj: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
