@@ -11,6 +11,7 @@ import contextlib
 import errno
 import math
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 #: PIL's own default decompression-bomb limit (pixels); `max_pixels` raises or lowers it per call.
 DEFAULT_MAX_PIXELS = 89_478_485
+# load_image enforces `max_pixels` itself (an ImageError naming the size); PIL's warning for images
+# between its limit and twice it would only repeat that, as extra lines on stderr. A warnings filter
+# is process-wide (catch_warnings is not thread-safe, and images are decoded in threads).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
