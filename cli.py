@@ -259,6 +259,8 @@ def bench_cmd(
     torch: bool = typer.Option(False, "--torch", help="Also time PyTorch eager (gated predict and the plain ViT)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint for --torch (default: the manifest's)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run every cell in this process (faster, less isolated)."),
+    quiet_below: Optional[float] = typer.Option(
+        None, "--quiet-below", help="Wait for, and re-measure cells disturbed by, other processes using more than this CPU %."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for results.json/csv and plots."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
 ) -> int:
@@ -275,7 +277,8 @@ def bench_cmd(
         etas=_csv_list(eta, float, "--eta") if eta else (),
         fine_fractions=_csv_list(fine_fraction, float, "--fine-fraction") if fine_fraction else None,
         images=images, warmup=warmup, iterations=iterations, duration=duration, threads=threads, torch=torch,
-        checkpoint=checkpoint, isolation="inline" if in_process else "process", out=out, force=force,
+        checkpoint=checkpoint, isolation="inline" if in_process else "process", quiet_below=quiet_below,
+        out=out, force=force,
         progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     Console(width=None if sys.stdout.isatty() else 200).print(render_table(result))
     for note in result.notes:
@@ -315,6 +318,24 @@ def sweep_cmd(
     if result.skipped_files:
         console.print(f"skipped {len(result.skipped_files)} unreadable files (listed in sweep.json)")
     console.print(f"wrote {result.save(out, force=force)}/sweep.json, sweep.csv, sweep.png")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder for everything the demo writes."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing demo folder."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny data and one epoch: a smoke test of every step."),
+) -> None:
+    """Generate data, train, export, validate, infer, sweep and bench; write OUT/report.md."""
+    from cfvit_deploy.demo import run_demo
+
+    result = run_demo(out, force=force, quick=quick, say=lambda msg: console.print(msg))
+    s = result.summary
+    console.print(f"coarse top-1 {100 * s['val_coarse_acc']:.1f}%, fine top-1 {100 * s['val_fine_acc']:.1f}%, "
+                  f"export validation {'PASSED' if s['validation_passed'] else 'FAILED'}; "
+                  f"total {sum(result.seconds.values()):.0f} s")
+    console.print(f"report: {result.report}\nexport: {out / 'export'}\npredictions: {out / 'predictions.csv'} "
+                  f"(overlays in {out / 'overlays'})\nsweep: {out / 'sweep'}\nbench: {out / 'bench'}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -169,17 +169,19 @@ def markdown(result: BenchResult, goals: list[Target], profile: dict | None, ela
     lines += [f"Machine: {m['cpu_model']}, {m['physical_cores']} cores ({m['logical_cores']} logical), {m['ram_gb']} GB RAM, "
               f"GPU: {m['gpu'] or 'none'}; AVX-512 VNNI: {'yes' if m['avx512_vnni'] else 'no'}. "
               f"onnxruntime {m['versions']['onnxruntime']}, torch {m['versions']['torch']}, numpy {m['versions']['numpy']}. "
-              f"fp32 matmul peak ({2048}^3, ORT): {m['matmul_peak_gflops']:.0f} GFLOP/s. "
+              f"fp32 matmul peak ({2048}^3, ORT): {m['matmul_peak_gflops']:.0f} GFLOP/s "
+              f"(other processes meanwhile: {m['matmul_background_cpu_pct']:.0f}% CPU). "
               f"Load average at start/end: {m['load_avg_start'][0]:.2f} / {m['load_avg_end'][0]:.2f}.", ""]
     lines += [f"Settings: {s['threads']} threads for every runtime, spinning {'on' if s['spin'] else 'off'}, "
+              f"cells re-measured when other processes used >= {s['quiet_below']}% CPU, "
               f"{s['isolation']} isolation, {s['warmup']} untimed warm-up calls (the first through both stages), "
               f"{s['duration_s']} s of timed calls per cell (at least 5), inputs {s['inputs']}. Run took {elapsed_s / 60:.1f} min.", ""]
     lines += ["### Targets", "", "| target | measured | goal | verdict | note |", "|---|---|---|---|---|"]
     lines += [t.line() for t in goals] + [""]
     lines += ["### All cells", "",
               "| runtime | precision | model | batch | gate | fine frac | mean ms | p50 | p99 | img/s | coarse / gate / fine ms "
-              "| overhead % | GFLOP/s | % peak | fine-graph % peak | speedup vs baseline | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| overhead % | GFLOP/s | % peak | fine-graph % peak | speedup vs baseline | peak RSS MB | background CPU % |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
@@ -189,13 +191,14 @@ def markdown(result: BenchResult, goals: list[Target], profile: dict | None, ela
                                              else f"eta={r.eta:g}")
         if r.status != "ok":
             lines.append(f"| {r.runtime}/{r.provider} | {r.precision} | {r.model} | {r.batch_size} | {gate} | {r.status}: "
-                         f"{r.reason} |" + " |" * 11)
+                         f"{r.reason} |" + " |" * 12)
             continue
         split = "-" if r.coarse_ms is None else f"{r.coarse_ms:.1f} / {r.gate_ms:.2f} / {r.fine_ms:.1f}"
         lines.append(f"| {r.runtime}/{r.provider} | {r.precision} | {r.model} | {r.batch_size} | {gate} | "
                      f"{f(r.fine_fraction, '.2f')} | {r.mean_ms:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.img_per_s:.1f} | "
                      f"{split} | {f(r.overhead_pct, '.2f')} | {r.gflops:.0f} | {f(r.pct_peak, '.0f')} | "
-                     f"{f(r.fine_pct_peak, '.0f')} | {f(r.speedup_vs_baseline, '.2f')} | {f(r.peak_rss_mb, '.0f')} |")
+                     f"{f(r.fine_pct_peak, '.0f')} | {f(r.speedup_vs_baseline, '.2f')} | {f(r.peak_rss_mb, '.0f')} | "
+                     f"{f(r.background_cpu_pct, '.0f')} |")
     lines += ["", *[f"- {n}" for n in result.notes], ""]
     if profile:
         lines += ["### Per-op profile (ONNX Runtime fp32, batch 32, kernel time per run)", ""]
@@ -242,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
                     help="let idle ORT worker threads spin (default off: see README)")
+    ap.add_argument("--quiet-below", type=float, default=25.0,
+                    help="wait for, and re-measure cells disturbed by, other processes above this CPU %% (shared machine)")
+    ap.add_argument("--no-quiet", dest="quiet_below", action="store_const", const=None, help="measure regardless of load")
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-op ORT profile")
     args = ap.parse_args(argv)
     start = perf_counter()
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average: {os.getloadavg()}", file=sys.stderr)
     result = run_bench(export_dir, providers=("cpu",), precisions=("fp32", "int8"), batch_sizes=(1, 32),
                        fine_fractions=(0.24, 0.52, 1.0), warmup=args.warmup, duration=args.duration,
-                       threads=args.threads, spin=args.spin, torch=True, checkpoint=ckpt,
+                       threads=args.threads, spin=args.spin, torch=True, checkpoint=ckpt, quiet_below=args.quiet_below,
                        cache_dir=args.work / "variants", progress=lambda msg: print(msg, file=sys.stderr))
     profile = profile_ops(export_dir, 32, result.settings["threads"]) if args.profile else None
     goals = targets(result)
