@@ -34,6 +34,9 @@ DEFAULT_ETAS = (0.25, 0.5, 0.75, 0.9)
 #: Confidences this close to eta are ties: either decision is accepted.
 ETA_TIE = 1e-5
 MAX_REAL_IMAGES = 64
+#: Tolerance multipliers for outputs that are not logits: LayerNorm-ed token features amplify
+#: rounding where a token's variance is small.
+FEATURE_SCALE = {"reuse_tokens": 10.0, "coarse_embedding": 10.0}
 
 
 @dataclass
@@ -131,14 +134,15 @@ class _Checker:
     def __init__(self, report: ValidationReport, crit: Criteria) -> None:
         self.report, self.crit = report, crit
 
-    def close(self, name: str, got: np.ndarray, ref: np.ndarray, judged: bool = True) -> None:
+    def close(self, name: str, got: np.ndarray, ref: np.ndarray, scale: float = 1.0) -> None:
+        """Elementwise |got - ref| <= scale * (atol + rtol |ref|)."""
         err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
-        bound = self.crit.atol + self.crit.rtol * np.abs(ref)
+        bound = scale * (self.crit.atol + self.crit.rtol * np.abs(ref))
         ratio = float((err / bound).max()) if err.size else 0.0
         denom = np.maximum(np.abs(ref), 1e-12)
         info = {"max_abs_err": float(err.max(initial=0)), "max_rel_err": float((err / denom).max(initial=0)),
-                "atol": self.crit.atol, "rtol": self.crit.rtol}
-        passed = ratio <= 1.0 if (judged and self.crit.exact) else True
+                "atol": scale * self.crit.atol, "rtol": scale * self.crit.rtol}
+        passed = ratio <= 1.0 if self.crit.exact else True
         metric = "max |err| / (atol + rtol|ref|)" if self.crit.exact else "max |err| / (atol + rtol|ref|), info only"
         self.report.checks.append(Check(name, passed, metric, ratio, 1.0, info))
 
@@ -146,11 +150,16 @@ class _Checker:
         value = float(agree.mean()) if agree.size else 1.0
         self.report.checks.append(Check(name, value >= threshold, metric, value, threshold, info or {}))
 
-    def patches(self, name: str, got: np.ndarray, ref: np.ndarray) -> None:
-        same_rows = np.all(got == ref, axis=1)
+    def patches(self, name: str, got: np.ndarray, ref: np.ndarray, score: np.ndarray) -> None:
+        """Selections agree if they pick patches of the same scores in the same order: they may differ
+        only among exactly tied scores (flat image regions), where either choice is the model's."""
+        rows = np.arange(len(ref))[:, None]
+        same = np.all(np.isclose(score[rows, got], score[rows, ref], rtol=1e-6, atol=1e-9), axis=1)
+        identical = np.all(got == ref, axis=1)
         overlap = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got.tolist(), ref.tolist())])
         threshold = 1.0 if self.crit.exact else 0.0
-        self.rate(name, same_rows, threshold, "identical selection rate", {"mean_set_overlap": float(overlap)})
+        self.rate(name, same, threshold, "selection agreement rate (up to tied scores)",
+                  {"identical_rate": float(identical.mean()), "mean_set_overlap": float(overlap)})
 
 
 def _real_images(folder: Path, manifest: Manifest) -> np.ndarray:
@@ -231,16 +240,17 @@ def _compare(model: CFViT, backend: Any, x: np.ndarray, label: str, etas: tuple[
         "coarse_embedding": coarse.embedding.numpy(),
     }
     got = backend.run("coarse", {"images": x})
-    for name, value in ref.items():
-        check.close(f"coarse graph: {name} [{label}]", got[name], value)
+    for name, value in ref.items():  # intermediate token features get 10x the logit tolerance
+        check.close(f"coarse graph: {name} [{label}]", got[name], value, FEATURE_SCALE.get(name, 1.0))
     # the fine graph in isolation, fed with PyTorch's coarse products
     fed = backend.run("fine", {"images": x, **{k: v for k, v in ref.items() if k != "coarse_logits"}})
     check.close(f"fine graph: fine_logits [{label}]", fed["fine_logits"], fine_ref)
-    check.patches(f"fine graph: selected patches [{label}]", fed["informative_idx"], inf.numpy())
+    score = ref["global_attention"]
+    check.patches(f"fine graph: selected patches [{label}]", fed["informative_idx"], inf.numpy(), score)
     # end to end: coarse.onnx -> fine.onnx
     chained = backend.run("fine", {"images": x, **{k: got[k] for k in ("global_attention", "reuse_tokens", "coarse_embedding")}})
     check.close(f"end to end: fine_logits [{label}]", chained["fine_logits"], fine_ref)
-    check.patches(f"end to end: selected patches [{label}]", chained["informative_idx"], inf.numpy())
+    check.patches(f"end to end: selected patches [{label}]", chained["informative_idx"], inf.numpy(), score)
     crit = check.crit
     for stage, a, b in (("coarse", got["coarse_logits"], ref["coarse_logits"]), ("fine", chained["fine_logits"], fine_ref)):
         check.rate(f"end to end: {stage} top-1 agreement [{label}]", a.argmax(1) == b.argmax(1), crit.min_top1,
