@@ -674,7 +674,7 @@ def run_bench(
     runtimes = [("openvino" if p == "openvino" else "onnxruntime", p) for p in providers]
     cells = _cells(runtimes, precisions, batch_sizes, gates, torch)
     say = progress or (lambda msg: None)
-    machine = machine_info()
+    machine = {**machine_info(), "threads": threads, "spin": spin}
     settings = {"threads": threads, "spin": spin, "isolation": isolation, "warmup": warmup, "quiet_below": quiet_below,
                 "iterations": iterations, "duration_s": None if iterations else duration or DEFAULT_DURATION_S,
                 "inputs": str(images) if images else "synthetic (seeded standard normal)", "export": str(export_dir),
