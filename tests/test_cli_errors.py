@@ -162,7 +162,7 @@ FLAG_CASES = [
 
 
 @pytest.mark.parametrize("template, expected", FLAG_CASES, ids=[" ".join(c[0]) for c in FLAG_CASES])
-def test_bad_flags_exit_2_with_one_line(capfd, tmp_path, export_dir, inputs, template, expected):
+def test_bad_flags_exit_2_with_one_line(capfd, tmp_path, export_dir, inputs, template, expected) -> None:
     values = {"export": export_dir, "img": inputs["img"], "lab": inputs["lab"], "ckpt": FIXTURES / "deit_g7.pth",
               "tmp": tmp_path}
     before = sorted(tmp_path.iterdir())
@@ -173,7 +173,7 @@ def test_bad_flags_exit_2_with_one_line(capfd, tmp_path, export_dir, inputs, tem
     assert sorted(tmp_path.iterdir()) == before  # nothing written
 
 
-def test_no_arguments_prints_the_help_and_no_error_line(capfd):
+def test_no_arguments_prints_the_help_and_no_error_line(capfd) -> None:
     code, out, err = run(capfd)
     assert code == 2 and err == ""
     assert "Usage:" in out and "infer" in out
@@ -202,7 +202,8 @@ EXISTING_CASES = {
 
 
 @pytest.mark.parametrize("command", list(EXISTING_CASES))
-def test_existing_output_without_force_is_refused_and_untouched(capfd, tmp_path, export_dir, inputs, command):
+def test_existing_output_without_force_is_refused_and_untouched(capfd, tmp_path, export_dir, inputs,
+                                                                command) -> None:
     template, name, keep = EXISTING_CASES[command]
     out_path = tmp_path / name
     unchanged = keep(out_path)
@@ -216,7 +217,7 @@ def test_existing_output_without_force_is_refused_and_untouched(capfd, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({name, "data"})  # no temporary leftovers
 
 
-def test_infer_output_that_is_a_folder_is_refused_even_with_force(capfd, tmp_path, export_dir, inputs):
+def test_infer_output_that_is_a_folder_is_refused_even_with_force(capfd, tmp_path, export_dir, inputs) -> None:
     unchanged = _keep_folder(tmp_path / "rows.csv")
     code, out, err = run(capfd, "infer", export_dir, inputs["img"], "-o", tmp_path / "rows.csv", "--force")
     assert code == 2
@@ -224,7 +225,7 @@ def test_infer_output_that_is_a_folder_is_refused_even_with_force(capfd, tmp_pat
     assert unchanged() and [p.name for p in tmp_path.iterdir()] == ["rows.csv"]
 
 
-def test_validate_report_that_is_a_folder_is_one_line(capfd, tmp_path, export_dir):
+def test_validate_report_that_is_a_folder_is_one_line(capfd, tmp_path, export_dir) -> None:
     unchanged = _keep_folder(tmp_path / "r.json")
     code, out, err = run(capfd, "validate", export_dir, "--batch-sizes", "1", "--etas", "0.5",
                          "--report", tmp_path / "r.json")
@@ -249,7 +250,7 @@ no_gpu = pytest.mark.skipif(HAS_GPU, reason="this machine has an NVIDIA GPU")
 @no_gpu
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
 @pytest.mark.parametrize("command", ["infer", "validate", "sweep"])
-def test_gpu_provider_without_gpu_is_one_line(capfd, tmp_path, export_dir, inputs, command, provider):
+def test_gpu_provider_without_gpu_is_one_line(capfd, tmp_path, export_dir, inputs, command, provider) -> None:
     args = {"infer": ["infer", export_dir, inputs["img"]],
             "validate": ["validate", export_dir, "--report", tmp_path / "r.json"],
             "sweep": ["sweep", export_dir, inputs["lab"], "-o", tmp_path / "sw"]}[command]
@@ -261,7 +262,7 @@ def test_gpu_provider_without_gpu_is_one_line(capfd, tmp_path, export_dir, input
 
 @no_gpu
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
-def test_allow_fallback_runs_on_the_cpu(capfd, tmp_path, export_dir, inputs, provider):
+def test_allow_fallback_runs_on_the_cpu(capfd, tmp_path, export_dir, inputs, provider) -> None:
     code, out, err = run(capfd, "infer", export_dir, inputs["img"], "--provider", provider, "--allow-fallback")
     assert code == 0
     assert out.splitlines()[0].startswith(f"{inputs['img']}\tfine\t") and len(out.splitlines()) == 1
@@ -273,7 +274,7 @@ def test_allow_fallback_runs_on_the_cpu(capfd, tmp_path, export_dir, inputs, pro
 
 
 @no_gpu
-def test_bench_skips_gpu_cells_without_log_noise(capfd, export_dir):
+def test_bench_skips_gpu_cells_without_log_noise(capfd, export_dir) -> None:
     code, out, err = run(capfd, "bench", export_dir, "--providers", "cuda", "--in-process", "--iterations", "1",
                          "--warmup", "0", "--batch-sizes", "1", "--fine-fraction", "1.0")
     assert code == 1  # nothing could be measured
@@ -339,7 +340,8 @@ DAMAGE = ["missing folder", "a file", "no manifest", "invalid JSON", "JSON list"
 
 @pytest.mark.parametrize("kind", DAMAGE)
 @pytest.mark.parametrize("command", ["infer", "validate", "bench", "sweep"])
-def test_unusable_export_folder_is_one_line_exit_1(capfd, tmp_path, export_dir, g9_export, inputs, command, kind):
+def test_unusable_export_folder_is_one_line_exit_1(capfd, tmp_path, export_dir, g9_export, inputs, command,
+                                                   kind) -> None:
     d, pattern = _damage(kind, tmp_path, export_dir, g9_export, inputs["img"])
     args = {"infer": ["infer", d, inputs["img"], "-o", tmp_path / "rows.csv"],
             "validate": ["validate", d, "--report", tmp_path / "r.json"],
@@ -361,10 +363,6 @@ class _Payload:
 
     def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
         return os.system, (f"touch {shlex.quote(str(self.marker))}",)
-
-
-def _g7_config() -> dict:
-    return json.loads((FIXTURES / "deit_g7.json").read_text())
 
 
 def _checkpoint(kind: str, d: Path) -> tuple[Path, list[str], str]:
@@ -406,8 +404,9 @@ def _checkpoint(kind: str, d: Path) -> tuple[Path, list[str], str]:
             lit("error: inferred an invalid config (deit, embed_dim 48): embed_dim 48 is not divisible by num_heads 5")
     if kind == "g=9 weights, metadata claims g=7":
         state = torch.load(FIXTURES / "deit_g9.pth", weights_only=True)["model"]
+        g7 = json.loads((FIXTURES / "deit_g7.json").read_text())
         keys = ("arch", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "num_classes", "coarse_grid")
-        torch.save({"model": state, "cfvit_deploy": {"config": {k: _g7_config()[k] for k in keys}}}, p)
+        torch.save({"model": state, "cfvit_deploy": {"config": {k: g7[k] for k in keys}}}, p)
         return p, [], lit("error: checkpoint does not match CF-ViT deit (embed 48, depth 12, g=7): 2 shape mismatches "
                           "(pos_embed_list.0: checkpoint (1, 82, 48) vs model (1, 50, 48); "
                           "pos_embed_list.1: checkpoint (1, 325, 48) vs model (1, 197, 48))")
@@ -419,7 +418,7 @@ CHECKPOINTS = ["missing file", "directory", "empty file", "text file", "random b
 
 
 @pytest.mark.parametrize("kind", CHECKPOINTS)
-def test_bad_checkpoint_is_one_line_exit_1(capfd, tmp_path, kind):
+def test_bad_checkpoint_is_one_line_exit_1(capfd, tmp_path, kind) -> None:
     path, flags, pattern = _checkpoint(kind, tmp_path)
     code, out, err = run(capfd, "export", path, "-o", tmp_path / "exp", *flags)
     assert code == 1
@@ -428,7 +427,7 @@ def test_bad_checkpoint_is_one_line_exit_1(capfd, tmp_path, kind):
 
 
 @pytest.mark.parametrize("fmt", ["raw pickle", "torch.save zip"])
-def test_malicious_pickle_is_refused_and_its_payload_never_runs(capfd, tmp_path, fmt):
+def test_malicious_pickle_is_refused_and_its_payload_never_runs(capfd, tmp_path, fmt) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     if fmt == "raw pickle":
@@ -448,7 +447,7 @@ def test_malicious_pickle_is_refused_and_its_payload_never_runs(capfd, tmp_path,
     assert marker.exists()
 
 
-def test_validate_with_a_checkpoint_of_another_model(capfd, tmp_path, export_dir):
+def test_validate_with_a_checkpoint_of_another_model(capfd, tmp_path, export_dir) -> None:
     code, out, err = run(capfd, "validate", export_dir, "--checkpoint", FIXTURES / "deit_g9.pth",
                          "--report", tmp_path / "r.json")
     assert code == 1
@@ -458,7 +457,7 @@ def test_validate_with_a_checkpoint_of_another_model(capfd, tmp_path, export_dir
     assert out == "" and not (tmp_path / "r.json").exists()
 
 
-def test_validate_refuses_a_malicious_checkpoint(capfd, tmp_path, export_dir):
+def test_validate_refuses_a_malicious_checkpoint(capfd, tmp_path, export_dir) -> None:
     marker = tmp_path / "pwned"
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"model": _Payload(marker)}))
     code, out, err = run(capfd, "validate", export_dir, "--checkpoint", tmp_path / "evil.pth",
@@ -471,7 +470,7 @@ def test_validate_refuses_a_malicious_checkpoint(capfd, tmp_path, export_dir):
 
 
 # -- --debug ------------------------------------------------------------------------------------------------
-def test_debug_adds_the_traceback_and_keeps_the_exit_code(capfd, tmp_path, export_dir, g9_export, inputs):
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(capfd, tmp_path, export_dir, g9_export, inputs) -> None:
     d, pattern = _damage("fine graph of another export", tmp_path, export_dir, g9_export, inputs["img"])
     code, out, err = run(capfd, "--debug", "infer", d, inputs["img"])
     assert code == 1
@@ -487,12 +486,12 @@ def test_debug_adds_the_traceback_and_keeps_the_exit_code(capfd, tmp_path, expor
 
 
 # -- what reaches a terminal (fresh interpreter) -----------------------------------------------------------
-def test_subprocess_usage_error_is_one_line(export_dir, inputs):
+def test_subprocess_usage_error_is_one_line(export_dir, inputs) -> None:
     proc = run_subprocess("infer", export_dir, inputs["img"], "--eta", "nan")
     assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: eta must lie in [0, 1], got nan\n")
 
 
-def test_subprocess_unusable_export_is_one_line(tmp_path, export_dir, g9_export, inputs):
+def test_subprocess_unusable_export_is_one_line(tmp_path, export_dir, g9_export, inputs) -> None:
     d, pattern = _damage("manifest of another export", tmp_path, export_dir, g9_export, inputs["img"])
     proc = run_subprocess("validate", d)
     assert proc.returncode == 1 and proc.stdout == ""
@@ -500,14 +499,14 @@ def test_subprocess_unusable_export_is_one_line(tmp_path, export_dir, g9_export,
 
 
 @no_gpu
-def test_subprocess_tensorrt_without_gpu_prints_nothing_else(export_dir, inputs):
+def test_subprocess_tensorrt_without_gpu_prints_nothing_else(export_dir, inputs) -> None:
     """ONNX Runtime's C++ log lines and its own 'EP Error' retry prints (on stdout) must not show."""
     proc = run_subprocess("infer", export_dir, inputs["img"], "--provider", "tensorrt")
     assert proc.returncode == 1 and proc.stdout == ""
     assert_one_error(proc.stderr, _gpu_refusal("tensorrt"))
 
 
-def test_subprocess_malicious_checkpoint_never_runs(tmp_path):
+def test_subprocess_malicious_checkpoint_never_runs(tmp_path) -> None:
     marker = tmp_path / "pwned"
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"model": _Payload(marker)}))
     proc = run_subprocess("export", tmp_path / "evil.pth", "-o", tmp_path / "exp")
@@ -517,7 +516,7 @@ def test_subprocess_malicious_checkpoint_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_subprocess_debug_shows_the_traceback(export_dir, inputs):
+def test_subprocess_debug_shows_the_traceback(export_dir, inputs) -> None:
     proc = run_subprocess("--debug", "infer", export_dir, inputs["img"], "--batch-size", "0")
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.splitlines()
@@ -543,7 +542,7 @@ def _png(path: Path, width: int, height: int, row: bytes | None) -> Path:
 
 
 @pytest.mark.parametrize("bomb", ["zlib bomb", "header only"])
-def test_decompression_bomb_is_an_error_row(capfd, tmp_path, export_dir, inputs, bomb):
+def test_decompression_bomb_is_an_error_row(capfd, tmp_path, export_dir, inputs, bomb) -> None:
     """A 20000 x 20000 PNG (400 Mpixels, 49 KB of zlib) or a bare header claiming 100000 x 100000."""
     folder = tmp_path / "in"
     folder.mkdir()
@@ -566,7 +565,7 @@ def test_decompression_bomb_is_an_error_row(capfd, tmp_path, export_dir, inputs,
                         r"with --max-pixels\)", rows[1]["error"])
 
 
-def test_max_pixels_raises_and_lowers_the_limit(capfd, tmp_path, export_dir, inputs):
+def test_max_pixels_raises_and_lowers_the_limit(capfd, tmp_path, export_dir, inputs) -> None:
     """A real 9473 x 9473 image (89,737,729 pixels) is just above the default limit of 89,478,485."""
     big = tmp_path / "big.png"
     Image.new("L", (9473, 9473), 128).save(big)

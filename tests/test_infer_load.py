@@ -59,7 +59,7 @@ def _make_folder(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 @pytest.mark.slow
-def test_infer_streams_5000_images_with_flat_memory(export_dir_factory, tmp_path):
+def test_infer_streams_5000_images_with_flat_memory(export_dir_factory, tmp_path) -> None:
     """RSS grows by less than 50 MB between the 1,000th and the 5,000th row, and no row is lost or doubled.
 
     Method: one run of ``runtimes.infer.infer`` in a fresh process (the test process's own memory
