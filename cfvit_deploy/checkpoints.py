@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import pickle
 import pickletools
@@ -26,6 +27,11 @@ META_KEY = "cfvit_deploy"
 CHECKPOINT_FORMAT = 1
 
 
+#: Classes allowed besides tensors and containers: the training scripts' `args` (a plain namespace
+#: of options; rebuilding one sets attributes, it runs no code).
+SAFE_GLOBALS = [argparse.Namespace]
+
+
 def _read(path: Path) -> Any:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -34,7 +40,8 @@ def _read(path: Path) -> Any:
     try:
         with warnings.catch_warnings():  # raw pickles make torch warn before it refuses them
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         culprit = _pickled_global(str(exc), path)
         if culprit:

@@ -123,3 +123,13 @@ def test_lvvit_keys_recognised(tmp_path):
     torch.save({"state_dict_ema": model.state_dict()}, tmp_path / "lv.pth")
     cfg = load_checkpoint(tmp_path / "lv.pth", num_heads=3).config
     assert (cfg.arch, cfg.coarse_grid, cfg.qkv_bias, cfg.mlp_ratio, cfg.depth) == ("lvvit", 9, False, 3, 16)
+
+
+def test_training_checkpoint_with_args_namespace_loads(tmp_path, micro_state):
+    """The original training scripts save `args` (an argparse.Namespace) beside the weights."""
+    import argparse
+
+    torch.save({"model": micro_state[1], "epoch": 299, "args": argparse.Namespace(lr=1e-3, model="cf_deit_small")},
+               tmp_path / "checkpoint.pth")
+    loaded = load_checkpoint(tmp_path / "checkpoint.pth", num_heads=3)
+    assert torch.equal(loaded.state_dict()["head.weight"], micro_state[1]["head.weight"])
