@@ -115,7 +115,8 @@ def validate_cmd(
 @app.command("train")
 def train_cmd(
     data: Path = typer.Argument(..., help="Image folder: DATA/train + DATA/val, or class folders with --val-fraction."),
-    synthetic: bool = typer.Option(False, "--synthetic", help="Use the built-in image set at DATA (generated if absent)."),
+    synthetic: bool = typer.Option(
+        False, "--synthetic", help="Use the built-in image set at DATA (made if absent); defaults: the demo recipe."),
     arch: Optional[str] = typer.Option(None, "--arch", help="deit | lvvit (default: deit)."),
     size: Optional[str] = typer.Option(None, "--size", help="micro | tiny | small (default: micro)."),
     coarse_grid: Optional[int] = typer.Option(None, "--coarse-grid", help="Coarse grid g, 7 or 9 (default: 7)."),
@@ -136,11 +137,12 @@ def train_cmd(
     from dataclasses import replace
 
     from cfvit_deploy.data.synthetic import ensure_synthetic_dataset
-    from cfvit_deploy.training import TrainRecipe, resume_recipe, train
+    from cfvit_deploy.training import DEMO_RECIPE, TrainRecipe, resume_recipe, train
 
     given = {k: v for k, v in dict(arch=arch, size=size, coarse_grid=coarse_grid, epochs=epochs, batch_size=batch_size,
                                    lr=lr, selection_after=selection_after, seed=seed).items() if v is not None}
-    recipe = replace(resume_recipe(resume), **given) if resume else TrainRecipe(**given)
+    base = resume_recipe(resume) if resume else DEMO_RECIPE if synthetic else TrainRecipe()
+    recipe = replace(base, **given)
     if synthetic:
         data = ensure_synthetic_dataset(data)
     result = train(data, out or resume or Path("cfvit.pth"), recipe, init=init, resume=resume,
@@ -154,17 +156,19 @@ def train_cmd(
 @app.command("make-data")
 def make_data_cmd(
     out: Path = typer.Argument(..., help="Folder to create (train/, val/, labels.csv, meta.json)."),
-    per_class: int = typer.Option(150, "--per-class", help="Training images per class."),
-    val_per_class: Optional[int] = typer.Option(None, "--val-per-class", help="Validation images per class (default: per-class / 3)."),
-    image_size: int = typer.Option(224, "--image-size", help="Image side in pixels."),
-    hard_fraction: float = typer.Option(0.5, "--hard-fraction", help="Share of hard images (small, off-centre, cluttered)."),
+    per_class: int = typer.Option(250, "--per-class", help="Training images per class."),
+    val_per_class: Optional[int] = typer.Option(
+        None, "--val-per-class", help="Validation images per class (default: per-class / 5)."),
+    image_size: int = typer.Option(256, "--image-size", help="Image side in pixels (256: pixel-exact for g=7)."),
+    hard_fraction: float = typer.Option(
+        0.6, "--hard-fraction", help="Share of hard images (small, off-centre, cluttered)."),
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same bytes."),
     force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
 ) -> None:
-    """Generate the built-in synthetic image set (10 classes of shapes and textures, easy and hard)."""
+    """Generate the built-in synthetic image set (6 classes of patterned objects, easy and hard)."""
     from cfvit_deploy.data.synthetic import make_synthetic_dataset
 
-    n_val = val_per_class if val_per_class is not None else max(1, per_class // 3)
+    n_val = val_per_class if val_per_class is not None else max(1, per_class // 5)
     root = make_synthetic_dataset(out, per_class, n_val, seed, image_size, hard_fraction, force)
     print(f"wrote {per_class} training and {n_val} validation images per class to {root}")
 
@@ -296,6 +300,7 @@ def sweep_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per orchestrator call."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use at most N images (seeded sample)."),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Accept a fallback to the CPU provider."),
     out: Path = typer.Option(Path("sweep"), "--out", "-o", help="Output folder (sweep.json, sweep.csv, sweep.png)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
@@ -307,7 +312,7 @@ def sweep_cmd(
 
     check_output(out, force)
     result = sweep(export_dir, folder, etas, provider=provider, batch_size=batch_size, threads=threads,
-                   max_images=max_images, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+                   max_images=max_images, allow_fallback=allow_fallback, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     table = Table(title=f"cfvit sweep: {result.n_images} images, {provider}, batch {batch_size}")
     for col in ("eta", "top-1", "exit rate", "GMACs/img", "img/s"):
         table.add_column(col, justify="right")
