@@ -22,6 +22,9 @@ _LAZY = {
     "load_checkpoint": "checkpoints",
     "save_checkpoint": "checkpoints",
     "stage_gmacs": "flops",
+    "train": "training",
+    "TrainRecipe": "training",
+    "make_synthetic_dataset": "data.synthetic",
 }
 
 __all__ = ["ModelConfig", "CFViTError", "CheckpointError", "ManifestError", "UsageError", "__version__", *_LAZY]

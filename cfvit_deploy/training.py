@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from .checkpoints import CHECKPOINT_FORMAT, META_KEY, load_checkpoint
 from .config import ARCHS, SIZES, ModelConfig
 from .data.folder import ImageFolderDataset, find_splits
-from .data.synthetic import read_meta
+from .data.synthetic import SyntheticSpec, make_synthetic_dataset, read_meta
 from .errors import CheckpointError, UsageError
 from .flops import stage_gmacs
 from .io import atomic_write_path, check_output
@@ -98,6 +98,13 @@ class TrainRecipe:
     def from_dict(cls, data: dict[str, Any]) -> "TrainRecipe":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+#: The built-in set the demo trains on: 1500 training and 300 validation images, 60% hard.
+DEMO_DATA = SyntheticSpec()
+#: A recipe that trains in about 2-3 minutes on 2 CPU cores and shows fine > coarse accuracy.
+#: crop_scale=1 (translation + flip, no rescaling) keeps the hard images' 1 px patterns intact.
+DEMO_RECIPE = TrainRecipe(epochs=5, batch_size=16, lr=2e-3, warmup_epochs=0.3, selection_after=1, crop_scale=1.0)
 
 
 @dataclass(frozen=True)
@@ -314,7 +321,7 @@ def train(
     with _threads(threads) as n_threads, _progress(progress) as bar:
         if progress:
             bar.console.print(f"training on {len(train_set)} images ({len(splits.classes)} classes), "
-                              f"validating on {len(val_set)}; {n_threads} torch thread(s)")
+                              f"validating on {len(val_set)}; {n_threads} torch thread(s)", soft_wrap=True)
         for epoch in range(int(state["epoch"]), recipe.epochs):
             selection = epoch >= recipe.dense_epochs
             stats = _train_epoch(model, train_set, optimizer, recipe, epoch, step, steps_per_epoch, selection, bar)
@@ -323,7 +330,7 @@ def train(
             stats.update(val_coarse_acc=val.coarse_acc, val_fine_acc=val.fine_acc)
             history.append(stats)
             if progress:
-                bar.console.print(_epoch_line(stats, recipe.epochs))
+                bar.console.print(_epoch_line(stats, recipe.epochs), soft_wrap=True)
             meta = _metadata(recipe, splits.classes, pp, cfg, val, history, data_dir, len(train_set))
             _save(out, model, meta, {"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict()})
     assert val is not None
@@ -399,3 +406,12 @@ def resume_recipe(path: str | Path, **changes: Any) -> TrainRecipe:
     if "recipe" not in meta:
         raise CheckpointError(f"{path} holds no training recipe (not written by `cfvit train`)")
     return replace(TrainRecipe.from_dict(meta["recipe"]), **changes)
+
+
+def train_demo(workdir: str | Path, force: bool = False, progress: bool = True) -> TrainResult:
+    """Generate :data:`DEMO_DATA` in ``workdir/data`` (reused if present) and train :data:`DEMO_RECIPE`
+    to ``workdir/cfvit-demo.pth``."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = make_synthetic_dataset(workdir / "data", **asdict(DEMO_DATA), force=force)
+    return train(data, workdir / "cfvit-demo.pth", DEMO_RECIPE, force=force, progress=progress)

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cfvit_deploy import ModelConfig
-from cfvit_deploy.data.folder import ImageFolderDataset, find_splits, normalize, random_resized_crop
-from cfvit_deploy.data.synthetic import CLASSES, make_synthetic_dataset, read_meta
+from cfvit_deploy.data.folder import (
+    ImageFolderDataset, find_splits, normalize, random_crop, random_resized_crop,
+)
+from cfvit_deploy.data.synthetic import CLASSES, _texels, make_synthetic_dataset, read_meta
 from cfvit_deploy.errors import OutputExistsError, UsageError
 from cfvit_deploy.preprocessing import PreprocessConfig, load_image, preprocess
 
@@ -40,8 +42,20 @@ def test_synthetic_layout_labels_and_difficulties(synthetic: Path) -> None:
             assert (synthetic / split / r["file"]).is_file() and r["file"].startswith(r["class"] + "/")
     meta = json.loads((synthetic / "meta.json").read_text())
     assert meta["classes"] == list(CLASSES) and meta["seed"] == 0
-    with Image.open(next((synthetic / "train" / "ring").glob("*.png"))) as img:
-        assert img.size == (224, 224) and img.mode == "RGB"
+    with Image.open(next((synthetic / "train" / "checker").glob("*.png"))) as img:
+        assert img.size == (256, 256) and img.mode == "RGB"
+
+
+def test_hard_patterns_vanish_at_half_resolution() -> None:
+    """1 px patterns (hard) sampled at every second pixel, as the coarse input is, become flat;
+    the easy patterns' large cells survive it. At full resolution every class differs."""
+    full, half = set(), set()
+    for label in range(len(CLASSES)):
+        hard = _texels(label, 32, 32, 1, np.random.default_rng(0))
+        assert len(np.unique(hard[::2, ::2])) == 1
+        full.add(hard.tobytes())
+        half.add(_texels(label, 64, 64, 6, np.random.default_rng(0))[::2, ::2].tobytes())
+    assert len(full) == len(half) == len(CLASSES)
 
 
 def test_synthetic_is_deterministic_per_seed(tmp_path: Path, synthetic: Path) -> None:
@@ -69,7 +83,7 @@ def test_synthetic_reuses_identical_set_and_refuses_others(tmp_path: Path) -> No
 def test_find_splits_train_val(synthetic: Path) -> None:
     splits = find_splits(synthetic)
     assert splits.classes == sorted(CLASSES)
-    assert len(splits.train) == 40 and len(splits.val) == 20
+    assert len(splits.train) == 4 * len(CLASSES) and len(splits.val) == 2 * len(CLASSES)
     for path, label in splits.train + splits.val:
         assert path.parent.name == splits.classes[label]
 
@@ -77,8 +91,8 @@ def test_find_splits_train_val(synthetic: Path) -> None:
 def test_find_splits_fraction_is_stratified_and_deterministic(synthetic: Path) -> None:
     flat = synthetic / "train"
     a, b = find_splits(flat, 0.25, seed=3), find_splits(flat, 0.25, seed=3)
-    assert a == b and len(a.val) == 10 and len(a.train) == 30
-    assert sorted(label for _, label in a.val) == list(range(10))
+    assert a == b and len(a.val) == len(CLASSES) and len(a.train) == 3 * len(CLASSES)
+    assert sorted(label for _, label in a.val) == list(range(len(CLASSES)))
     assert not {p for p, _ in a.val} & {p for p, _ in a.train}
     assert find_splits(flat, 0.25, seed=4).val != a.val
 
@@ -137,6 +151,14 @@ def test_normalize_matches_preprocess_bitwise() -> None:
     img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
     pp = PreprocessConfig(crop_size=32, resize_size=32)
     np.testing.assert_array_equal(normalize(img, pp), preprocess(img, pp))
+
+
+def test_random_crop_keeps_pixels_at_the_resize_size() -> None:
+    """crop_scale=1: the evaluation resize (a no-op for 256 px images) and a translation only."""
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    out = np.asarray(random_crop(Image.fromarray(pixels), PP, np.random.default_rng(1)))
+    assert out.shape == (224, 224, 3)
+    assert any(np.array_equal(out, pixels[y:y + 224, x:x + 224]) for y in range(33) for x in range(33))
 
 
 @settings(max_examples=30, deadline=None)

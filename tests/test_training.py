@@ -159,13 +159,14 @@ def test_resume_needs_training_state(data: Path, tmp_path: Path) -> None:
 
 
 def test_init_keeps_backbone_and_refreshes_heads(data: Path, tmp_path: Path) -> None:
-    source = _model(num_classes=5)
+    source = _model(num_classes=len(CLASSES) + 1)
     path = save_checkpoint(source, tmp_path / "src.pth")
     result = train(data, tmp_path / "out.pth", replace(TINY, epochs=1, lr=1e-9, min_lr=0.0), init=path,
                    progress=False)
     model = load_checkpoint(result.path)
-    torch.testing.assert_close(model.state_dict()["blocks.0.attn.qkv.weight"], source.state_dict()["blocks.0.attn.qkv.weight"])
-    assert model.config.num_classes == 10
+    key = "blocks.0.attn.qkv.weight"
+    torch.testing.assert_close(model.state_dict()[key], source.state_dict()[key])
+    assert model.config.num_classes == len(CLASSES)
     with pytest.raises(UsageError, match="pick matching --arch/--size"):
         train(data, tmp_path / "o2.pth", replace(TINY, size="tiny"), init=path, progress=False)
 

@@ -91,6 +91,17 @@ def random_resized_crop(
     return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
 
 
+def random_crop(img: Image.Image, pp: PreprocessConfig, rng: np.random.Generator) -> Image.Image:
+    """The evaluation resize (shorter side to `resize_size`, a no-op at that size) and a random crop."""
+    w, h = img.size
+    scale = pp.resize_size / min(w, h)
+    size = (max(pp.resize_size, int(w * scale)), max(pp.resize_size, int(h * scale)))
+    img = img.resize(size, Image.Resampling.BICUBIC)
+    left = int(rng.integers(0, size[0] - pp.crop_size + 1))
+    top = int(rng.integers(0, size[1] - pp.crop_size + 1))
+    return img.crop((left, top, left + pp.crop_size, top + pp.crop_size))
+
+
 def normalize(img: Image.Image, pp: PreprocessConfig) -> np.ndarray:
     """RGB image -> normalized (3, H, W) float32, bit-identical to the end of :func:`preprocess`.
 
@@ -109,7 +120,8 @@ def normalize(img: Image.Image, pp: PreprocessConfig) -> np.ndarray:
 class ImageFolderDataset(Dataset):
     """(path, label) samples as normalized tensors.
 
-    ``train=True``: random resized crop + horizontal flip, drawn from (seed, epoch, index) so a
+    ``train=True``: random resized crop (area fraction >= `crop_scale`; at 1, the evaluation
+    resize and a random crop, no rescaling) + horizontal flip, drawn from (seed, epoch, index) so a
     resumed run sees the same images; call :meth:`set_epoch` each epoch. ``train=False``: exactly
     :func:`preprocess`. Decoded images (train) or preprocessed arrays (eval) are cached in memory
     up to :data:`CACHE_BYTES`.
@@ -148,7 +160,10 @@ class ImageFolderDataset(Dataset):
         item = self._load(index)
         if isinstance(item, Image.Image):
             rng = np.random.default_rng([self.seed, self.epoch, index])
-            img = random_resized_crop(item, self.pp.crop_size, rng, (self.crop_scale, 1.0))
+            if self.crop_scale < 1.0:
+                img = random_resized_crop(item, self.pp.crop_size, rng, (self.crop_scale, 1.0))
+            else:
+                img = random_crop(item, self.pp, rng)
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             item = normalize(img, self.pp)
