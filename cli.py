@@ -132,6 +132,7 @@ def train_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint to write (default: cfvit.pth, or RESUME)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per epoch."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch intra-op threads (default: the idle cores)."),
 ) -> None:
     """Train a CF-ViT (CE on fine + KL(fine || coarse); all fine tokens, then informative selection)."""
     from dataclasses import replace
@@ -146,7 +147,7 @@ def train_cmd(
     if synthetic:
         data = ensure_synthetic_dataset(data)
     result = train(data, out or resume or Path("cfvit.pth"), recipe, init=init, resume=resume,
-                   val_fraction=val_fraction, force=force, progress=progress)
+                   val_fraction=val_fraction, force=force, progress=progress, threads=threads)
     val = result.val
     print(f"trained {recipe.arch}/{recipe.size} g={recipe.coarse_grid} on {len(result.class_names)} classes for "
           f"{len(result.history)} epochs in {result.seconds:.0f} s: val accuracy coarse {val.coarse_acc:.1%}, "

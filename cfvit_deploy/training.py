@@ -104,7 +104,7 @@ class TrainRecipe:
 DEMO_DATA = SyntheticSpec()
 #: A recipe that trains in about 2-3 minutes on 2 CPU cores and shows fine > coarse accuracy.
 #: crop_scale=1 (translation + flip, no rescaling) keeps the hard images' 1 px patterns intact.
-DEMO_RECIPE = TrainRecipe(epochs=5, batch_size=16, lr=2e-3, warmup_epochs=0.3, selection_after=1, crop_scale=1.0)
+DEMO_RECIPE = TrainRecipe(epochs=5, batch_size=16, lr=2e-3, warmup_epochs=0.3, selection_after=2, crop_scale=1.0)
 
 
 @dataclass(frozen=True)
@@ -291,6 +291,8 @@ def train(
     out = Path(out)
     if init is not None and resume is not None:
         raise UsageError("pass either --init or --resume, not both")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
     if resume is None or out.resolve() != Path(resume).resolve():
         check_output(out, force)
     recipe_in = recipe

@@ -46,16 +46,16 @@ def test_synthetic_layout_labels_and_difficulties(synthetic: Path) -> None:
         assert img.size == (256, 256) and img.mode == "RGB"
 
 
-def test_hard_patterns_vanish_at_half_resolution() -> None:
-    """1 px patterns (hard) sampled at every second pixel, as the coarse input is, become flat;
-    the easy patterns' large cells survive it. At full resolution every class differs."""
-    full, half = set(), set()
-    for label in range(len(CLASSES)):
-        hard = _texels(label, 32, 32, 1, np.random.default_rng(0))
-        assert len(np.unique(hard[::2, ::2])) == 1
-        full.add(hard.tobytes())
-        half.add(_texels(label, 64, 64, 6, np.random.default_rng(0))[::2, ::2].tobytes())
-    assert len(full) == len(half) == len(CLASSES)
+def test_patterns_vanish_at_half_resolution() -> None:
+    """Sampled at every second pixel, as the coarse input is, every pattern is flat; at full
+    resolution every class differs (for any phase)."""
+    for seed in range(4):
+        full = set()
+        for label in range(len(CLASSES)):
+            texels = _texels(label, 32, 32, np.random.default_rng(seed))
+            assert len(np.unique(texels[::2, ::2])) == 1
+            full.add(texels.tobytes())
+        assert len(full) == len(CLASSES)
 
 
 def test_synthetic_is_deterministic_per_seed(tmp_path: Path, synthetic: Path) -> None:

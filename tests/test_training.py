@@ -18,7 +18,7 @@ from cfvit_deploy.errors import CheckpointError, UsageError
 from cfvit_deploy.flops import stage_gmacs
 from cfvit_deploy.model import CFViT
 from cfvit_deploy.training import (
-    TrainRecipe, cfvit_loss, lr_at, make_optimizer, resume_recipe, train, train_forward,
+    TrainRecipe, cfvit_loss, lr_at, make_optimizer, resume_recipe, train, train_demo, train_forward,
 )
 
 #: g=2 keeps the real depth and width but makes the input 64 px (fast on 2 cores).
@@ -189,7 +189,8 @@ def test_cli_train_end_to_end(data: Path, tmp_path: Path, capsys: pytest.Capture
 
 @pytest.mark.parametrize(
     "flags",
-    [["--epochs", "0"], ["--batch-size", "0"], ["--arch", "resnet"], ["--size", "giant"], ["--lr", "-1"]],
+    [["--epochs", "0"], ["--batch-size", "0"], ["--arch", "resnet"], ["--size", "giant"], ["--lr", "-1"],
+     ["--threads", "0"], ["--no-such-flag"]],
 )
 def test_cli_train_bad_flags(data: Path, tmp_path: Path, flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["train", str(data), "--out", str(tmp_path / "x.pth"), *flags]) == 2
@@ -202,3 +203,10 @@ def test_cli_make_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert cli.main(["make-data", str(tmp_path / "d"), "--per-class", "2", "--image-size", "64"]) == 0
     assert len(list((tmp_path / "d" / "train").rglob("*.png"))) == 2 * len(CLASSES)
     assert cli.main(["make-data", str(tmp_path / "d"), "--per-class", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_demo_recipe_puts_fine_above_coarse(tmp_path: Path) -> None:
+    """The demo recipe (about 2-3 minutes on 2 cores) learns, and the fine stage clearly beats the coarse."""
+    val = train_demo(tmp_path, progress=False).val
+    assert val.fine_acc >= 0.5 and val.fine_acc >= val.coarse_acc + 0.05

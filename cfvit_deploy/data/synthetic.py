@@ -1,15 +1,15 @@
 """A built-in, procedurally generated image-classification set (PIL + numpy, torch-free).
 
-Six classes of patterned objects: the class is the 2x2 tile that the object's pattern repeats
-(solid, dots, horizontal or vertical stripes, checker, grid); outline (disc, square, hexagon,
-triangle), colours, position and clutter are nuisances. Two difficulty levels:
+Six classes of patterned objects: the class is the 2x2 tile of 1 px cells that the object's
+pattern repeats (solid, dots, horizontal or vertical stripes, checker, grid); outline (disc,
+square, hexagon, triangle), colours, position and clutter are nuisances. Sampling every second
+pixel, which is what the coarse stage's half-resolution input does, turns every such pattern
+into a flat colour, so only the fine stage sees the patterns. Two difficulty levels:
 
-* ``easy``: a large object near the centre, its pattern drawn with 6-9 px cells and inked in the
-  class's signature hue: the 7x7 coarse stage (the image at half resolution) gets it right.
-* ``hard``: a small, off-centre object among clutter in all the classes' hues, in neutral greys,
-  its pattern drawn with 1 px cells. Sampling every second pixel, which is what the coarse
-  stage's half-resolution input does, turns every such pattern into a flat colour: only the
-  14x14 fine stage can tell them apart.
+* ``easy``: a large object near the centre, inked in the class's signature hue: the 7x7 coarse
+  stage gets it right from the colour alone.
+* ``hard``: a smaller, off-centre object in neutral greys among clutter in all the classes'
+  hues: only the 14x14 fine stage, which resolves the pattern, can tell the classes apart.
 
 Images are 256 px by default, the evaluation resize of a g=7 model (crop 224 = 32g at
 crop_pct 0.875), so that evaluation preprocessing keeps the 1 px patterns pixel-exact.
@@ -48,7 +48,7 @@ _HUES = (0.0, 60.0, 120.0, 180.0, 240.0, 300.0)
 DIFFICULTIES: tuple[str, ...] = ("easy", "hard")
 SPLITS: tuple[str, ...] = ("train", "val")
 GENERATOR = "cfvit-deploy-synthetic"
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,11 @@ def _hue_colour(hue: float, sat: float, val: float) -> tuple[int, int, int]:
     return rgb.getpixel((0, 0))  # type: ignore[return-value]
 
 
-def _texels(label: int, width: int, height: int, cell: int, rng: np.random.Generator) -> np.ndarray:
-    """Boolean ink map of class `label`'s 2x2 tile with `cell`-pixel cells at a random phase."""
+def _texels(label: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Boolean ink map of class `label`'s 2x2 tile of 1 px cells at a random phase."""
     tile = np.asarray(_TILES[CLASSES[label]], dtype=bool).T  # indexed [y parity, x parity]
-    ox, oy = rng.integers(0, 2 * cell, 2)
-    xs = (np.arange(width) + ox) // cell % 2
-    ys = (np.arange(height) + oy) // cell % 2
+    ox, oy = rng.integers(0, 2, 2)
+    xs, ys = (np.arange(width) + ox) % 2, (np.arange(height) + oy) % 2
     return tile[ys[:, None], xs[None, :]]
 
 
@@ -131,30 +130,24 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, cou
 
 
 def render(label: int, hard: bool, rng: np.random.Generator, size: int = 256) -> Image.Image:
-    """Draw one image of class `CLASSES[label]` at the given difficulty.
-
-    Easy: a large, centred object whose pattern has 6-9 px cells, inked in the class's hue.
-    Hard: a small, off-centre object with 1 px cells (a pattern that sampling every second
-    pixel, as the coarse stage's half-resolution input does, turns into a flat colour) in
-    neutral greys, among clutter in all the classes' hues.
-    """
+    """Draw one image of class `CLASSES[label]` at the given difficulty (see the module docstring)."""
     img = _background(rng, size)
     if hard:
         r = rng.uniform(0.13, 0.18) * size
         cx, cy = rng.uniform(0.1 * size + r, 0.9 * size - r, 2)
-        n_clutter, cell = int(rng.integers(8, 15)), 1
+        n_clutter = int(rng.integers(8, 15))
         dark, light = rng.uniform(0, 90), rng.uniform(170, 255)
         ink, paper = (int(dark),) * 3, (int(light),) * 3
     else:
         r = rng.uniform(0.24, 0.32) * size
         cx, cy = size / 2 + rng.uniform(-0.06, 0.06, 2) * size
-        n_clutter, cell = int(rng.integers(0, 3)), 1
+        n_clutter = int(rng.integers(0, 3))
         ink = _hue_colour(_HUES[label] + rng.uniform(-12, 12), rng.uniform(0.7, 1), rng.uniform(0.55, 0.9))
         paper = _hue_colour(rng.uniform(0, 360), rng.uniform(0, 0.15), rng.uniform(0.9, 1))
     _clutter(ImageDraw.Draw(img), rng, size, n_clutter)
     x0, y0 = max(0, int(cx - 1.3 * r)), max(0, int(cy - 1.3 * r))
     x1, y1 = min(size, int(cx + 1.3 * r) + 2), min(size, int(cy + 1.3 * r) + 2)
-    texels = _texels(label, x1 - x0, y1 - y0, cell, rng)
+    texels = _texels(label, x1 - x0, y1 - y0, rng)
     pattern = np.where(texels[..., None], np.asarray(ink, np.uint8), np.asarray(paper, np.uint8))
     mask = Image.new("L", (x1 - x0, y1 - y0))
     _outline(ImageDraw.Draw(mask), rng, cx - x0, cy - y0, r)
