@@ -210,3 +210,14 @@ def test_demo_recipe_puts_fine_above_coarse(tmp_path: Path) -> None:
     """The demo recipe (about 2-3 minutes on 2 cores) learns, and the fine stage clearly beats the coarse."""
     val = train_demo(tmp_path, progress=False).val
     assert val.fine_acc >= 0.5 and val.fine_acc >= val.coarse_acc + 0.05
+
+
+def test_train_splits_flat_class_folders(data: Path, tmp_path: Path) -> None:
+    result = train(data / "train", tmp_path / "flat.pth", replace(TINY, epochs=1), val_fraction=0.5, progress=False)
+    assert len(result.val.labels) == len(CLASSES) and result.class_names == sorted(CLASSES)
+
+
+def test_cli_synthetic_refuses_a_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "mine").mkdir()
+    assert cli.main(["train", str(tmp_path / "mine"), "--synthetic", "--out", str(tmp_path / "m.pth")]) == 2
+    assert "not a built-in synthetic set" in capsys.readouterr().err
