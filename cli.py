@@ -335,7 +335,7 @@ def demo_cmd(
     """Generate data, train, export, validate, infer, sweep and bench; write OUT/report.md."""
     from cfvit_deploy.demo import run_demo
 
-    result = run_demo(out, force=force, quick=quick, say=lambda msg: console.print(msg))
+    result = run_demo(out, force=force, quick=quick, say=lambda msg: console.print(msg, markup=False))
     s = result.summary
     console.print(f"coarse top-1 {100 * s['val_coarse_acc']:.1f}%, fine top-1 {100 * s['val_fine_acc']:.1f}%, "
                   f"export validation {'PASSED' if s['validation_passed'] else 'FAILED'}; "

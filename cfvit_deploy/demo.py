@@ -16,9 +16,6 @@ from typing import Any
 
 from .io import atomic_write_path, check_output
 
-#: Data and recipe of the demo: sized to train in a few minutes on 2 CPU cores.
-DEMO_DATA = dict(n_train_per_class=120, n_val_per_class=40, seed=0)
-DEMO_QUICK_DATA = dict(n_train_per_class=16, n_val_per_class=6, seed=0)
 
 
 @dataclass(frozen=True)
@@ -29,12 +26,6 @@ class DemoResult:
     summary: dict[str, Any]
 
 
-def _recipe(quick: bool) -> Any:
-    from .training import DEMO_RECIPE
-
-    return replace(DEMO_RECIPE, epochs=1, selection_after=0) if quick else DEMO_RECIPE
-
-
 def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool = False,
              say: Callable[[str], None] = print) -> DemoResult:
     """Run every step into `out`; `quick` shrinks data and training to a smoke test (CI)."""
@@ -43,8 +34,8 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
     from runtimes.infer import infer
     from runtimes.sweep import sweep
 
-    from .data.synthetic import make_synthetic_dataset
-    from .training import train
+    from .data.synthetic import SyntheticSpec
+    from .training import DEMO_DATA, DEMO_RECIPE, train_demo
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,11 +55,13 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
         say(f"[demo] {name}: {seconds[name]:.1f} s")
         t = now
 
-    data = make_synthetic_dataset(out / "data", **(DEMO_QUICK_DATA if quick else DEMO_DATA))
-    step("generate the image set")
-    trained = train(data, out / "model.pth", _recipe(quick), progress=not quick)
-    step("train")
-    manifest = export(out / "model.pth", out / "export", baseline=True, default_eta=0.7)
+    spec, recipe = DEMO_DATA, DEMO_RECIPE
+    if quick:  # a smoke test of every step: tiny data, one epoch with informative selection
+        spec, recipe = SyntheticSpec(n_train_per_class=8, n_val_per_class=4), replace(recipe, epochs=1, selection_after=0)
+    trained = train_demo(out, spec=spec, recipe=recipe, progress=not quick)
+    data, checkpoint = out / "data", trained.path
+    step("generate the image set and train")
+    manifest = export(checkpoint, out / "export", baseline=True, default_eta=0.7)
     step("export")
     report = validate(out / "export", images=data / "val", batch_sizes=(1, 4))
     report.save(out / "validation.json")

@@ -410,10 +410,11 @@ def resume_recipe(path: str | Path, **changes: Any) -> TrainRecipe:
     return replace(TrainRecipe.from_dict(meta["recipe"]), **changes)
 
 
-def train_demo(workdir: str | Path, force: bool = False, progress: bool = True) -> TrainResult:
-    """Generate :data:`DEMO_DATA` in ``workdir/data`` (reused if present) and train :data:`DEMO_RECIPE`
-    to ``workdir/cfvit-demo.pth``."""
+def train_demo(workdir: str | Path, force: bool = False, progress: bool = True,
+               spec: SyntheticSpec = DEMO_DATA, recipe: TrainRecipe = DEMO_RECIPE) -> TrainResult:
+    """Generate `spec` (default :data:`DEMO_DATA`) in ``workdir/data`` (reused if present) and train
+    `recipe` (default :data:`DEMO_RECIPE`) to ``workdir/cfvit-demo.pth``."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data = make_synthetic_dataset(workdir / "data", **asdict(DEMO_DATA), force=force)
-    return train(data, workdir / "cfvit-demo.pth", DEMO_RECIPE, force=force, progress=progress)
+    data = make_synthetic_dataset(workdir / "data", **asdict(spec), force=force)
+    return train(data, workdir / "cfvit-demo.pth", recipe, force=force, progress=progress)
