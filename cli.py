@@ -263,6 +263,9 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for every runtime (default: physical cores)."),
     torch: bool = typer.Option(False, "--torch", help="Also time PyTorch eager (gated predict and the plain ViT)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint for --torch (default: the manifest's)."),
+    ort_threading: Optional[str] = typer.Option(
+        None, "--ort-threading",
+        help="shared (one spinning pool for both graphs; default) | spin | no-spin (pool per session; --in-process default)."),
     in_process: bool = typer.Option(False, "--in-process", help="Run every cell in this process (faster, less isolated)."),
     quiet_below: Optional[float] = typer.Option(
         None, "--quiet-below", help="Wait for, and re-measure cells disturbed by, other processes using more than this CPU %."),
@@ -281,7 +284,8 @@ def bench_cmd(
         batch_sizes=_csv_list(batch_sizes, int, "--batch-sizes"),
         etas=_csv_list(eta, float, "--eta") if eta else (),
         fine_fractions=_csv_list(fine_fraction, float, "--fine-fraction") if fine_fraction else None,
-        images=images, warmup=warmup, iterations=iterations, duration=duration, threads=threads, torch=torch,
+        images=images, warmup=warmup, iterations=iterations, duration=duration, threads=threads,
+        ort_threading=ort_threading, torch=torch,
         checkpoint=checkpoint, isolation="inline" if in_process else "process", quiet_below=quiet_below,
         out=out, force=force,
         progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))

@@ -172,7 +172,7 @@ def markdown(result: BenchResult, goals: list[Target], profile: dict | None, ela
               f"fp32 matmul peak ({2048}^3, ORT): {m['matmul_peak_gflops']:.0f} GFLOP/s "
               f"(other processes meanwhile: {m['matmul_background_cpu_pct']:.0f}% CPU). "
               f"Load average at start/end: {m['load_avg_start'][0]:.2f} / {m['load_avg_end'][0]:.2f}.", ""]
-    lines += [f"Settings: {s['threads']} threads for every runtime, spinning {'on' if s['spin'] else 'off'}, "
+    lines += [f"Settings: {s['threads']} threads for every runtime, ONNX Runtime threading '{s['ort_threading']}', "
               f"cells re-measured when other processes used >= {s['quiet_below']}% CPU, "
               f"{s['isolation']} isolation, {s['warmup']} untimed warm-up calls (the first through both stages), "
               f"{s['duration_s']} s of timed calls per cell (at least 5), inputs {s['inputs']}. Run took {elapsed_s / 60:.1f} min.", ""]
@@ -231,7 +231,7 @@ def machine_txt(result: BenchResult) -> str:
         f"cpu flags (SIMD): {' '.join(m['cpu_flags'])}",
         *(f"{k}: {v}" for k, v in m["versions"].items()),
         f"fp32 matmul peak: {m['matmul_peak_gflops']:.1f} GFLOP/s (best), {m['matmul_median_gflops']:.1f} (median)",
-        f"threads: {result.settings['threads']}, spinning: {result.settings['spin']}, isolation: {result.settings['isolation']}",
+        f"threads: {result.settings['threads']}, ORT threading: {result.settings['ort_threading']}, isolation: {result.settings['isolation']}",
         f"load average start: {m['load_avg_start']}, end: {m['load_avg_end']}", ""])
 
 
@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=3.0, help="seconds of timed calls per cell")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
-    ap.add_argument("--spin", action=argparse.BooleanOptionalAction, default=False,
-                    help="let idle ORT worker threads spin (default off: see README)")
+    ap.add_argument("--ort-threading", choices=("shared", "spin", "no-spin"), default="shared",
+                    help="ONNX Runtime pools: one shared spinning pool (default), or one per session (see README)")
     ap.add_argument("--quiet-below", type=float, default=25.0,
                     help="wait for, and re-measure cells disturbed by, other processes above this CPU %% (shared machine)")
     ap.add_argument("--no-quiet", dest="quiet_below", action="store_const", const=None, help="measure regardless of load")
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average: {os.getloadavg()}", file=sys.stderr)
     result = run_bench(export_dir, providers=("cpu",), precisions=("fp32", "int8"), batch_sizes=(1, 32),
                        fine_fractions=(0.24, 0.52, 1.0), warmup=args.warmup, duration=args.duration,
-                       threads=args.threads, spin=args.spin, torch=True, checkpoint=ckpt, quiet_below=args.quiet_below,
+                       threads=args.threads, ort_threading=args.ort_threading, torch=True, checkpoint=ckpt, quiet_below=args.quiet_below,
                        cache_dir=args.work / "variants", progress=lambda msg: print(msg, file=sys.stderr))
     profile = profile_ops(export_dir, 32, result.settings["threads"]) if args.profile else None
     goals = targets(result)

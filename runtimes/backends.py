@@ -54,6 +54,32 @@ class SessionConfig:
     #: chain the graphs through IOBinding with device-resident intermediates (None: on for cuda and
     #: tensorrt, off for cpu, where binding only adds overhead)
     io_binding: bool | None = None
+    #: all ONNX Runtime sessions of the process share one intra-op pool of `threads` threads, which
+    #: always spins (`spin` is ignored). With per-session pools, the pool of the graph that just ran
+    #: spins against the next graph's; sharing avoids that. Process-wide: once a session uses it,
+    #: every later session of the process must too, with the same `threads`.
+    shared_threads: bool = False
+
+
+_shared_pool: list[int] = []  #: the size the process-wide ONNX Runtime pool was created with
+
+
+def _use_shared_pool(shared: bool, threads: int | None) -> None:
+    """Create the process-wide intra-op pool once (`threads` or ORT's default); after that, a session
+    without it or with another size is a :class:`UsageError` (ONNX Runtime cannot mix them)."""
+    from onnxruntime.capi import _pybind_state
+
+    size = threads or 0
+    if not shared:
+        if _shared_pool:
+            raise UsageError("this process already runs ONNX Runtime sessions on the shared thread pool; "
+                             "later sessions must use it too (SessionConfig.shared_threads)")
+    elif not _shared_pool:
+        _pybind_state.set_global_thread_pool_sizes(size, 1)
+        _shared_pool.append(size)
+    elif _shared_pool[0] != size:
+        raise UsageError(f"the shared ONNX Runtime thread pool of this process has {_shared_pool[0] or 'default'} "
+                         f"threads; it cannot also have {size or 'default'}")
 
 
 def check_provider(provider: str) -> str:
@@ -125,10 +151,13 @@ class OrtBackend:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[cfg.graph_optimization]
-        if cfg.threads:
+        _use_shared_pool(cfg.shared_threads, cfg.threads)
+        if cfg.shared_threads:
+            so.use_per_session_threads = False
+        elif cfg.threads:
             so.intra_op_num_threads = cfg.threads
             so.inter_op_num_threads = 1
-        if not cfg.spin:
+        if not cfg.spin and not cfg.shared_threads:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # No "session.disable_cpu_ep_fallback": ORT rejects it next to an explicit CPU EP, and without
         # one it fails on the shape nodes that CUDA deliberately leaves to the CPU. The check of the

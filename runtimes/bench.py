@@ -73,6 +73,14 @@ SYNTHETIC_GATE_NOTE = (
     "fine_fraction rows use a synthetic gate: eta is set per cell to the coarse-confidence quantile of the "
     "benchmark inputs that sends that fraction of the images to the fine stage"
 )
+#: ``ort_threading`` modes -> SessionConfig settings. "shared": the coarse and fine sessions share one
+#: spinning pool; "spin": a spinning pool per session (the idle one spins against the busy one);
+#: "no-spin": a pool per session whose idle threads sleep (robust on a loaded machine).
+ORT_THREADING: dict[str, dict[str, bool]] = {
+    "shared": {"shared_threads": True},
+    "spin": {"spin": True},
+    "no-spin": {"spin": False},
+}
 ISOLATION_NOTES = {
     "process": "each cell ran in its own Python process (no spinning worker threads left by another runtime)",
     "inline": "all cells ran in one process (smoke-test mode; idle worker threads of earlier cells may bias "
@@ -263,7 +271,7 @@ def _batches(pool: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 def _measure_onnx(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -> dict[str, Any]:
     manifest = Manifest.load(spec["export_dir"])
-    config = SessionConfig(threads=spec["threads"], spin=spec["spin"])
+    config = SessionConfig(threads=spec["threads"], **ORT_THREADING[spec["ort_threading"]])
     n, warmup, iterations, duration = len(batches), spec["warmup"], spec["iterations"], spec["duration"]
     if cell.model == "baseline":
         if "baseline" not in manifest.graphs:
@@ -330,7 +338,7 @@ def _measure_matmul(spec: dict[str, Any]) -> dict[str, Any]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = spec["threads"], 1
-    if not spec["spin"]:
+    if spec["ort_threading"] == "no-spin":
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
@@ -629,7 +637,7 @@ def run_bench(
     iterations: int | None = None,
     duration: float | None = None,
     threads: int | None = None,
-    spin: bool = True,
+    ort_threading: str | None = None,
     torch: bool = False,
     checkpoint: str | Path | None = None,
     isolation: str = "process",
@@ -644,12 +652,14 @@ def run_bench(
     `precisions` default to the export's own; others are built from the (fp32) export into
     `cache_dir` (default: a temporary folder). `fine_fractions` default to (0.24, 0.52, 1.0) when no
     `etas` are given; an η = 1 row (everything through both stages) is always added. `threads`
-    defaults to the physical core count and is the same for every runtime. `torch` adds PyTorch
-    eager rows (gated ``predict`` and the plain ViT ``fine_stage_dense``) from `checkpoint` (default:
-    the checkpoint recorded in the manifest). With `quiet_below` (a CPU %), each cell waits (up
-    to a minute) for other processes to use less than that share of the CPUs, and is measured again
-    (up to QUIET_RETRIES times, keeping the cleanest) when they used more while it ran. With `out`, results are saved there (see
-    :meth:`BenchResult.save`); an existing `out` is refused unless `force`.
+    defaults to the physical core count and is the same for every runtime; `ort_threading` picks
+    how ONNX Runtime sessions use them (see ORT_THREADING; default "shared", or "no-spin" in
+    process-wide "inline" isolation, where the shared pool would bind every later session). `torch` adds PyTorch eager rows (gated
+    ``predict`` and the plain ViT ``fine_stage_dense``) from `checkpoint` (default: the checkpoint
+    recorded in the manifest). With `quiet_below` (a CPU %), each cell waits (up to a minute) for
+    other processes to use less than that share of the CPUs, and is measured again (up to
+    QUIET_RETRIES times, keeping the cleanest) when they used more while it ran. With `out`, results
+    are saved there (see :meth:`BenchResult.save`); an existing `out` is refused unless `force`.
     """
     import psutil
 
@@ -659,6 +669,11 @@ def run_bench(
     precisions = [p.strip() for p in precisions or [_precision_label(manifest)]]
     fine_fractions = list(DEFAULT_FINE_FRACTIONS if fine_fractions is None and not etas else fine_fractions or [])
     _check_args(providers, precisions, batch_sizes, etas, fine_fractions, warmup, iterations, duration, threads)
+    ort_threading = ort_threading or ("shared" if isolation == "process" else "no-spin")
+    if ort_threading not in ORT_THREADING:
+        raise UsageError(f"ort_threading must be one of {', '.join(ORT_THREADING)}, got {ort_threading!r}")
+    if ort_threading == "shared" and isolation != "process":
+        raise UsageError("ort_threading 'shared' needs process isolation (the pool would bind this whole process)")
     if isolation not in ISOLATION_NOTES:
         raise UsageError(f"isolation must be one of {', '.join(ISOLATION_NOTES)}, got {isolation!r}")
     if out is not None:
@@ -674,12 +689,13 @@ def run_bench(
     runtimes = [("openvino" if p == "openvino" else "onnxruntime", p) for p in providers]
     cells = _cells(runtimes, precisions, batch_sizes, gates, torch)
     say = progress or (lambda msg: None)
-    machine = {**machine_info(), "threads": threads, "spin": spin}
-    settings = {"threads": threads, "spin": spin, "isolation": isolation, "warmup": warmup, "quiet_below": quiet_below,
+    spin = ort_threading != "no-spin"
+    machine = {**machine_info(), "threads": threads, "spin": spin, "ort_threading": ort_threading}
+    settings = {"threads": threads, "spin": spin, "ort_threading": ort_threading, "isolation": isolation, "warmup": warmup, "quiet_below": quiet_below,
                 "iterations": iterations, "duration_s": None if iterations else duration or DEFAULT_DURATION_S,
                 "inputs": str(images) if images else "synthetic (seeded standard normal)", "export": str(export_dir),
                 "export_precision": _precision_label(manifest), "model": manifest.model.to_dict()}
-    base_spec = {"threads": threads, "spin": spin, "isolation": isolation, "warmup": warmup,
+    base_spec = {"threads": threads, "ort_threading": ort_threading, "isolation": isolation, "warmup": warmup,
                  "iterations": iterations, "duration": duration or DEFAULT_DURATION_S, "checkpoint": str(checkpoint)}
     measure = _run_isolated if isolation == "process" else measure_cell
     rows: list[BenchRow] = []

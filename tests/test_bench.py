@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def test_json_schema(result, out):
                 assert math.isfinite(row[key])
     machine = data["machine"]
     for key in ("cpu_model", "cpu_flags", "physical_cores", "ram_gb", "gpu", "versions", "matmul_peak_gflops",
-                "threads", "spin"):
+                "threads", "spin", "ort_threading"):
         assert key in machine
     assert set(machine["versions"]) >= {"onnxruntime", "openvino", "torch", "numpy"}
     assert machine["matmul_peak_gflops"] > 0
@@ -190,6 +191,8 @@ def test_latency_stats():
     (dict(etas=(2.0,)), "eta"),
     (dict(iterations=3, duration=1.0), "not both"),
     (dict(isolation="thread"), "isolation"),
+    (dict(ort_threading="pooled"), "ort_threading"),
+    (dict(ort_threading="shared", isolation="inline"), "process isolation"),
     (dict(torch=True, checkpoint="/nonexistent.pth"), "--torch"),
 ])
 def test_usage_errors_come_before_any_work(export_dir, kwargs, message):
@@ -260,3 +263,26 @@ def test_disturbed_cells_are_measured_again(monkeypatch):
     assert len(calls) == 1 + bench.QUIET_RETRIES and (raw, background) == ({"times": [2]}, 40.0)
     calls.clear()
     assert bench._measure_quietly(measure, {}, None, lambda msg: None)[0] == {"times": [1]}  # no retries
+
+
+def test_shared_thread_pool_serves_both_graphs_with_one_size(export_dir):
+    """In a fresh process: the coarse and fine sessions share one pool; a per-session pool or another
+    size is refused afterwards (ONNX Runtime cannot mix them)."""
+    code = f"""
+import numpy as np
+from cfvit_deploy.errors import UsageError
+from runtimes import CFViTPipeline, SessionConfig
+x = np.random.default_rng(0).standard_normal((3, 3, 224, 224), dtype=np.float32)
+ref = CFViTPipeline({str(export_dir)!r}, config=SessionConfig(threads=2)).run(x, 1.0).logits
+pipe = CFViTPipeline({str(export_dir)!r}, config=SessionConfig(threads=2, shared_threads=True))
+np.testing.assert_allclose(pipe.run(x, 1.0).logits, ref, rtol=1e-5, atol=1e-5)
+for config in (SessionConfig(threads=1, shared_threads=True), SessionConfig(threads=2)):
+    try:
+        CFViTPipeline({str(export_dir)!r}, config=config)
+    except UsageError as exc:
+        print("refused:", exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(cli.__file__).parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: the shared ONNX Runtime thread pool of this process has 2 threads" in proc.stdout
+    assert "refused: this process already runs ONNX Runtime sessions on the shared thread pool" in proc.stdout
