@@ -266,6 +266,7 @@ def bench_cmd(
     ort_threading: Optional[str] = typer.Option(
         None, "--ort-threading",
         help="shared (one spinning pool for both graphs; default) | spin | no-spin (pool per session; --in-process default)."),
+    repeats: int = typer.Option(1, "--repeats", help="Measure each cell this many times (fresh processes); keep the fastest."),
     in_process: bool = typer.Option(False, "--in-process", help="Run every cell in this process (faster, less isolated)."),
     quiet_below: Optional[float] = typer.Option(
         None, "--quiet-below", help="Wait for, and re-measure cells disturbed by, other processes using more than this CPU %."),
@@ -285,7 +286,7 @@ def bench_cmd(
         etas=_csv_list(eta, float, "--eta") if eta else (),
         fine_fractions=_csv_list(fine_fraction, float, "--fine-fraction") if fine_fraction else None,
         images=images, warmup=warmup, iterations=iterations, duration=duration, threads=threads,
-        ort_threading=ort_threading, torch=torch,
+        ort_threading=ort_threading, repeats=repeats, torch=torch,
         checkpoint=checkpoint, isolation="inline" if in_process else "process", quiet_below=quiet_below,
         out=out, force=force,
         progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))

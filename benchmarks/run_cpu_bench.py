@@ -174,14 +174,14 @@ def markdown(result: BenchResult, goals: list[Target], profile: dict | None, ela
               f"Load average at start/end: {m['load_avg_start'][0]:.2f} / {m['load_avg_end'][0]:.2f}.", ""]
     lines += [f"Settings: {s['threads']} threads for every runtime, ONNX Runtime threading '{s['ort_threading']}', "
               f"cells re-measured when other processes used >= {s['quiet_below']}% CPU, "
-              f"{s['isolation']} isolation, {s['warmup']} untimed warm-up calls (the first through both stages), "
+              f"{s['isolation']} isolation, fastest of {s['repeats']} processes per cell, {s['warmup']} untimed warm-up calls (the first through both stages), "
               f"{s['duration_s']} s of timed calls per cell (at least 5), inputs {s['inputs']}. Run took {elapsed_s / 60:.1f} min.", ""]
     lines += ["### Targets", "", "| target | measured | goal | verdict | note |", "|---|---|---|---|---|"]
     lines += [t.line() for t in goals] + [""]
     lines += ["### All cells", "",
               "| runtime | precision | model | batch | gate | fine frac | mean ms | p50 | p99 | img/s | coarse / gate / fine ms "
-              "| overhead % | GFLOP/s | % peak | fine-graph % peak | speedup vs baseline | peak RSS MB | background CPU % |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| overhead % | GFLOP/s | % peak | fine-graph % peak | speedup vs baseline | peak RSS MB | background CPU % "
+              "| repeat spread % |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
@@ -191,14 +191,14 @@ def markdown(result: BenchResult, goals: list[Target], profile: dict | None, ela
                                              else f"eta={r.eta:g}")
         if r.status != "ok":
             lines.append(f"| {r.runtime}/{r.provider} | {r.precision} | {r.model} | {r.batch_size} | {gate} | {r.status}: "
-                         f"{r.reason} |" + " |" * 12)
+                         f"{r.reason} |" + " |" * 13)
             continue
         split = "-" if r.coarse_ms is None else f"{r.coarse_ms:.1f} / {r.gate_ms:.2f} / {r.fine_ms:.1f}"
         lines.append(f"| {r.runtime}/{r.provider} | {r.precision} | {r.model} | {r.batch_size} | {gate} | "
                      f"{f(r.fine_fraction, '.2f')} | {r.mean_ms:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.img_per_s:.1f} | "
                      f"{split} | {f(r.overhead_pct, '.2f')} | {r.gflops:.0f} | {f(r.pct_peak, '.0f')} | "
                      f"{f(r.fine_pct_peak, '.0f')} | {f(r.speedup_vs_baseline, '.2f')} | {f(r.peak_rss_mb, '.0f')} | "
-                     f"{f(r.background_cpu_pct, '.0f')} |")
+                     f"{f(r.background_cpu_pct, '.0f')} | {f(r.repeat_spread_pct, '.0f')} |")
     lines += ["", *[f"- {n}" for n in result.notes], ""]
     if profile:
         lines += ["### Per-op profile (ONNX Runtime fp32, batch 32, kernel time per run)", ""]
@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="checkpoint, export and variant cache")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds of timed calls per cell")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="fresh-process measurements per cell; the fastest is kept")
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--ort-threading", choices=("shared", "spin", "no-spin"), default="shared",
                     help="ONNX Runtime pools: one shared spinning pool (default), or one per session (see README)")
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_bench(export_dir, providers=("cpu",), precisions=("fp32", "int8"), batch_sizes=(1, 32),
                        fine_fractions=(0.24, 0.52, 1.0), warmup=args.warmup, duration=args.duration,
                        threads=args.threads, ort_threading=args.ort_threading, torch=True, checkpoint=ckpt, quiet_below=args.quiet_below,
+                       repeats=args.repeats,
                        cache_dir=args.work / "variants", progress=lambda msg: print(msg, file=sys.stderr))
     profile = profile_ops(export_dir, 32, result.settings["threads"]) if args.profile else None
     goals = targets(result)

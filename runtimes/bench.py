@@ -8,8 +8,13 @@ gather, fine run, merge), and the pipeline's own split gives the per-stage times
 Isolation: by default every cell runs in a fresh Python process. Idle ONNX Runtime and PyTorch
 worker threads keep spinning for a while after a call and slow whatever runs next in the same
 process, so running runtimes one after another in one process would penalise the later ones; a
-fresh process also gives a per-cell peak RSS. ``isolation="inline"`` runs the cells in this process
-(fast, for smoke tests; numbers may be biased and peak RSS is not reported).
+fresh process also gives a per-cell peak RSS. The same trap exists inside the pipeline (the coarse
+session's pool spins while the fine session runs), so by default the ONNX Runtime sessions of a
+cell share one thread pool (``ort_threading="shared"``). ``isolation="inline"`` runs the cells in
+this process (fast, for smoke tests; numbers may be biased and peak RSS is not reported).
+
+Shared machines: every row records the CPU share other processes used while the cell ran
+(``background_cpu_pct``); with ``quiet_below`` a disturbed cell waits for quiet and is re-measured.
 
 Fine-fraction gating is *synthetic*: η is set, per cell, to the coarse-confidence quantile of the
 benchmark inputs that sends the requested fraction f to the fine stage (confidences from the same
@@ -139,6 +144,8 @@ class BenchRow:
     peak_rss_mb: float | None = None
     #: CPU used by other processes while the cell ran, % of all cores (concurrent load inflates the times)
     background_cpu_pct: float | None = None
+    #: with repeats > 1: spread of the repeats' mean latencies, 100 * (slowest - fastest) / fastest
+    repeat_spread_pct: float | None = None
     speedup_vs_baseline: float | None = None
     baseline_precision: str | None = None  #: precision of the baseline row the speedup refers to
     isolation: str = "process"
@@ -624,6 +631,21 @@ def _measure_quietly(measure: Callable[[dict[str, Any]], dict[str, Any]], spec: 
     return best
 
 
+def _repeated(measure: Callable[[dict[str, Any]], dict[str, Any]], spec: dict[str, Any], repeats: int,
+              quiet_below: float | None, say: Callable[[str], None]) -> tuple[dict[str, Any], float, float | None]:
+    """The fastest of `repeats` measurements of a cell (each in its own process when isolated), its
+    background load, and the spread of the repeats' means (None for one repeat)."""
+    runs = []
+    for _ in range(repeats):
+        raw, background = _measure_quietly(measure, spec, quiet_below, say)
+        if "times" not in raw:
+            return raw, background, None
+        runs.append((float(np.mean(raw["times"])), raw, background))
+    runs.sort(key=lambda run: run[0])
+    spread = 100 * (runs[-1][0] - runs[0][0]) / runs[0][0] if repeats > 1 else None
+    return runs[0][1], runs[0][2], spread
+
+
 def run_bench(
     export_dir: str | Path,
     *,
@@ -643,6 +665,7 @@ def run_bench(
     isolation: str = "process",
     cache_dir: str | Path | None = None,
     quiet_below: float | None = None,
+    repeats: int = 1,
     out: str | Path | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -658,7 +681,9 @@ def run_bench(
     ``predict`` and the plain ViT ``fine_stage_dense``) from `checkpoint` (default: the checkpoint
     recorded in the manifest). With `quiet_below` (a CPU %), each cell waits (up to a minute) for
     other processes to use less than that share of the CPUs, and is measured again (up to
-    QUIET_RETRIES times, keeping the cleanest) when they used more while it ran. With `out`, results
+    QUIET_RETRIES times, keeping the cleanest) when they used more while it ran. With `repeats` > 1,
+    each cell is measured that many times (in fresh processes) and the fastest is kept: processes
+    differ (memory placement), which the spread column shows. With `out`, results
     are saved there (see :meth:`BenchResult.save`); an existing `out` is refused unless `force`.
     """
     import psutil
@@ -669,6 +694,8 @@ def run_bench(
     precisions = [p.strip() for p in precisions or [_precision_label(manifest)]]
     fine_fractions = list(DEFAULT_FINE_FRACTIONS if fine_fractions is None and not etas else fine_fractions or [])
     _check_args(providers, precisions, batch_sizes, etas, fine_fractions, warmup, iterations, duration, threads)
+    if repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {repeats}")
     ort_threading = ort_threading or ("shared" if isolation == "process" else "no-spin")
     if ort_threading not in ORT_THREADING:
         raise UsageError(f"ort_threading must be one of {', '.join(ORT_THREADING)}, got {ort_threading!r}")
@@ -692,6 +719,7 @@ def run_bench(
     spin = ort_threading != "no-spin"
     machine = {**machine_info(), "threads": threads, "spin": spin, "ort_threading": ort_threading}
     settings = {"threads": threads, "spin": spin, "ort_threading": ort_threading, "isolation": isolation, "warmup": warmup, "quiet_below": quiet_below,
+                "repeats": repeats,
                 "iterations": iterations, "duration_s": None if iterations else duration or DEFAULT_DURATION_S,
                 "inputs": str(images) if images else "synthetic (seeded standard normal)", "export": str(export_dir),
                 "export_precision": _precision_label(manifest), "model": manifest.model.to_dict()}
@@ -732,11 +760,11 @@ def run_bench(
             say(f"[{i}/{len(cells)}] {label}")
             spec = {**base_spec, "cell": asdict(cell), "export_dir": str(where), "inputs": str(inputs),
                     "pool": pool_size(cell.batch_size, n_real)}
-            raw, background = _measure_quietly(measure, spec, quiet_below, say)
+            raw, background, spread = _repeated(measure, spec, repeats, quiet_below, say)
             if raw.get("unavailable"):
                 unavailable[key] = raw["reason"]
             rows.append(_row(cell, raw, manifest, peak, isolation))
-            rows[-1].background_cpu_pct = background
+            rows[-1].background_cpu_pct, rows[-1].repeat_spread_pct = background, spread
     _speedups(rows)
     machine["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     notes = [ISOLATION_NOTES[isolation]]

@@ -161,11 +161,12 @@ def test_real_images_with_eta(export_dir, tmp_path):
     assert not any("synthetic gate" in n for n in r.notes)
 
 
-def test_process_isolation_reports_peak_rss(export_dir):
-    r = run_bench(export_dir, batch_sizes=(3,), fine_fractions=(0.5,), iterations=1, warmup=0)
-    assert r.settings["isolation"] == "process"
+def test_process_isolation_reports_peak_rss_and_repeat_spread(export_dir):
+    r = run_bench(export_dir, batch_sizes=(3,), fine_fractions=(0.5,), iterations=1, warmup=0, repeats=2)
+    assert r.settings["isolation"] == "process" and r.settings["ort_threading"] == "shared"
     ok = r.find()
     assert len(ok) == 3 and all(row.isolation == "process" and row.peak_rss_mb > 10 for row in ok)
+    assert all(row.repeat_spread_pct >= 0 for row in ok)
 
 
 def test_eta_for_fine_fraction_is_exact():
@@ -192,6 +193,7 @@ def test_latency_stats():
     (dict(iterations=3, duration=1.0), "not both"),
     (dict(isolation="thread"), "isolation"),
     (dict(ort_threading="pooled"), "ort_threading"),
+    (dict(repeats=0), "repeats"),
     (dict(ort_threading="shared", isolation="inline"), "process isolation"),
     (dict(torch=True, checkpoint="/nonexistent.pth"), "--torch"),
 ])
