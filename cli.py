@@ -266,7 +266,7 @@ def bench_cmd(
     ort_threading: Optional[str] = typer.Option(
         None, "--ort-threading",
         help="shared (one spinning pool for both graphs; default) | spin | no-spin (pool per session; --in-process default)."),
-    repeats: int = typer.Option(1, "--repeats", help="Measure each cell this many times (fresh processes); keep the fastest."),
+    repeats: int = typer.Option(1, "--repeats", help="Measure every cell this many times (separate passes); keep the fastest run of each."),
     in_process: bool = typer.Option(False, "--in-process", help="Run every cell in this process (faster, less isolated)."),
     quiet_below: Optional[float] = typer.Option(
         None, "--quiet-below", help="Wait for, and re-measure cells disturbed by, other processes using more than this CPU %."),

@@ -174,7 +174,7 @@ def markdown(result: BenchResult, goals: list[Target], profile: dict | None, ela
               f"Load average at start/end: {m['load_avg_start'][0]:.2f} / {m['load_avg_end'][0]:.2f}.", ""]
     lines += [f"Settings: {s['threads']} threads for every runtime, ONNX Runtime threading '{s['ort_threading']}', "
               f"cells re-measured when other processes used >= {s['quiet_below']}% CPU, "
-              f"{s['isolation']} isolation, fastest of {s['repeats']} processes per cell, {s['warmup']} untimed warm-up calls (the first through both stages), "
+              f"{s['isolation']} isolation, fastest of {s['repeats']} passes over all cells, {s['warmup']} untimed warm-up calls (the first through both stages), "
               f"{s['duration_s']} s of timed calls per cell (at least 5), inputs {s['inputs']}. Run took {elapsed_s / 60:.1f} min.", ""]
     lines += ["### Targets", "", "| target | measured | goal | verdict | note |", "|---|---|---|---|---|"]
     lines += [t.line() for t in goals] + [""]
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="checkpoint, export and variant cache")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds of timed calls per cell")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2, help="fresh-process measurements per cell; the fastest is kept")
+    ap.add_argument("--repeats", type=int, default=2, help="passes over all cells; each cell keeps its fastest run")
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--ort-threading", choices=("shared", "spin", "no-spin"), default="shared",
                     help="ONNX Runtime pools: one shared spinning pool (default), or one per session (see README)")

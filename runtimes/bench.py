@@ -631,21 +631,6 @@ def _measure_quietly(measure: Callable[[dict[str, Any]], dict[str, Any]], spec: 
     return best
 
 
-def _repeated(measure: Callable[[dict[str, Any]], dict[str, Any]], spec: dict[str, Any], repeats: int,
-              quiet_below: float | None, say: Callable[[str], None]) -> tuple[dict[str, Any], float, float | None]:
-    """The fastest of `repeats` measurements of a cell (each in its own process when isolated), its
-    background load, and the spread of the repeats' means (None for one repeat)."""
-    runs = []
-    for _ in range(repeats):
-        raw, background = _measure_quietly(measure, spec, quiet_below, say)
-        if "times" not in raw:
-            return raw, background, None
-        runs.append((float(np.mean(raw["times"])), raw, background))
-    runs.sort(key=lambda run: run[0])
-    spread = 100 * (runs[-1][0] - runs[0][0]) / runs[0][0] if repeats > 1 else None
-    return runs[0][1], runs[0][2], spread
-
-
 def run_bench(
     export_dir: str | Path,
     *,
@@ -682,8 +667,9 @@ def run_bench(
     recorded in the manifest). With `quiet_below` (a CPU %), each cell waits (up to a minute) for
     other processes to use less than that share of the CPUs, and is measured again (up to
     QUIET_RETRIES times, keeping the cleanest) when they used more while it ran. With `repeats` > 1,
-    each cell is measured that many times (in fresh processes) and the fastest is kept: processes
-    differ (memory placement), which the spread column shows. With `out`, results
+    all cells are measured that many times, in separate passes (fresh processes, minutes apart), and
+    each cell keeps its fastest run: runs differ (slow spells of a shared host, memory placement),
+    which ``repeat_spread_pct`` shows. With `out`, results
     are saved there (see :meth:`BenchResult.save`); an existing `out` is refused unless `force`.
     """
     import psutil
@@ -726,7 +712,6 @@ def run_bench(
     base_spec = {"threads": threads, "ort_threading": ort_threading, "isolation": isolation, "warmup": warmup,
                  "iterations": iterations, "duration": duration or DEFAULT_DURATION_S, "checkpoint": str(checkpoint)}
     measure = _run_isolated if isolation == "process" else measure_cell
-    rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory(prefix="cfvit-bench.") as tmp:
         say(f"measuring the fp32 matmul peak ({MATMUL_N}^3 ONNX Runtime MatMul, {threads} threads)")
         mm, machine["matmul_background_cpu_pct"] = _measure_quietly(
@@ -741,30 +726,47 @@ def run_bench(
         cache = Path(cache_dir) if cache_dir else Path(tmp) / "variants"
         variants: dict[str, Path | str] = {}
         unavailable: dict[tuple[str, str, str], str] = {}
-        for i, cell in enumerate(cells, 1):
-            key = (cell.runtime, cell.provider, cell.precision)
-            if cell.runtime != "torch" and cell.precision not in variants:
-                try:
-                    if cell.precision != settings["export_precision"]:
-                        say(f"building the {cell.precision} variant from the fp32 export")
-                    variants[cell.precision] = _variant(export_dir, manifest, cell.precision, cache)
-                except CFViTError as exc:
-                    variants[cell.precision] = f"cannot build the {cell.precision} variant: {exc}"
-            where = export_dir if cell.runtime == "torch" else variants[cell.precision]
-            if isinstance(where, str) or key in unavailable:
-                rows.append(BenchRow.for_cell(cell, isolation, status="skipped",
-                                              reason=unavailable.get(key) or str(where)))
-                continue
-            label = f"{cell.runtime}/{cell.provider} {cell.precision} {cell.model} b{cell.batch_size}" + (
-                f" {cell.gate}={cell.value:g}" if cell.value is not None else "")
-            say(f"[{i}/{len(cells)}] {label}")
-            spec = {**base_spec, "cell": asdict(cell), "export_dir": str(where), "inputs": str(inputs),
-                    "pool": pool_size(cell.batch_size, n_real)}
-            raw, background, spread = _repeated(measure, spec, repeats, quiet_below, say)
-            if raw.get("unavailable"):
-                unavailable[key] = raw["reason"]
-            rows.append(_row(cell, raw, manifest, peak, isolation))
-            rows[-1].background_cpu_pct, rows[-1].repeat_spread_pct = background, spread
+        skipped: dict[int, BenchRow] = {}
+        runs: dict[int, list[tuple[float, dict[str, Any], float]]] = {}
+        for rep in range(repeats):  # repeats as separate passes: a slow spell of the machine hits one run
+            for i, cell in enumerate(cells):
+                key = (cell.runtime, cell.provider, cell.precision)
+                if cell.runtime != "torch" and cell.precision not in variants:
+                    try:
+                        if cell.precision != settings["export_precision"]:
+                            say(f"building the {cell.precision} variant from the fp32 export")
+                        variants[cell.precision] = _variant(export_dir, manifest, cell.precision, cache)
+                    except CFViTError as exc:
+                        variants[cell.precision] = f"cannot build the {cell.precision} variant: {exc}"
+                where = export_dir if cell.runtime == "torch" else variants[cell.precision]
+                if i in skipped:
+                    continue
+                if isinstance(where, str) or key in unavailable:
+                    skipped[i] = BenchRow.for_cell(cell, isolation, status="skipped",
+                                                   reason=unavailable.get(key) or str(where))
+                    continue
+                label = f"{cell.runtime}/{cell.provider} {cell.precision} {cell.model} b{cell.batch_size}" + (
+                    f" {cell.gate}={cell.value:g}" if cell.value is not None else "")
+                say(f"[{f'pass {rep + 1}/{repeats}, ' if repeats > 1 else ''}{i + 1}/{len(cells)}] {label}")
+                spec = {**base_spec, "cell": asdict(cell), "export_dir": str(where), "inputs": str(inputs),
+                        "pool": pool_size(cell.batch_size, n_real)}
+                raw, background = _measure_quietly(measure, spec, quiet_below, say)
+                if "times" not in raw:
+                    if raw.get("unavailable"):
+                        unavailable[key] = raw["reason"]
+                    skipped[i] = _row(cell, raw, manifest, peak, isolation)
+                    continue
+                runs.setdefault(i, []).append((float(np.mean(raw["times"])), raw, background))
+    rows: list[BenchRow] = []
+    for i, cell in enumerate(cells):
+        if i in skipped:
+            rows.append(skipped[i])
+            continue
+        ordered = sorted(runs[i], key=lambda run: run[0])  # the fastest run of the cell
+        rows.append(_row(cell, ordered[0][1], manifest, peak, isolation))
+        rows[-1].background_cpu_pct = ordered[0][2]
+        if repeats > 1:
+            rows[-1].repeat_spread_pct = 100 * (ordered[-1][0] - ordered[0][0]) / ordered[0][0]
     _speedups(rows)
     machine["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     notes = [ISOLATION_NOTES[isolation]]
