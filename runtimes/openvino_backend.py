@@ -46,8 +46,10 @@ class OpenVinoBackend:
                 self.compiled[name] = core.compile_model(core.read_model(str(path)), "CPU", properties)
             except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
                 raise ProviderError(f"OpenVINO cannot compile {path.name}: {str(exc).strip().splitlines()[0]}") from None
-        self._outputs = {name: [o.get_any_name() for o in m.outputs] for name, m in self.compiled.items()}
-        self._inputs = {name: [i.get_any_name() for i in m.inputs] for name, m in self.compiled.items()}
+        # a port can carry several tensor names (converters add aliases such as 'graph_input_cast_0'):
+        # name each port by the manifest's name for it
+        self._outputs = {g: _port_names(m.outputs, manifest.graphs[g].output_names()) for g, m in self.compiled.items()}
+        self._inputs = {g: _port_names(m.inputs, manifest.graphs[g].input_names()) for g, m in self.compiled.items()}
         self._local = threading.local()
 
     def _request(self, graph: str) -> Any:
@@ -57,6 +59,11 @@ class OpenVinoBackend:
         return requests[graph]
 
     def run(self, graph: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {name: np.ascontiguousarray(inputs[name]) for name in self._inputs[graph]}
+        feeds = {i: np.ascontiguousarray(inputs[name]) for i, name in enumerate(self._inputs[graph])}
         results = self._request(graph).infer(feeds)  # copies the outputs (share_outputs=False)
         return {name: results[i] for i, name in enumerate(self._outputs[graph])}
+
+
+def _port_names(ports: Any, declared: list[str]) -> list[str]:
+    """The declared (manifest) name of each port, falling back to any of its names."""
+    return [next((n for n in declared if n in port.get_names()), port.get_any_name()) for port in ports]

@@ -81,3 +81,17 @@ def test_missing_openvino_is_a_provider_error(export_dir_factory, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(ProviderError, match=r"pip install cfvit-deploy\[openvino\]"):
         CFViTPipeline(export_dir_factory("deit_g7"), provider="openvino")
+
+
+def test_fp16_export_ports_are_named_by_the_manifest(export_dir_factory):
+    """The fp16 converter gives the input ports alias names; the backend must still feed them."""
+    from cfvit_deploy.manifest import Manifest
+    from runtimes.backends import OrtBackend
+    from runtimes.openvino_backend import OpenVinoBackend
+
+    manifest = Manifest.load(export_dir_factory("deit_g7", precision="fp16"))
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)
+    ov = OpenVinoBackend(manifest).run("coarse", {"images": x})
+    ref = OrtBackend(manifest).run("coarse", {"images": x})
+    assert set(ov) == set(ref)
+    np.testing.assert_allclose(ov["coarse_logits"], ref["coarse_logits"], atol=0.1)
