@@ -169,7 +169,7 @@ def markdown(result: BenchResult, goals: list[Target], profile: dict | None, ela
     lines += [f"Machine: {m['cpu_model']}, {m['physical_cores']} cores ({m['logical_cores']} logical), {m['ram_gb']} GB RAM, "
               f"GPU: {m['gpu'] or 'none'}; AVX-512 VNNI: {'yes' if m['avx512_vnni'] else 'no'}. "
               f"onnxruntime {m['versions']['onnxruntime']}, torch {m['versions']['torch']}, numpy {m['versions']['numpy']}. "
-              f"fp32 matmul peak ({2048}^3, ORT): {m['matmul_peak_gflops']:.0f} GFLOP/s "
+              f"fp32 matmul peak (2048^3 ORT MatMul, constant B, best of all passes): {m['matmul_peak_gflops']:.0f} GFLOP/s "
               f"(other processes meanwhile: {m['matmul_background_cpu_pct']:.0f}% CPU). "
               f"Load average at start/end: {m['load_avg_start'][0]:.2f} / {m['load_avg_end'][0]:.2f}.", ""]
     lines += [f"Settings: {s['threads']} threads for every runtime, ONNX Runtime threading '{s['ort_threading']}', "

@@ -335,21 +335,23 @@ def _measure_torch(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) 
 
 
 def _measure_matmul(spec: dict[str, Any]) -> dict[str, Any]:
-    """Best fp32 GFLOP/s of an N^3 ONNX Runtime MatMul with the benchmark's thread settings."""
+    """Best fp32 GFLOP/s of an N^3 ONNX Runtime MatMul with the benchmark's thread settings (B is a
+    constant, prepacked like the graphs' weights)."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     n = spec["n"]
-    info = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "b", "c")]
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm", info[:2], info[2:])
+    rng = np.random.default_rng(0)
+    info = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "c")]
+    weight = numpy_helper.from_array(rng.random((n, n), dtype=np.float32), "b")
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm", info[:1], info[1:], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = spec["threads"], 1
     if spec["ort_threading"] == "no-spin":
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {k: rng.random((n, n), dtype=np.float32) for k in ("a", "b")}
+    feeds = {"a": rng.random((n, n), dtype=np.float32)}
     times, _ = _timed_loop(lambda i: session.run(None, feeds), 1, 2, spec["iterations"], 0.0)
     return {"gflops": 2 * n**3 / min(times) / 1e9, "median_gflops": 2 * n**3 / float(np.median(times)) / 1e9}
 
@@ -713,12 +715,7 @@ def run_bench(
                  "iterations": iterations, "duration": duration or DEFAULT_DURATION_S, "checkpoint": str(checkpoint)}
     measure = _run_isolated if isolation == "process" else measure_cell
     with tempfile.TemporaryDirectory(prefix="cfvit-bench.") as tmp:
-        say(f"measuring the fp32 matmul peak ({MATMUL_N}^3 ONNX Runtime MatMul, {threads} threads)")
-        mm, machine["matmul_background_cpu_pct"] = _measure_quietly(
-            measure, {**base_spec, "kind": "matmul", "n": MATMUL_N, "iterations": 4}, quiet_below, say)
-        peak = mm.get("gflops")
-        machine["matmul_peak_gflops"] = peak
-        machine["matmul_median_gflops"] = mm.get("median_gflops")
+        peaks = []  # measured in every pass; the best counts (a slow spell lowers one)
         pool, n_real = _load_pool(manifest, Path(images) if images else None, batch_sizes)
         inputs = Path(tmp) / "inputs.npy"
         np.save(inputs, pool)
@@ -729,6 +726,11 @@ def run_bench(
         skipped: dict[int, BenchRow] = {}
         runs: dict[int, list[tuple[float, dict[str, Any], float]]] = {}
         for rep in range(repeats):  # repeats as separate passes: a slow spell of the machine hits one run
+            say(f"measuring the fp32 matmul peak ({MATMUL_N}^3 ONNX Runtime MatMul, {threads} threads)")
+            mm, background = _measure_quietly(
+                measure, {**base_spec, "kind": "matmul", "n": MATMUL_N, "iterations": 4}, quiet_below, say)
+            if "gflops" in mm:
+                peaks.append((mm["gflops"], mm["median_gflops"], background))
             for i, cell in enumerate(cells):
                 key = (cell.runtime, cell.provider, cell.precision)
                 if cell.runtime != "torch" and cell.precision not in variants:
@@ -754,9 +756,12 @@ def run_bench(
                 if "times" not in raw:
                     if raw.get("unavailable"):
                         unavailable[key] = raw["reason"]
-                    skipped[i] = _row(cell, raw, manifest, peak, isolation)
+                    skipped[i] = _row(cell, raw, manifest, None, isolation)
                     continue
                 runs.setdefault(i, []).append((float(np.mean(raw["times"])), raw, background))
+    best = max(peaks) if peaks else (None, None, None)
+    peak = best[0]
+    machine["matmul_peak_gflops"], machine["matmul_median_gflops"], machine["matmul_background_cpu_pct"] = best
     rows: list[BenchRow] = []
     for i, cell in enumerate(cells):
         if i in skipped:
