@@ -9,8 +9,8 @@ class CFViTError(Exception):
     exit_code: int = 1
 
 
-class UsageError(CFViTError):
-    """A flag or argument is invalid (exit code 2)."""
+class UsageError(CFViTError, ValueError):
+    """A flag or argument is invalid (exit code 2). Also a ``ValueError`` for Python callers."""
 
     exit_code = 2
 
@@ -37,3 +37,11 @@ class ProviderError(CFViTError):
 
 class OutputExistsError(UsageError):
     """An output exists and --force was not given."""
+
+
+class MissingExtraError(CFViTError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+    def __init__(self, message: str, extra: str) -> None:
+        super().__init__(message)
+        self.extra = extra
