@@ -314,7 +314,7 @@ def sweep_cmd(
     from rich.table import Table
 
     from cfvit_deploy.io import check_output
-    from runtimes.sweep import sweep
+    from cfvit_deploy.app.sweep import sweep
 
     check_output(out, force)
     result = sweep(export_dir, folder, etas, provider=provider, batch_size=batch_size, threads=threads,
@@ -338,7 +338,7 @@ def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="Tiny data and one epoch: a smoke test of every step."),
 ) -> None:
     """Generate data, train, export, validate, infer, sweep and bench; write OUT/report.md."""
-    from cfvit_deploy.demo import run_demo
+    from cfvit_deploy.app.demo import run_demo
 
     result = run_demo(out, force=force, quick=quick, say=lambda msg: console.print(msg, markup=False))
     s = result.summary

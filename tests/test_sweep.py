@@ -12,7 +12,7 @@ from cfvit_deploy import UsageError
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import load_and_preprocess
 from runtimes import CFViTPipeline
-from runtimes.sweep import parse_etas, sweep
+from cfvit_deploy.app.sweep import parse_etas, sweep
 
 
 @pytest.fixture(scope="module")

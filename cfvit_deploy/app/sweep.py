@@ -10,21 +10,22 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from time import perf_counter
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from cfvit_deploy.data.listing import list_image_folder
-from cfvit_deploy.errors import ImageError, UsageError
-from cfvit_deploy.io import atomic_directory
-from cfvit_deploy.manifest import Manifest
-from cfvit_deploy.preprocessing import load_and_preprocess
+from runtimes.backends import SessionConfig
+from runtimes.pipeline import CFViTPipeline, check_eta
 
-from .backends import SessionConfig
-from .pipeline import CFViTPipeline, check_eta
+from ..data.listing import list_image_folder
+from ..errors import ImageError, UsageError
+from ..io import atomic_directory
+from ..manifest import Manifest
+from ..preprocessing import load_and_preprocess
 
 
 @dataclass(frozen=True)

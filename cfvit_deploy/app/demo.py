@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_path, check_output
-
+from ..io import atomic_write_path, check_output
 
 
 @dataclass(frozen=True)
@@ -32,10 +31,10 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
     from exporters import export, validate
     from runtimes.bench import run_bench
     from runtimes.infer import infer
-    from runtimes.sweep import sweep
 
-    from .data.synthetic import SyntheticSpec
-    from .training import DEMO_DATA, DEMO_RECIPE, train_demo
+    from ..data.synthetic import SyntheticSpec
+    from ..training import DEMO_DATA, DEMO_RECIPE, train_demo
+    from .sweep import sweep
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
