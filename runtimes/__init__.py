@@ -11,7 +11,7 @@ _LAZY = {
     "PipelineResult": "pipeline",
     "StageTimings": "pipeline",
     "OpenVinoBackend": "openvino_backend",
-    "OrtBackend": "backends",
+    "OrtBackend": "ort_backend",
     "SessionConfig": "backends",
     "create_backend": "backends",
 }

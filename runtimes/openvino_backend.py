@@ -1,6 +1,6 @@
 """OpenVINO backend: the export's ONNX graphs compiled for the CPU by OpenVINO (optional runtime).
 
-Same interface as :class:`~runtimes.backends.OrtBackend`: ``run(graph, inputs) -> outputs``. The
+Same interface as :class:`~runtimes.ort_backend.OrtBackend` (:class:`~runtimes.backends.Backend`): ``run(graph, inputs) -> outputs``. The
 batch axis stays dynamic. Inference runs in f32 (CPUs with AMX or AVX512-BF16 would otherwise
 default to bf16) with ``SessionConfig.threads`` as ``INFERENCE_NUM_THREADS``. Each thread gets its
 own infer request, so ``run`` is safe to call from several threads.
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cfvit_deploy.errors import ProviderError
+from cfvit_deploy.extras import install_hint
 from cfvit_deploy.manifest import Manifest
 
 from .backends import SessionConfig
@@ -25,12 +26,10 @@ class OpenVinoBackend:
 
     def __init__(self, manifest: Manifest, config: SessionConfig | None = None,
                  graphs: tuple[str, ...] | None = None) -> None:
-        try:
+        try:  # a ProviderError, not MissingExtraError: bench reports the provider as unavailable
             import openvino as ov
-        except ImportError as exc:
-            raise ProviderError(
-                f"provider openvino needs the openvino package ({exc}); pip install cfvit-deploy[openvino]"
-            ) from None
+        except ImportError:
+            raise ProviderError(f"provider openvino needs the openvino package: {install_hint('openvino')}") from None
         self.name = "openvino-cpu"
         self.provider = "openvino"
         self.manifest = manifest

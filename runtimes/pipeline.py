@@ -5,14 +5,13 @@ Only the images that did not exit are gathered (in input order) into the fine gr
 their fine logits are merged back in place. The host work between the graphs is one softmax over
 (B, classes), a comparison and one gather: vectorised numpy, no per-image Python.
 
-On a backend with an IOBinding device (:attr:`OrtBackend.io_device`, on by default for CUDA and
+On a backend with an IOBinding device (:attr:`~runtimes.ort_backend.OrtBackend.io_device`, on by default for CUDA and
 TensorRT) the coarse outputs stay on the device: only ``coarse_logits`` comes back to the host for
 the gate, and the sub-batch is gathered on the device by a tiny ONNX ``Gather`` graph.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -20,10 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from cfvit_deploy.checks import check_eta
 from cfvit_deploy.errors import UsageError
 from cfvit_deploy.manifest import Manifest
 
 from .backends import Backend, SessionConfig, create_backend
+
+__all__ = ["CFViTPipeline", "NOT_REFINED", "PipelineResult", "StageTimings", "check_eta", "max_softmax", "softmax"]
 
 #: Fill value of :attr:`PipelineResult.informative_idx` in the rows of images that exited.
 NOT_REFINED = -1
@@ -74,16 +76,6 @@ def max_softmax(logits: np.ndarray) -> np.ndarray:
     """max softmax per row, the gate's confidence: exp(0) / sum(exp(l - max)) = 1 / sum(exp(l - max))."""
     z = logits - logits.max(axis=-1, keepdims=True)
     return 1.0 / np.exp(z, out=z).sum(axis=-1)
-
-
-def check_eta(eta: Any) -> float:
-    """η as a float in [0, 1]; anything else (NaN, a bool, a string) is a :class:`UsageError`."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.integer, np.floating)):
-        raise UsageError(f"eta must be a number in [0, 1], got {eta!r}")
-    value = float(eta)
-    if not 0.0 <= value <= 1.0 or math.isnan(value):
-        raise UsageError(f"eta must lie in [0, 1], got {value}")
-    return value
 
 
 class CFViTPipeline:

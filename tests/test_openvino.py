@@ -11,7 +11,8 @@ import pytest
 from cfvit_deploy.errors import ProviderError
 from cfvit_deploy.manifest import Manifest
 from runtimes import CFViTPipeline
-from runtimes.backends import OrtBackend, SessionConfig, create_backend
+from runtimes.backends import SessionConfig, create_backend
+from runtimes.ort_backend import OrtBackend
 
 pytest.importorskip("openvino")
 from runtimes.openvino_backend import OpenVinoBackend  # noqa: E402
@@ -79,15 +80,15 @@ def test_openvino_run_is_thread_safe(export_dir_factory):
 
 def test_missing_openvino_is_a_provider_error(export_dir_factory, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
-    with pytest.raises(ProviderError, match=r"pip install cfvit-deploy\[openvino\]"):
+    with pytest.raises(ProviderError, match=r"pip install 'cfvit-deploy\[openvino\]'"):
         CFViTPipeline(export_dir_factory("deit_g7"), provider="openvino")
 
 
 def test_fp16_export_ports_are_named_by_the_manifest(export_dir_factory):
     """The fp16 converter gives the input ports alias names; the backend must still feed them."""
     from cfvit_deploy.manifest import Manifest
-    from runtimes.backends import OrtBackend
     from runtimes.openvino_backend import OpenVinoBackend
+    from runtimes.ort_backend import OrtBackend
 
     manifest = Manifest.load(export_dir_factory("deit_g7", precision="fp16"))
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 224, 224)).astype(np.float32)

@@ -16,7 +16,8 @@ from hypothesis.extra.numpy import arrays
 from cfvit_deploy.errors import ProviderError, UsageError
 from cfvit_deploy.manifest import Manifest
 from runtimes import CFViTPipeline, PipelineResult
-from runtimes.backends import OrtBackend, SessionConfig
+from runtimes.backends import SessionConfig
+from runtimes.ort_backend import OrtBackend
 from runtimes.pipeline import NOT_REFINED, check_eta, max_softmax, softmax
 
 ATOL = 1e-4
@@ -212,7 +213,7 @@ def test_thread_safe_run(deit_pipe):
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((n, 3, 224, 224)).astype(np.float32) for n in (1, 2, 3, 4, 5, 2, 3, 1)]
     etas = [0.0, 0.3, 0.45, 0.6, 1.0, 0.4, 0.5, 0.2]
-    expected = [deit_pipe.run(b, e) for b, e in zip(batches, etas)]
+    expected = [deit_pipe.run(b, e) for b, e in zip(batches, etas, strict=True)]
     got: dict[int, PipelineResult] = {}
     errors: list[BaseException] = []
 
