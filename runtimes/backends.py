@@ -42,11 +42,20 @@ class Backend(Protocol):
 
 @dataclass
 class SessionConfig:
-    """Session settings shared by every backend (the same for every runtime compared in bench)."""
+    """Session settings shared by every backend (the same for every runtime compared in bench).
+
+    ``SessionConfig()`` is the measured-fastest threading for the two-session pipeline: one intra-op
+    pool per session (ONNX Runtime's default size), idle threads sleeping (``spin=False``); no
+    process-wide state, so other ONNX Runtime sessions of the process are unaffected.
+    """
 
     threads: int | None = None  #: intra-op threads (None: runtime default)
     allow_fallback: bool = False  #: accept a silent fallback to CPU instead of raising
-    spin: bool = True  #: let idle worker threads spin (fast back-to-back calls, but burns CPU)
+    #: let idle intra-op threads spin between calls. Off by default: the pipeline alternates two
+    #: sessions, and a spinning pool of the idle one competes with the busy one (and with image
+    #: decoding, other processes); per-session pools that sleep measured fastest
+    #: (benchmarks/threading_ab.py, README "Performance"). Pass True for a dedicated, idle machine.
+    spin: bool = False
     cache_dir: Path | None = None  #: TensorRT engine/timing caches
     fp16: bool = False  #: TensorRT fp16 kernels
     provider_options: dict[str, Any] = field(default_factory=dict)

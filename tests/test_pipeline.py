@@ -209,6 +209,21 @@ def test_pipeline_sources(export_dir_factory):
         CFViTPipeline(42)  # type: ignore[arg-type]
 
 
+def _spinning(session) -> str:
+    return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_default_threading_is_per_session_pools_without_spinning(export_dir_factory):
+    """A plain CFViTPipeline(dir) gets the measured-fastest threading (benchmarks/threading_ab.py)."""
+    pipe = CFViTPipeline(export_dir_factory("deit_g7"))
+    for session in pipe.backend.sessions.values():
+        assert _spinning(session) == "0"
+        assert session.get_session_options().use_per_session_threads
+    spinning = OrtBackend(pipe.manifest, config=SessionConfig(spin=True), graphs=("coarse",))
+    with pytest.raises(Exception, match="allow_spinning"):  # ORT: an entry that was never set
+        _spinning(spinning.sessions["coarse"])
+
+
 def test_thread_safe_run(deit_pipe):
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((n, 3, 224, 224)).astype(np.float32) for n in (1, 2, 3, 4, 5, 2, 3, 1)]

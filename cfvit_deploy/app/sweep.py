@@ -128,7 +128,7 @@ def sweep(
     eta_values = parse_etas(etas) if isinstance(etas, str) else sorted({check_eta(e) for e in etas})
     manifest = Manifest.load(export_dir)
     images, labels, skipped = _labelled_images(Path(folder), manifest, max_images)
-    pipe = CFViTPipeline(manifest, provider, SessionConfig(threads=threads, spin=False, allow_fallback=allow_fallback))
+    pipe = CFViTPipeline(manifest, provider, SessionConfig(threads=threads, allow_fallback=allow_fallback))
     batches = [slice(i, i + batch_size) for i in range(0, len(images), batch_size)]
     pipe.run(images[batches[0]], 1.0)  # warm-up: both sessions, first-run allocations
     coarse, fine = manifest.gmacs["coarse"], manifest.gmacs["fine"]
