@@ -253,17 +253,28 @@ def test_thread_safe_run(deit_pipe):
 
 
 def test_iobinding_path_matches_plain_runs(upstream_export):
-    """The device path (forced onto the CPU here) gives the plain path's results."""
+    """The device path (coarse outputs kept as OrtValues, on-device gather, fine run on bound inputs),
+    selected on ONNX Runtime's CPU device, gives the plain path's rows: the logic CUDA/TensorRT use."""
     fx, export_dir = upstream_export
     manifest = Manifest.load(export_dir)
     plain = CFViTPipeline(manifest)
     bound = CFViTPipeline(manifest, config=SessionConfig(io_binding=True))
     assert plain.io_device is None and bound.io_device == "cpu"
-    for eta in (0.0, _mid_eta(fx.ref["coarse_confidence"]), 1.0):
+    gathered: list[np.ndarray] = []
+    take = bound.backend.take
+    bound.backend.take = lambda values, rows: (gathered.append(rows), take(values, rows))[1]
+    c = np.sort(fx.ref["coarse_confidence"].astype(np.float64))
+    mixed = {float((c[0] + c[1]) / 2), float((c[-2] + c[-1]) / 2)}  # one / all but one go on
+    for eta in (0.0, *sorted(mixed), 1.0):
         a, b = plain.run(fx.images, eta), bound.run(fx.images, eta)
+        if eta in mixed:  # some exit, some go on: the sub-batch is gathered on the device
+            assert 0 < b.exited.sum() < len(b.exited)
+            np.testing.assert_array_equal(gathered[-1], np.flatnonzero(~b.exited))
         np.testing.assert_array_equal(a.exited, b.exited)
+        np.testing.assert_allclose(a.coarse_logits, b.coarse_logits, atol=1e-5, rtol=0)
         np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(a.informative_idx, b.informative_idx)
+    assert len(gathered) == len(mixed)  # eta 0: nothing to refine; eta 1: the whole batch, no gather
 
 
 def test_take_gathers_rows(export_dir_factory):
