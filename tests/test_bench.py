@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 import cli
-from cfvit_deploy.errors import OutputExistsError, UsageError
 from cfvit_deploy.app.bench import ROW_FIELDS, BenchResult, BenchRow, NothingMeasuredError, render_table, run_bench
 from cfvit_deploy.app.bench.plan import check_request, pool_size
 from cfvit_deploy.app.bench.results import latency_stats
 from cfvit_deploy.app.bench.worker import eta_for_fine_fraction
+from cfvit_deploy.errors import OutputExistsError, UsageError
 
 FRACTIONS = (0.24, 0.52, 1.0)
 REQUIRED = {
