@@ -396,3 +396,45 @@ def test_relative_torch_checkpoint_from_another_directory(export_dir, tmp_path):
     finally:
         os.chdir(Path(cli.__file__).parent)
     assert len(r.find(runtime="torch")) == 2
+
+
+def test_headline_marks_the_fastest_runtime_and_judges_the_targets():
+    """benchmarks/headline_report.py on made-up rows: the fastest runtime of a column is starred, GPU rows
+    read "not measured: no GPU", ratios and the infer agreement are judged against their goals."""
+    sys.path.insert(0, str(Path(cli.__file__).parent / "benchmarks"))
+    try:
+        import headline_report as hr
+    finally:
+        sys.path.pop(0)
+
+    def row(runtime, provider, precision, b, model, f, img_per_s, status="ok", reason=""):
+        r = BenchRow(runtime, provider, precision, model, b, "none" if model == "baseline" else "fine_fraction",
+                     target_fine_fraction=f, status=status, reason=reason)
+        if status == "ok":
+            r.img_per_s, r.mean_ms = img_per_s, b * 1e3 / img_per_s
+        return r
+
+    rows = []
+    for runtime, provider, scale in (("onnxruntime", "cpu", 1.0), ("openvino", "openvino", 1.5)):
+        for b in (1, 32):
+            rows += [row(runtime, provider, "fp32", b, "baseline", None, 10 * scale),
+                     row(runtime, provider, "fp32", b, "cfvit", 0.24, 30 * scale),
+                     row(runtime, provider, "fp32", b, "cfvit", 0.52, 19 * scale),
+                     row(runtime, provider, "fp32", b, "cfvit", 1.0, 9 * scale),
+                     row(runtime, provider, "int8", b, "cfvit", 0.24, 60 * scale)]
+    rows.append(row("onnxruntime", "cuda", "fp32", 1, "cfvit", 0.24, 0, "skipped", "not measured: no GPU"))
+    result = BenchResult(rows, {}, {"isolation": "process"})
+    infer_runs = [{"batch_size": 1, "images": 64, "img_per_s": 8.5}, {"batch_size": 32, "images": 256, "img_per_s": 7.0}]
+    goals = {t.name: t for t in hr.targets(result, infer_runs)}
+    assert goals["fp32 pipeline / DeiT-S fp32, batch 1 latency, f=0.24"].value == pytest.approx(3.0)
+    assert goals["fp32 pipeline / DeiT-S fp32, batch 1 latency, f=0.24"].met is True
+    assert goals["fp32 pipeline / DeiT-S fp32, batch 32 img/s, f=0.52"].met is True  # 1.9 >= 1.8
+    assert goals["int8 pipeline / fp32 pipeline, batch 32 img/s, f=0.24"].met is False  # 2.0 < 2.5
+    assert goals["`cfvit infer` / bench row, fp32 eta=1, batch 1 (img/s)"].met is True  # 8.5 / 9: within 10%
+    assert goals["`cfvit infer` / bench row, fp32 eta=1, batch 32 (img/s)"].met is False  # 7 / 9: 22% off
+    table = hr.headline_table(result)
+    ort, ov = (next(line for line in table if line.startswith(f"| {name}")) for name in
+               ("ONNX Runtime CPU fp32", "OpenVINO CPU fp32"))
+    assert "★" in ov and "★" not in ort  # OpenVINO is 1.5x faster in every column
+    cuda = next(line for line in table if line.startswith("| ONNX Runtime CUDA"))
+    assert "not measured: no GPU" in cuda and "★" not in cuda
