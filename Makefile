@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/cfvit demo --out runs/demo --force
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_cpu_bench.py
+	$(BIN)/python benchmarks/run_headline.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

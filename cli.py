@@ -252,20 +252,19 @@ def bench_cmd(
     providers: str = typer.Option("cpu", "--providers", help="Comma-separated: cpu, cuda, tensorrt, openvino."),
     precisions: Optional[str] = typer.Option(
         None, "--precisions", help="Comma-separated: fp32, fp16, int8, optimized, int8-optimized (default: the export's)."),
-    batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Comma-separated batch sizes."),
-    eta: Optional[str] = typer.Option(None, "--eta", help="Comma-separated exit thresholds (real gate)."),
+    batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Batch sizes: a,b,c or start:stop:step."),
+    eta: Optional[str] = typer.Option(None, "--eta", help="Exit thresholds (real gate): a,b,c or start:stop:step."),
     fine_fraction: Optional[str] = typer.Option(
-        None, "--fine-fraction", help="Comma-separated fine fractions (synthetic gate; default 0.24,0.52,1.0 without --eta)."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Folder of real images (default: synthetic inputs)."),
+        None, "--fine-fraction",
+        help="Fine fractions (synthetic gate): a,b,c or start:stop:step. Only the values given are measured; "
+             "1 is the both-stages (eta=1) reference. Default without --eta: 0.24,0.52,1."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of real images (default: synthetic inputs; unreadable files are skipped and reported)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed calls per cell (the first runs both stages)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Timed calls per cell."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Seconds of timed calls per cell (default 3)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for every runtime (default: physical cores)."),
     torch: bool = typer.Option(False, "--torch", help="Also time PyTorch eager (gated predict and the plain ViT)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint for --torch (default: the manifest's)."),
-    ort_threading: Optional[str] = typer.Option(
-        None, "--ort-threading",
-        help="shared (one spinning pool for both graphs; default) | spin | no-spin (pool per session; --in-process default)."),
     repeats: int = typer.Option(1, "--repeats", help="Measure every cell this many times (separate passes); keep the fastest run of each."),
     in_process: bool = typer.Option(False, "--in-process", help="Run every cell in this process (faster, less isolated)."),
     quiet_below: Optional[float] = typer.Option(
@@ -275,27 +274,31 @@ def bench_cmd(
 ) -> int:
     """Time the gated pipeline against the plain ViT across providers x precisions x batch sizes x gates.
 
-    Exit codes: 0 at least one cell measured (skipped cells are listed with their reason); 1 nothing could be measured, or the export is unusable; 2 usage error.
+    Pipelines are built as users build them (CFViTPipeline with the default SessionConfig); each cell runs in its own process.
+    Exit codes: 0 every requested runtime measured (single skipped cells are listed with their reason); 1 every cell of a runtime was skipped, or the export is unusable; 2 usage error.
     """
-    from runtimes.bench import render_table, run_bench
+    from cfvit_deploy.app.bench import NothingMeasuredError, render_table, run_bench
 
-    result = run_bench(
-        export_dir, providers=_csv_list(providers, str, "--providers"),
-        precisions=_csv_list(precisions, str, "--precisions") if precisions else None,
-        batch_sizes=_csv_list(batch_sizes, int, "--batch-sizes"),
-        etas=_csv_list(eta, float, "--eta") if eta else (),
-        fine_fractions=_csv_list(fine_fraction, float, "--fine-fraction") if fine_fraction else None,
-        images=images, warmup=warmup, iterations=iterations, duration=duration, threads=threads,
-        ort_threading=ort_threading, repeats=repeats, torch=torch,
-        checkpoint=checkpoint, isolation="inline" if in_process else "process", quiet_below=quiet_below,
-        out=out, force=force,
-        progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
-    Console(width=None if sys.stdout.isatty() else 200).print(render_table(result))
-    for note in result.notes:
-        print(f"note: {note}")
+    def show(result) -> None:
+        Console(width=None if sys.stdout.isatty() else 200).print(render_table(result))
+        for note in result.notes:
+            print(f"note: {note}")
+
+    try:
+        result = run_bench(
+            export_dir, providers=providers, precisions=precisions, batch_sizes=batch_sizes, etas=eta or (),
+            fine_fractions=fine_fraction, images=images, warmup=warmup, iterations=iterations, duration=duration,
+            threads=threads, repeats=repeats, torch=torch, checkpoint=checkpoint,
+            isolation="inline" if in_process else "process", quiet_below=quiet_below, out=out, force=force,
+            progress=lambda task, done, total: console.print(f"[dim][{done}/{total}] {task}[/dim]"))
+    except NothingMeasuredError as exc:
+        show(exc.result)  # the skip reasons, then the one error line
+        raise
+    show(result)
     if out:
         print(f"results: {out}/results.json, results.csv, latency.png, throughput.png", file=sys.stderr)
-    return 0 if result.find() else 1
+    return 0
+
 
 @app.command("sweep")
 def sweep_cmd(

@@ -1,4 +1,4 @@
-"""`cfvit bench` / `runtimes.bench.run_bench`: schema, stage split, synthetic gate, skips, outputs.
+"""`cfvit bench` / `cfvit_deploy.app.bench.run_bench`: schema, stage split, synthetic gate, skips, outputs.
 
 Tiny upstream model; no timing thresholds (the machine may be loaded).
 """
@@ -17,17 +17,11 @@ import pytest
 from PIL import Image
 
 import cli
+from cfvit_deploy.app.bench import ROW_FIELDS, BenchResult, BenchRow, NothingMeasuredError, render_table, run_bench
+from cfvit_deploy.app.bench.plan import check_request, pool_size
+from cfvit_deploy.app.bench.results import latency_stats
+from cfvit_deploy.app.bench.worker import eta_for_fine_fraction
 from cfvit_deploy.errors import OutputExistsError, UsageError
-from runtimes.bench import (
-    ROW_FIELDS,
-    BenchResult,
-    BenchRow,
-    eta_for_fine_fraction,
-    latency_stats,
-    pool_size,
-    render_table,
-    run_bench,
-)
 
 FRACTIONS = (0.24, 0.52, 1.0)
 REQUIRED = {
@@ -49,11 +43,9 @@ def out(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def result(export_dir, out) -> BenchResult:
-    """fp32 + int8 (built on the fly), cpu + an openvino that cannot be imported, batch 1 and 5, in-process."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError -> ProviderError
-        return run_bench(export_dir, providers=("cpu", "openvino"), precisions=("fp32", "int8"), batch_sizes=(1, 5),
-                         fine_fractions=FRACTIONS, iterations=1, warmup=1, isolation="inline", out=out)
+    """fp32 + int8 (built on the fly), cpu, batch 1 and 5, in-process."""
+    return run_bench(export_dir, providers=("cpu",), precisions=("fp32", "int8"), batch_sizes=(1, 5),
+                     fine_fractions=FRACTIONS, iterations=1, warmup=1, isolation="inline", out=out)
 
 
 def _ok(result: BenchResult, **match) -> list[BenchRow]:
@@ -84,11 +76,12 @@ def test_json_schema(result, out):
                 assert math.isfinite(row[key])
     machine = data["machine"]
     for key in ("cpu_model", "cpu_flags", "physical_cores", "ram_gb", "gpu", "versions", "matmul_peak_gflops",
-                "threads", "spin", "ort_threading"):
+                "threads"):
         assert key in machine
     assert set(machine["versions"]) >= {"onnxruntime", "openvino", "torch", "numpy"}
     assert machine["matmul_peak_gflops"] > 0
-    assert data["settings"]["threads"] >= 1 and data["settings"]["spin"] in (True, False)
+    settings = data["settings"]
+    assert settings["threads"] >= 1 and settings["session_config"]["threads"] == settings["threads"]
     assert data["settings"]["isolation"] == "inline"
     measured = [row for row in data["rows"] if row["status"] == "ok"]
     assert all(isinstance(row["background_cpu_pct"], float) and row["background_cpu_pct"] >= 0 for row in measured)
@@ -129,12 +122,31 @@ def test_speedups_refer_to_the_baseline_of_the_same_cell(result):
         assert r.gflops == pytest.approx(2 * r.gmacs_per_image * r.img_per_s)
 
 
-def test_unavailable_provider_rows_are_skipped_with_a_reason(result):
+def test_a_runtime_with_nothing_measured_fails_with_every_row_kept(export_dir, tmp_path, monkeypatch):
+    """Issue 13.1: every requested cell of a runtime skipped is a failure (before: a result, exit 0)."""
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError -> ProviderError
+    out = tmp_path / "out"
+    with pytest.raises(NothingMeasuredError, match="nothing measured for openvino/openvino: every cell skipped") as err:
+        run_bench(export_dir, providers=("cpu", "openvino"), batch_sizes=(2,), fine_fractions=(0.5,), iterations=1,
+                  warmup=0, isolation="inline", out=out)
+    result = err.value.result
     ov = [r for r in result.rows if r.provider == "openvino"]
     assert ov and all(r.status == "skipped" and "openvino" in r.reason for r in ov)
     assert all(r.mean_ms is None and r.speedup_vs_baseline is None for r in ov)
-    caption = str(render_table(result).caption)
-    assert "openvino" in caption
+    assert len(result.find(provider="cpu")) == 2  # the cpu cells were measured and kept
+    assert "openvino" in str(render_table(result).caption)
+    assert len(json.loads((out / "results.json").read_text())["rows"]) == len(result.rows)
+    assert "\n" not in str(err.value)
+
+
+def test_torch_cells_all_skipped_is_a_failure(export_dir, tmp_path):
+    """Issue 13.1: an unusable --checkpoint skipped every torch row and still exited 0."""
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(NothingMeasuredError, match="torch/cpu") as err:
+        run_bench(export_dir, batch_sizes=(2,), fine_fractions=(0.5,), iterations=1, warmup=0, torch=True,
+                  checkpoint=bad, isolation="inline")
+    assert err.value.exit_code == 1 and len(err.value.result.find(runtime="onnxruntime")) == 2
 
 
 def test_missing_baseline_is_a_skip_row(export_dir_factory):
@@ -143,7 +155,7 @@ def test_missing_baseline_is_a_skip_row(export_dir_factory):
     base = [row for row in r.rows if row.model == "baseline"]
     assert base and all(row.status == "skipped" and "--baseline" in row.reason for row in base)
     assert all(row.speedup_vs_baseline is None for row in r.rows)
-    assert [row.status for row in r.rows if row.model == "cfvit"] == ["ok", "ok"]  # f=0.5 and eta=1
+    assert [row.status for row in r.rows if row.model == "cfvit"] == ["ok"]  # f=0.5 only
 
 
 def test_real_images_with_eta(export_dir, tmp_path):
@@ -153,19 +165,23 @@ def test_real_images_with_eta(export_dir, tmp_path):
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
-    r = run_bench(export_dir, batch_sizes=(2,), etas=(0.5,), images=folder, iterations=1, warmup=0, isolation="inline")
+    r = run_bench(export_dir, batch_sizes=(2,), etas=(0.5, 1.0), images=folder, iterations=1, warmup=0,
+                  isolation="inline")
     pipe = r.find(model="cfvit")
     assert [(p.gate, p.eta) for p in pipe] == [("eta", 0.5), ("eta", 1.0)]
     assert pipe[1].fine_fraction == 1.0 and 0.0 <= pipe[0].fine_fraction <= 1.0
     assert r.settings["inputs"] == str(folder)
     assert not any("synthetic gate" in n for n in r.notes)
+    # the one folder reader: the broken file is skipped and reported, not silently dropped
+    assert [Path(p).name for p, _ in r.settings["skipped_images"]] == ["broken.jpg"]
+    assert any("1 unreadable files" in n for n in r.notes)
 
 
 def test_process_isolation_reports_peak_rss_and_repeat_spread(export_dir):
     r = run_bench(export_dir, batch_sizes=(3,), fine_fractions=(0.5,), iterations=1, warmup=0, repeats=2)
-    assert r.settings["isolation"] == "process" and r.settings["ort_threading"] == "shared"
+    assert r.settings["isolation"] == "process"
     ok = r.find()
-    assert len(ok) == 3 and all(row.isolation == "process" and row.peak_rss_mb > 10 for row in ok)
+    assert len(ok) == 2 and all(row.isolation == "process" and row.peak_rss_mb > 10 for row in ok)
     assert all(row.repeat_spread_pct >= 0 for row in ok)
 
 
@@ -185,17 +201,20 @@ def test_latency_stats():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(precisions=("fp64",)), "unknown precision"),
+    (dict(precisions=("fp64",)), "--precisions must be one of"),
     (dict(providers=("gpu",)), "unknown provider"),
-    (dict(batch_sizes=(0,)), "batch sizes"),
-    (dict(fine_fractions=(1.5,)), "fine fractions"),
-    (dict(etas=(2.0,)), "eta"),
+    (dict(batch_sizes=(0,)), "--batch-sizes must be a positive integer"),
+    (dict(batch_sizes="1,x"), "--batch-sizes expects"),
+    (dict(fine_fractions=(1.5,)), "--fine-fraction must lie in"),
+    (dict(fine_fractions="0:2:0.5"), "--fine-fraction must lie in"),
+    (dict(etas=(2.0,)), "--eta must lie in"),
     (dict(iterations=3, duration=1.0), "not both"),
+    (dict(iterations=0), "--iterations must be a positive integer"),
+    (dict(warmup=-1), "--warmup"),
     (dict(isolation="thread"), "isolation"),
-    (dict(ort_threading="pooled"), "ort_threading"),
-    (dict(repeats=0), "repeats"),
-    (dict(ort_threading="shared", isolation="inline"), "process isolation"),
+    (dict(repeats=0), "--repeats"),
     (dict(torch=True, checkpoint="/nonexistent.pth"), "--torch"),
+    (dict(images="/nonexistent-folder"), "--images must be a folder"),
 ])
 def test_usage_errors_come_before_any_work(export_dir, kwargs, message):
     with pytest.raises(UsageError, match=message):
@@ -222,6 +241,7 @@ def test_cli_exit_codes(export_dir, tmp_path, capsys):
     assert cli.main([*args, "--force"]) == 0
     assert cli.main(["bench", str(tmp_path / "nope")]) == 1
     assert cli.main(["bench", str(export_dir), "--precisions", "fp64"]) == 2
+    assert cli.main(["bench", str(export_dir), "--fine-fraction", "0:1.5:0.5"]) == 2
     assert cli.main(["bench", str(export_dir), "--iterations", "2", "--duration", "1"]) == 2
     assert cli.main(["bench", str(export_dir), "--batch-sizes", "x"]) == 2
     capsys.readouterr()
@@ -229,9 +249,12 @@ def test_cli_exit_codes(export_dir, tmp_path, capsys):
 
 def test_cli_nothing_measured_exits_1(export_dir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)
-    assert cli.main(["bench", str(export_dir), "--providers", "openvino", "--batch-sizes", "2", "--iterations", "1",
-                     "--in-process"]) == 1
-    assert "skipped" in capsys.readouterr().out
+    assert cli.main(["bench", str(export_dir), "--providers", "cpu,openvino", "--batch-sizes", "2", "--iterations",
+                     "1", "--fine-fraction", "0.5", "--in-process"]) == 1
+    captured = capsys.readouterr()
+    assert "skipped" in captured.out  # the table with the reasons
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "nothing measured for openvino/openvino" in errors[0]
 
 
 @pytest.mark.slow
@@ -241,8 +264,7 @@ def test_torch_rows(export_dir, export_dir_factory):
     r = run_bench(export_dir, batch_sizes=(2,), fine_fractions=(0.5,), iterations=1, warmup=0, torch=True,
                   checkpoint=UpstreamFixture("deit_g7").pth)
     rows = r.find(runtime="torch")
-    assert {(row.model, row.target_fine_fraction) for row in rows} == {("baseline", None), ("cfvit", 0.5),
-                                                                      ("cfvit", None)}
+    assert {(row.model, row.target_fine_fraction) for row in rows} == {("baseline", None), ("cfvit", 0.5)}
     for row in rows:
         assert row.coarse_ms is None and row.speedup_vs_baseline > 0 and row.baseline_precision == "fp32"
     half = next(row for row in rows if row.target_fine_fraction == 0.5)
@@ -250,7 +272,7 @@ def test_torch_rows(export_dir, export_dir_factory):
 
 
 def test_disturbed_cells_are_measured_again(monkeypatch):
-    import runtimes.bench as bench
+    import cfvit_deploy.app.bench.machine as bench
 
     loads = iter([80.0, 40.0, 60.0, 99.0])
     monkeypatch.setattr(bench, "background_cpu_pct", lambda before: next(loads))
@@ -261,10 +283,10 @@ def test_disturbed_cells_are_measured_again(monkeypatch):
         calls.append(spec)
         return {"times": [len(calls)]}
 
-    raw, background = bench._measure_quietly(measure, {}, 25.0, lambda msg: None)
+    raw, background = bench.measure_quietly(measure, {}, 25.0, lambda msg: None)
     assert len(calls) == 1 + bench.QUIET_RETRIES and (raw, background) == ({"times": [2]}, 40.0)
     calls.clear()
-    assert bench._measure_quietly(measure, {}, None, lambda msg: None)[0] == {"times": [1]}  # no retries
+    assert bench.measure_quietly(measure, {}, None, lambda msg: None)[0] == {"times": [1]}  # no retries
 
 
 def test_shared_thread_pool_serves_both_graphs_with_one_size(export_dir):
@@ -288,3 +310,131 @@ for config in (SessionConfig(threads=1, shared_threads=True), SessionConfig(thre
     assert proc.returncode == 0, proc.stderr
     assert "refused: the shared ONNX Runtime thread pool of this process has 2 threads" in proc.stdout
     assert "refused: this process already runs ONNX Runtime sessions on the shared thread pool" in proc.stdout
+
+
+def test_relative_paths_work_from_any_working_directory(export_dir, tmp_path):
+    """Issue 13.1: `cfvit bench exp ...` outside the repository root skipped every cell (the cell process
+    ran in the package root, where `exp` does not exist) and exited 1. Run the CLI from a temporary
+    folder with a relative export, --images and --out."""
+    import shutil
+
+    shutil.copytree(export_dir, tmp_path / "exp")
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(tmp_path / "imgs" / "a.png")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(cli.__file__).parent)}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "bench", "exp", "--batch-sizes", "1",
+         "--eta", "0.5", "--images", "imgs", "--iterations", "1", "--warmup", "0", "-o", "b1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "b1" / "results.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows  # baseline and eta=0.5, both measured
+    assert all(r["isolation"] == "process" for r in rows)
+
+
+def test_only_the_requested_gates_are_measured(export_dir):
+    """Issue 13.17: `--fine-fraction 0.5` also measured an unrequested eta=1 row; now exactly the gates
+    asked for (1.0 is one more value away), and --help says so."""
+    r = run_bench(export_dir, batch_sizes=(2,), fine_fractions="0.5", iterations=1, warmup=0, isolation="inline")
+    assert [(row.model, row.gate, row.target_fine_fraction, row.eta is not None) for row in r.rows] == [
+        ("baseline", "none", None, False), ("cfvit", "fine_fraction", 0.5, True)]
+    with_reference = run_bench(export_dir, batch_sizes=(2,), fine_fractions="0.5,1", iterations=1, warmup=0,
+                               isolation="inline")
+    assert [row.eta for row in with_reference.find(model="cfvit")][-1] == 1.0
+    import typer
+
+    bench = typer.main.get_command(cli.app).commands["bench"]
+    text = next(p.help for p in bench.params if p.name == "fine_fraction")
+    assert "Only the values given are measured" in text and "eta=1" in text
+
+
+def test_flags_share_the_number_list_grammar():
+    """--batch-sizes, --eta and --fine-fraction accept a,b,c and start:stop:step like every command."""
+    providers, precisions, sizes, etas, fractions = check_request("cpu", "fp32,int8", "1:9:4", "0:1:0.5", "0.25:0.75:0.25")
+    assert (providers, precisions, sizes) == (["cpu"], ["fp32", "int8"], [1, 5, 9])
+    assert etas == [0.0, 0.5, 1.0] and fractions == [0.25, 0.5, 0.75]
+    assert check_request(("cpu",), None, (1, 32), (), None)[4] == [0.24, 0.52, 1.0]  # the default
+    assert check_request(("cpu",), None, (1,), (0.7,), None)[4] == []  # --eta alone: no fraction rows
+
+
+def test_bench_builds_the_pipeline_users_get(export_dir, monkeypatch):
+    """Issue 14.1: the pipeline is CFViTPipeline(dir, provider, config=SessionConfig(threads=N)) -- the
+    library default; bench has no threading knobs of its own."""
+    import inspect
+
+    from runtimes import pipeline as pipeline_module
+    from runtimes.backends import SessionConfig
+
+    assert not any("thread" in p and p != "threads" for p in inspect.signature(run_bench).parameters)
+    seen = []
+    original = pipeline_module.CFViTPipeline.__init__
+
+    def spy(self, source, provider="cpu", config=None):
+        seen.append((source, provider, config))
+        original(self, source, provider, config)
+
+    monkeypatch.setattr(pipeline_module.CFViTPipeline, "__init__", spy)
+    r = run_bench(export_dir, batch_sizes=(2,), fine_fractions=(0.5,), iterations=1, warmup=0, threads=2,
+                  isolation="inline")
+    assert seen == [(str(export_dir), "cpu", SessionConfig(threads=2))]
+    assert r.settings["session_config"]["threads"] == 2
+
+
+@pytest.mark.slow
+def test_relative_torch_checkpoint_from_another_directory(export_dir, tmp_path):
+    """Issue 13.1: a relative --checkpoint with --torch skipped every torch row (and exited 0)."""
+    import os
+    import shutil
+
+    from tests.conftest import UpstreamFixture
+
+    shutil.copy(UpstreamFixture("deit_g7").pth, tmp_path / "model.pth")
+    os.chdir(tmp_path)
+    try:
+        r = run_bench(export_dir, batch_sizes=(2,), fine_fractions=(0.5,), iterations=1, warmup=0, torch=True,
+                      checkpoint="model.pth", providers=())
+    finally:
+        os.chdir(Path(cli.__file__).parent)
+    assert len(r.find(runtime="torch")) == 2
+
+
+def test_headline_marks_the_fastest_runtime_and_judges_the_targets():
+    """benchmarks/headline_report.py on made-up rows: the fastest runtime of a column is starred, GPU rows
+    read "not measured: no GPU", ratios and the infer agreement are judged against their goals."""
+    sys.path.insert(0, str(Path(cli.__file__).parent / "benchmarks"))
+    try:
+        import headline_report as hr
+    finally:
+        sys.path.pop(0)
+
+    def row(runtime, provider, precision, b, model, f, img_per_s, status="ok", reason=""):
+        r = BenchRow(runtime, provider, precision, model, b, "none" if model == "baseline" else "fine_fraction",
+                     target_fine_fraction=f, status=status, reason=reason)
+        if status == "ok":
+            r.img_per_s, r.mean_ms = img_per_s, b * 1e3 / img_per_s
+        return r
+
+    rows = []
+    for runtime, provider, scale in (("onnxruntime", "cpu", 1.0), ("openvino", "openvino", 1.5)):
+        for b in (1, 32):
+            rows += [row(runtime, provider, "fp32", b, "baseline", None, 10 * scale),
+                     row(runtime, provider, "fp32", b, "cfvit", 0.24, 30 * scale),
+                     row(runtime, provider, "fp32", b, "cfvit", 0.52, 19 * scale),
+                     row(runtime, provider, "fp32", b, "cfvit", 1.0, 9 * scale),
+                     row(runtime, provider, "int8", b, "cfvit", 0.24, 60 * scale)]
+    rows.append(row("onnxruntime", "cuda", "fp32", 1, "cfvit", 0.24, 0, "skipped", "not measured: no GPU"))
+    result = BenchResult(rows, {}, {"isolation": "process"})
+    infer_runs = [{"batch_size": 1, "images": 64, "img_per_s": 8.5}, {"batch_size": 32, "images": 256, "img_per_s": 7.0}]
+    goals = {t.name: t for t in hr.targets(result, infer_runs)}
+    assert goals["fp32 pipeline / DeiT-S fp32, batch 1 latency, f=0.24"].value == pytest.approx(3.0)
+    assert goals["fp32 pipeline / DeiT-S fp32, batch 1 latency, f=0.24"].met is True
+    assert goals["fp32 pipeline / DeiT-S fp32, batch 32 img/s, f=0.52"].met is True  # 1.9 >= 1.8
+    assert goals["int8 pipeline / fp32 pipeline, batch 32 img/s, f=0.24"].met is False  # 2.0 < 2.5
+    assert goals["`cfvit infer` / bench row, fp32 eta=1, batch 1 (img/s)"].met is True  # 8.5 / 9: within 10%
+    assert goals["`cfvit infer` / bench row, fp32 eta=1, batch 32 (img/s)"].met is False  # 7 / 9: 22% off
+    table = hr.headline_table(result)
+    ort, ov = (next(line for line in table if line.startswith(f"| {name}")) for name in
+               ("ONNX Runtime CPU fp32", "OpenVINO CPU fp32"))
+    assert "★" in ov and "★" not in ort  # OpenVINO is 1.5x faster in every column
+    cuda = next(line for line in table if line.startswith("| ONNX Runtime CUDA"))
+    assert "not measured: no GPU" in cuda and "★" not in cuda

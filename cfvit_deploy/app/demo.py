@@ -29,7 +29,7 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
              say: Callable[[str], None] = print) -> DemoResult:
     """Run every step into `out`; `quick` shrinks data and training to a smoke test (CI)."""
     from exporters import export, validate
-    from runtimes.bench import run_bench
+    from cfvit_deploy.app.bench import run_bench
     from runtimes.infer import infer
 
     from ..data.synthetic import SyntheticSpec
