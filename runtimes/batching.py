@@ -105,11 +105,15 @@ class StageRunner:
         out = self.backend.run("fine", feeds)
         return [FineRow(out["fine_logits"][i], out["informative_idx"][i]) for i in range(len(rows))]
 
-    def warm_up(self) -> None:
-        """One coarse and one fine call on a zero image (first calls allocate and pick kernels)."""
-        s = self.image_size
-        rows = self.run_coarse(np.zeros((1, 3, s, s), np.float32))
-        self.run_fine([rows[0].fine_inputs])
+    def warm_up(self, stages: Sequence[str] = STAGES) -> None:
+        """One call of each stage on zero inputs (first calls allocate and pick kernels)."""
+        if "coarse" in stages:
+            s = self.image_size
+            self.run_coarse(np.zeros((1, 3, s, s), np.float32))
+        if "fine" in stages:  # inputs shaped by the manifest (only the batch axis is symbolic)
+            specs = self.manifest.graphs["fine"].inputs
+            self.run_fine([{t.name: np.zeros([d if isinstance(d, int) else 1 for d in t.shape[1:]], t.dtype)
+                            for t in specs}])
 
     def answer(self, coarse: CoarseRow, eta: float, topk: int, fine: FineRow | None = None) -> Answer:
         """The answer for one image, computed as ``cfvit infer`` computes its row."""

@@ -385,3 +385,35 @@ def test_cli_refuses_bad_flags_before_listening(export_dir, capsys, args, messag
 
 def test_bad_request_json_shape():
     assert BadRequest(400, "bad_eta", "eta …").to_json() == {"error": {"code": "bad_eta", "message": "eta …"}}
+
+
+# -- Ray Serve -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ray_serve_engine_gives_the_local_answers(export_dir, images, mixed_eta, infer_rows):
+    """`--engine ray` on a local 2-CPU Ray cluster: coarse and fine deployments batched by Ray Serve."""
+    pytest.importorskip("ray.serve")
+    from starlette.testclient import TestClient
+
+    from cfvit_deploy.app.serve.ray_engine import RayServeEngine
+
+    metrics = ServeMetrics()
+    engine = RayServeEngine(export_dir, EngineConfig(max_batch=4, max_wait_ms=50), threads=1,
+                            replicas={"coarse": 1, "fine": 1},
+                            observer=EngineObserver(on_batch=metrics.on_batch, on_answer=metrics.on_answer),
+                            ray_init={"num_cpus": 2})
+    with TestClient(create_app(engine, export_dir, Limits(), metrics)) as c:
+        _wait_ready(c)
+        with ThreadPoolExecutor(len(images)) as pool:
+            responses = list(pool.map(lambda p: c.post(f"/v1/classify?eta={mixed_eta!r}&topk=3", content=p.read_bytes(),
+                                                       headers={"content-type": "image/png"}), images))
+        text = c.get("/metrics").text
+    for path, r in zip(images, responses, strict=True):
+        assert r.status_code == 200, r.text
+        _same_answer(r.json(), infer_rows[str(path)])
+    assert "cfvit_coarse_batch_size_count" in text and engine.pending == 0
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    sums = {s.name: s.value for s in families["cfvit_coarse_batch_size"].samples}
+    assert sums["cfvit_coarse_batch_size_sum"] == len(images)
+    assert sums["cfvit_coarse_batch_size_count"] < len(images)  # Ray Serve batched some requests together

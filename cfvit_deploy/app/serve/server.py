@@ -117,7 +117,7 @@ def _server_class() -> type:
 
             def stop(sig: int, frame: Any) -> None:
                 self.signals.append(sig)
-                log.info("received %s: draining (stop accepting, answer every queued request)",
+                logging.getLogger("uvicorn.error").info("received %s: draining (stop accepting, answer every queued request)",
                          signal.Signals(sig).name)
                 self.handle_exit(sig, frame)
 
