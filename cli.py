@@ -361,7 +361,9 @@ def serve_cmd(
     max_queue: int = typer.Option(256, "--max-queue", help="Most requests in the engine; beyond it: 503 with Retry-After."),
     max_bytes: int = typer.Option(20 * 1024 * 1024, "--max-bytes", help="Largest request body (bytes); beyond it: 413."),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (width x height); beyond it: 413."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads per session (default: the runtime's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
+    shared_threads: bool = typer.Option(
+        True, "--shared-threads/--per-session-threads", help="One ONNX Runtime thread pool for both graphs (default), or one per session."),
     engine: str = typer.Option("local", "--engine", help="local | ray (Ray Serve deployments; pip install 'cfvit-deploy[ray]')."),
     coarse_replicas: int = typer.Option(1, "--coarse-replicas", help="Ray: replicas of the coarse deployment."),
     fine_replicas: int = typer.Option(1, "--fine-replicas", help="Ray: replicas of the fine deployment."),
@@ -374,7 +376,7 @@ def serve_cmd(
 
     options = ServeOptions(host=host, port=port, provider=provider, eta=eta, max_batch=max_batch,
                            max_wait_ms=max_wait_ms, max_queue=max_queue, max_bytes=max_bytes, max_pixels=max_pixels,
-                           threads=threads, engine=engine,
+                           threads=threads, shared_threads=shared_threads, engine=engine,
                            replicas={"coarse": coarse_replicas, "fine": fine_replicas})
     return serve(export_dir, options)
 

@@ -165,7 +165,9 @@ def test_cancelled_request_costs_nothing_and_close_drains(export_dir, images):
 def client(export_dir):
     from starlette.testclient import TestClient
 
-    app = build_app(export_dir, ServeOptions(max_batch=8, max_wait_ms=20, max_bytes=200_000, max_pixels=1_000_000))
+    # per-session pools: ONNX Runtime's shared pool is process-wide, and other tests share this process
+    options = ServeOptions(max_batch=8, max_wait_ms=20, max_bytes=200_000, max_pixels=1_000_000, shared_threads=False)
+    app = build_app(export_dir, options)
     with TestClient(app) as c:
         _wait_ready(c)
         yield c

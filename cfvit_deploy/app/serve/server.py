@@ -42,7 +42,10 @@ class ServeOptions:
     max_queue: int = 256
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int | None = 40_000_000
-    threads: int | None = None  #: intra-op threads per session (None: the runtime's default)
+    threads: int | None = None  #: intra-op threads per session, or of the shared pool (None: the runtime's default)
+    #: both sessions use ONNX Runtime's one process-wide pool (as bench does: two per-session pools spin
+    #: against each other on few cores); process-wide, so the Python twin lets an embedding process opt out
+    shared_threads: bool = True
     engine: str = "local"
     replicas: dict[str, int] = field(default_factory=lambda: {"coarse": 1, "fine": 1})  #: Ray Serve only
     log_level: str = "info"
@@ -74,7 +77,7 @@ def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMe
         from .ray_engine import RayServeEngine
 
         return RayServeEngine(export_dir, config, options.provider, options.threads, options.replicas, observer)
-    session = SessionConfig(threads=options.threads)
+    session = SessionConfig(threads=options.threads, shared_threads=options.shared_threads)
     return BatchingEngine(lambda: StageRunner(create_backend(manifest, options.provider, session)), config, observer)
 
 
