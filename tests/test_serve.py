@@ -385,6 +385,69 @@ def test_cli_refuses_bad_flags_before_listening(export_dir, capsys, args, messag
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+def test_cli_exits_1_when_the_sessions_cannot_be_created(export_dir, capsys):
+    """--provider cuda on a machine without a usable GPU: one error line, exit 1, no server left."""
+    pytest.importorskip("uvicorn")
+    code = cli.main(["serve", str(export_dir), "--provider", "cuda", "--port", "0", "--per-session-threads"])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: " in err and "cuda" in err.lower() and "Traceback" not in err
+
+
+def test_client_gone_while_sending_its_body(export_dir):
+    from starlette.testclient import TestClient
+
+    app = create_app(BatchingEngine(lambda: _runner(export_dir), EngineConfig()), export_dir)
+    with TestClient(app) as c:
+        _wait_ready(c)
+        answered = c.portal.call(_request_then_gone, app)
+        assert answered == []  # no error answer (a 499 goes nowhere: the connection is closed) and 'cfvit_requests_total{status="499"} 1.0' in c.get("/metrics").text
+        assert c.post("/v1/classify", content=_png(), headers={"content-type": "image/png"}).status_code == 200
+
+
+async def _request_then_gone(app) -> list:
+    messages = [{"type": "http.request", "body": b"\x89PNG", "more_body": True}, {"type": "http.disconnect"}]
+    sent: list = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/classify", "raw_path": b"/v1/classify", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"image/png")], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80), "state": {}}
+    await asyncio.wait_for(app(scope, receive, send), TIMEOUT)
+    return [m["status"] for m in sent if m["type"] == "http.response.start" and m["status"] != 499]
+
+
+def test_serving_never_imports_torch(export_dir):
+    code = f"""
+import sys
+from starlette.testclient import TestClient
+from cfvit_deploy.app.serve import ServeOptions, build_app
+with TestClient(build_app({str(export_dir)!r}, ServeOptions(shared_threads=False))) as c:
+    import time
+    while c.get('/readyz').status_code != 200:
+        time.sleep(0.05)
+    import io, numpy as np
+    from PIL import Image
+    buf = io.BytesIO(); Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, 'PNG')
+    assert c.post('/v1/classify', content=buf.getvalue(), headers={{'content-type': 'image/png'}}).status_code == 200
+heavy = sorted(m for m in ('torch', 'onnxsim', 'exporters', 'matplotlib') if m in sys.modules)
+assert not heavy, heavy
+"""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+
+
 def test_bad_request_json_shape():
     assert BadRequest(400, "bad_eta", "eta …").to_json() == {"error": {"code": "bad_eta", "message": "eta …"}}
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -132,14 +132,16 @@ async def _answer(request: Any, state: AppState) -> Any:
 
 
 def create_app(engine: Any, export_dir: str | Path, limits: Limits | None = None,
-               metrics: ServeMetrics | None = None) -> Any:
+               metrics: ServeMetrics | None = None, on_load_error: Callable[[Exception], None] | None = None) -> Any:
     """The Starlette app serving `engine` for the export in `export_dir`.
 
     The engine is started (sessions created and warmed up) in the background when the app starts,
-    and closed, answering every accepted request first, when it shuts down.
+    and closed, answering every accepted request first, when it shuts down. If it cannot start,
+    ``/readyz`` says why and `on_load_error` gets the exception (the CLI then stops the server).
     """
     require("starlette", "serve", "cfvit serve")
     from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
@@ -154,6 +156,8 @@ def create_app(engine: Any, export_dir: str | Path, limits: Limits | None = None
         start = perf_counter()
         try:
             response = await _answer(request, state)
+        except ClientDisconnect:  # gone while its body was read: nothing to answer
+            response = Response(status_code=CLIENT_GONE)
         except BadRequest as exc:
             response = _error(exc)
         except EngineBusy as exc:
@@ -186,6 +190,8 @@ def create_app(engine: Any, export_dir: str | Path, limits: Limits | None = None
         except Exception as exc:  # /readyz reports it; the process stays up for /healthz and logs
             state.load_error = f"{type(exc).__name__}: {exc}"
             log.error("cannot start the engine: %s", state.load_error)
+            if on_load_error is not None:
+                on_load_error(exc)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:

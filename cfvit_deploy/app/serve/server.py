@@ -11,13 +11,13 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cfvit_deploy.checks import check_choice, check_positive_int
-from cfvit_deploy.errors import UsageError
+from cfvit_deploy.errors import CFViTError, UsageError
 from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
 
@@ -81,25 +81,39 @@ def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMe
     return BatchingEngine(lambda: StageRunner(create_backend(manifest, options.provider, session)), config, observer)
 
 
-def build_app(export_dir: str | Path, options: ServeOptions | None = None) -> Any:
+def build_app(export_dir: str | Path, options: ServeOptions | None = None,
+              on_load_error: Callable[[Exception], None] | None = None) -> Any:
     """The ASGI app for `export_dir` with `options` (checked), ready for uvicorn or a test client."""
     options = (options or ServeOptions()).check()
     metrics = ServeMetrics()
     engine = build_engine(export_dir, options, metrics)
-    return create_app(engine, export_dir, Limits(options.max_bytes, options.max_pixels), metrics)
+    return create_app(engine, export_dir, Limits(options.max_bytes, options.max_pixels), metrics, on_load_error)
 
 
 def serve(export_dir: str | Path, options: ServeOptions | None = None, sockets: list[Any] | None = None) -> int:
-    """Serve `export_dir` until SIGTERM or Ctrl-C; returns the exit code (0 after SIGTERM, 130 after Ctrl-C)."""
+    """Serve `export_dir` until SIGTERM or Ctrl-C; returns the exit code (0 after SIGTERM, 130 after Ctrl-C).
+
+    Raises :class:`CFViTError` when the sessions cannot be created (after the port was opened: the
+    server stops at once) or the server cannot start (the port is taken).
+    """
     options = (options or ServeOptions()).check()
     uvicorn = require("uvicorn", "serve", "cfvit serve")
-    app = build_app(export_dir, options)
+    failures: list[Exception] = []
+
+    def stop_on_load_error(exc: Exception) -> None:  # sessions cannot be created: stop, and say why
+        failures.append(exc)
+        server.should_exit = True
+
+    app = build_app(export_dir, options, stop_on_load_error)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             lifespan="on", timeout_graceful_shutdown=None)
     server = _Server(config)
     server.run(sockets=sockets)
+    if failures:
+        exc = failures[0]
+        raise exc if isinstance(exc, CFViTError) else CFViTError(f"cannot start the engine: {exc}")
     if server.state_failed():
-        return 1
+        raise CFViTError(f"cannot serve on {options.host}:{options.port} (see the log above)")
     return 130 if signal.SIGINT in server.signals else 0
 
 
