@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -57,6 +59,10 @@ class AppState:
     limits: Limits
     metrics: ServeMetrics
     load_error: str | None = None
+    #: decoding threads: as many as `cfvit infer` uses (min(4, cores)); more would only contend
+    #: with the graphs' own threads for the cores
+    decoder: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="cfvit-decode"))
 
 
 def _error(exc: BadRequest, headers: dict[str, str] | None = None) -> Any:
@@ -101,7 +107,6 @@ async def _client_gone(request: Any) -> None:
 
 
 async def _answer(request: Any, state: AppState) -> Any:
-    from starlette.concurrency import run_in_threadpool
     from starlette.responses import JSONResponse, Response
 
     engine = state.engine
@@ -110,7 +115,8 @@ async def _answer(request: Any, state: AppState) -> Any:
         if not engine.ready:
             raise _busy("closing" if getattr(engine, "closing", False) else "not ready")
         data = await _image_from_request(request, state)
-        image = await run_in_threadpool(decode_image, data, state.preprocessing, state.limits.max_pixels)
+        image = await asyncio.get_running_loop().run_in_executor(
+            state.decoder, decode_image, data, state.preprocessing, state.limits.max_pixels)
     work = asyncio.ensure_future(engine.submit(image, eta, topk))
     gone = asyncio.ensure_future(_client_gone(request))
     await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -201,6 +207,7 @@ def create_app(engine: Any, export_dir: str | Path, limits: Limits | None = None
         finally:
             await loading
             await engine.close()
+            state.decoder.shutdown(wait=False)
 
     routes = [
         Route("/v1/classify", classify, methods=["POST"]),
