@@ -352,6 +352,38 @@ def demo_cmd(
                   f"(overlays in {out / 'overlays'})\nsweep: {out / 'sweep'}\nbench: {out / 'bench'}")
 
 
+@app.command("serve")
+def serve_cmd(
+    export_dir: Path = typer.Argument(..., help="Export folder (from `cfvit export`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: a free one)."),
+    provider: str = typer.Option("cpu", "--provider", help="cpu | cuda | tensorrt | openvino."),
+    eta: Optional[float] = typer.Option(None, "--eta", help="Default exit threshold of requests without ?eta= (default: the manifest's)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most images per graph call (1: no batching)."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="Longest a stage waits for more requests to batch."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Most requests in the engine; beyond it: 503 with Retry-After."),
+    max_bytes: int = typer.Option(20 * 1024 * 1024, "--max-bytes", help="Largest request body (bytes); beyond it: 413."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (width x height); beyond it: 413."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
+    shared_threads: bool = typer.Option(
+        True, "--shared-threads/--per-session-threads", help="One ONNX Runtime thread pool for both graphs (default), or one per session."),
+    engine: str = typer.Option("local", "--engine", help="local | ray (Ray Serve deployments; pip install 'cfvit-deploy[ray]')."),
+    coarse_replicas: int = typer.Option(1, "--coarse-replicas", help="Ray: replicas of the coarse deployment."),
+    fine_replicas: int = typer.Option(1, "--fine-replicas", help="Ray: replicas of the fine deployment."),
+) -> int:
+    """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, /healthz, /readyz, /metrics.
+
+    SIGTERM stops accepting, answers every queued request and exits 0. See docs/serve.md.
+    """
+    from cfvit_deploy.app.serve import ServeOptions, serve
+
+    options = ServeOptions(host=host, port=port, provider=provider, eta=eta, max_batch=max_batch,
+                           max_wait_ms=max_wait_ms, max_queue=max_queue, max_bytes=max_bytes, max_pixels=max_pixels,
+                           threads=threads, shared_threads=shared_threads, engine=engine,
+                           replicas={"coarse": coarse_replicas, "fine": fine_replicas})
+    return serve(export_dir, options)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Console-script entry point; returns the exit code."""
     try:

@@ -1,0 +1,269 @@
+"""Load test of `cfvit serve`: two-stage batching against no batching and against offline `cfvit infer`.
+
+One command, on the loopback only, bounded in requests and time:
+
+    python benchmarks/serve_load.py EXPORT_DIR [--quick] [--out benchmarks/results/serve] [--force]
+
+It starts `cfvit serve` twice on 127.0.0.1 (a free port each): with `--max-batch 32` (two-stage
+batching) and with `--max-batch 1` (no batching). For each server and each concurrency (1, 8, 32) a
+bounded asyncio client on httpx sends a fixed number of requests (the same PNG images, cycled) and
+records throughput and p50/p95/p99 latency. It also measures, in this process, offline
+`runtimes.infer.infer` throughput on the same images and η, and the pipeline's own latency for one
+image (decode + preprocess + `CFViTPipeline.run` at batch 1: the work the server cannot avoid).
+
+Goals (issue 15), reported as met/missed: at concurrency 32, batching >= 2x no batching and >= 70%
+of offline throughput; at concurrency 1, server p50 - pipeline p50 <= 2 ms.
+Writes OUT/results.json and OUT/serve_load.png; prints a markdown table.
+The client runs on the same machine as the server and takes CPU from it; on a busy machine the
+numbers are noisy (the JSON records the load average before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cfvit_deploy.errors import CFViTError  # noqa: E402
+from cfvit_deploy.io import atomic_write_path, check_output  # noqa: E402
+from cfvit_deploy.manifest import Manifest  # noqa: E402
+
+CONCURRENCY = (1, 8, 32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    """`n` smooth PNG images of mixed sizes (seeded), the same on every run."""
+    from PIL import Image
+
+    paths = []
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        size = [(240, 200), (300, 180), (224, 224), (320, 240)][seed % 4]
+        path = folder / f"img{seed:03d}.png"
+        Image.fromarray(small).resize(size, Image.Resampling.BICUBIC).save(path)
+        paths.append(path)
+    return paths
+
+
+class Server:
+    """`cfvit serve` in a subprocess on 127.0.0.1; stopped with SIGTERM (its exit code is kept)."""
+
+    def __init__(self, export_dir: Path, max_batch: int, eta: float, threads: int | None, log: Path) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "serve", str(export_dir),
+               "--port", str(self.port), "--max-batch", str(max_batch), "--eta", repr(eta)]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        self.exit_code: int | None = None
+
+    def wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cfvit serve exited with {self.proc.returncode} before it was ready")
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"cfvit serve not ready after {timeout:.0f} s")
+
+    def stop(self, timeout: float = 60) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.exit_code = self.proc.returncode
+
+
+async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, time_limit: float) -> dict:
+    """`requests` POSTs from `concurrency` workers (bounded by `time_limit` seconds); latency stats."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+        start = time.perf_counter()
+        stop_at = start + time_limit
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < requests and time.perf_counter() < stop_at:
+                body = bodies[issued % len(bodies)]
+                issued += 1
+                t0 = time.perf_counter()
+                r = await client.post("/v1/classify", content=body, headers={"content-type": "image/png"})
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    ms = np.asarray(latencies) * 1000
+    pct = np.percentile(ms, [50, 95, 99]) if len(ms) else [float("nan")] * 3
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "seconds": elapsed,
+            "throughput": len(latencies) / elapsed if elapsed else 0.0,
+            "p50_ms": float(pct[0]), "p95_ms": float(pct[1]), "p99_ms": float(pct[2])}
+
+
+def offline(export_dir: Path, paths: list[Path], eta: float, threads: int | None, repeats: int) -> dict:
+    """Offline `infer` throughput (batch 32) and the pipeline's own one-image latency, on `paths`."""
+    from cfvit_deploy.preprocessing import load_and_preprocess
+    from runtimes import CFViTPipeline
+    from runtimes.backends import SessionConfig
+    from runtimes.infer import infer
+
+    pipeline = CFViTPipeline(export_dir, "cpu", SessionConfig(threads=threads))
+    infer(pipeline, paths[:32], eta=eta)  # warm-up
+    rates = [infer(pipeline, paths, eta=eta, batch_size=32).images_per_s for _ in range(repeats)]
+    pp = pipeline.manifest.preprocessing
+    one: list[float] = []
+    for path in (paths * 4)[: max(32, len(paths))]:
+        t0 = time.perf_counter()
+        pipeline.run(load_and_preprocess(path, pp)[None], eta)
+        one.append(time.perf_counter() - t0)
+    return {"infer_images_per_s": max(rates), "pipeline_p50_ms": median(one[4:]) * 1000}
+
+
+def run(export_dir: Path, out: Path, quick: bool, threads: int | None, eta: float | None) -> dict:
+    manifest = Manifest.load(export_dir)
+    eta = manifest.default_eta if eta is None else eta
+    requests = 48 if quick else 512
+    time_limit = 20.0 if quick else 120.0
+    load_before = os.getloadavg()
+    result: dict = {"export": str(export_dir), "quick": quick, "eta": eta, "threads": threads,
+                    "requests_per_cell": requests, "time_limit_per_cell_s": time_limit,
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                "python": platform.python_version(), "loadavg_before": load_before},
+                    "servers": {}}
+    with tempfile.TemporaryDirectory(prefix="cfvit-serve-load-") as tmp:
+        paths = make_images(Path(tmp), 64)
+        bodies = [p.read_bytes() for p in paths]
+        result["offline"] = offline(export_dir, paths, eta, threads, repeats=1 if quick else 3)
+        for name, max_batch in (("batching", 32), ("no-batching", 1)):
+            server = Server(export_dir, max_batch, eta, threads, Path(tmp) / f"{name}.log")
+            try:
+                server.wait_ready(120)
+                asyncio.run(load(server.base, bodies, 8, 16, time_limit))  # warm-up, not recorded
+                cells = [asyncio.run(load(server.base, bodies, c, requests, time_limit)) for c in CONCURRENCY]
+            finally:
+                server.stop()
+            result["servers"][name] = {"max_batch": max_batch, "cells": cells, "exit_code": server.exit_code}
+    result["machine"]["loadavg_after"] = os.getloadavg()
+    result["goals"] = goals(result)
+    return result
+
+
+def goals(result: dict) -> list[dict]:
+    cell = {name: {c["concurrency"]: c for c in s["cells"]} for name, s in result["servers"].items()}
+    b32, n32 = cell["batching"][32]["throughput"], cell["no-batching"][32]["throughput"]
+    offline_rate = result["offline"]["infer_images_per_s"]
+    added = cell["batching"][1]["p50_ms"] - result["offline"]["pipeline_p50_ms"]
+    rows = [("c=32 batching / no batching", b32 / n32 if n32 else float("inf"), ">= 2.0x", b32 >= 2 * n32),
+            ("c=32 batching / offline infer", b32 / offline_rate, ">= 0.70", b32 >= 0.7 * offline_rate),
+            ("c=1 added latency (ms)", added, "<= 2 ms", added <= 2.0)]
+    return [{"goal": g, "value": round(v, 3), "target": t, "met": bool(m)} for g, v, t, m in rows]
+
+
+def table(result: dict) -> str:
+    lines = ["| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, s in result["servers"].items():
+        for c in s["cells"]:
+            lines.append(f"| {name} (max-batch {s['max_batch']}) | {c['concurrency']} | {c['throughput']:.1f} | "
+                         f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} | {c['errors']} |")
+    o = result["offline"]
+    lines += ["", f"offline `infer` (batch 32): {o['infer_images_per_s']:.1f} img/s; pipeline alone, one image "
+                  f"(decode + batch-1 run): p50 {o['pipeline_p50_ms']:.1f} ms", "",
+              "| goal | value | target | |", "|---|---:|---|---|"]
+    lines += [f"| {g['goal']} | {g['value']} | {g['target']} | {'met' if g['met'] else 'missed'} |" for g in result["goals"]]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, s in result["servers"].items():
+        cs = [c["concurrency"] for c in s["cells"]]
+        a.plot(cs, [c["throughput"] for c in s["cells"]], marker="o", label=f"{name} (max-batch {s['max_batch']})")
+        b.plot(cs, [c["p95_ms"] for c in s["cells"]], marker="o", label=name)
+    a.axhline(result["offline"]["infer_images_per_s"], ls="--", c="gray", label="offline infer")
+    a.set(xscale="log", xlabel="concurrency", ylabel="requests/s", title="throughput")
+    b.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="p95 latency (ms)", title="p95 latency")
+    for ax in (a, b):
+        ax.set_xticks(list(CONCURRENCY), [str(c) for c in CONCURRENCY])
+        ax.legend(fontsize=8)
+    fig.suptitle(f"cfvit serve load test{' (quick)' if result['quick'] else ''}")
+    fig.tight_layout()
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve")
+    parser.add_argument("--quick", action="store_true", help="48 requests per cell, 20 s limit: proves the script")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads per session (server and offline)")
+    parser.add_argument("--eta", type=float, default=None, help="exit threshold (default: the manifest's)")
+    parser.add_argument("--force", action="store_true", help="replace existing results in --out")
+    args = parser.parse_args(argv)
+    json_path = args.out / "results.json"
+    try:
+        Manifest.load(args.export_dir)
+        args.out.mkdir(parents=True, exist_ok=True)
+        check_output(json_path, args.force)
+    except CFViTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    result = run(args.export_dir, args.out, args.quick, args.threads, args.eta)
+    with atomic_write_path(json_path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out / "serve_load.png")
+    print(table(result))
+    print(f"\nwrote {json_path} and {args.out / 'serve_load.png'}", file=sys.stderr)
+    bad = [n for n, s in result["servers"].items() if s["exit_code"] != 0]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

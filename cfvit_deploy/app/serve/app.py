@@ -1,0 +1,220 @@
+"""The ASGI app of ``cfvit serve`` (Starlette): classify, health, readiness and metrics endpoints.
+
+The app does HTTP only: it validates and decodes a request (in a thread), hands the image to an
+engine (:class:`runtimes.batching.BatchingEngine`, or the Ray Serve engine) and turns the answer
+into JSON. The engine's sessions are created and warmed up in the background after startup, so
+``/healthz`` answers at once and ``/readyz`` says when classification can start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+from cfvit_deploy.extras import require
+from cfvit_deploy.manifest import Manifest
+from cfvit_deploy.preprocessing import PreprocessConfig
+
+from .metrics import ServeMetrics
+from .requests import (
+    MULTIPART,
+    BadRequest,
+    Limits,
+    check_content_type,
+    check_declared_length,
+    decode_image,
+    file_from_form,
+    parse_params,
+    read_body,
+)
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1
+#: HTTP status recorded (never sent) for a request whose client went away before its answer
+CLIENT_GONE = 499
+
+
+def export_identity(export_dir: str | Path) -> dict[str, str]:
+    """The export's identity: the sha256 of its manifest.json (which holds every graph's sha256)."""
+    path = Path(export_dir) / "manifest.json"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest = Manifest.load(export_dir, verify=False)
+    return {"manifest_sha256": digest, "arch": manifest.model.arch, "precision": manifest.precision}
+
+
+@dataclass
+class AppState:
+    engine: Any  #: BatchingEngine or RayEngine: start, close, ready, expect, submit, depth, pending
+    identity: dict[str, str]
+    preprocessing: PreprocessConfig
+    limits: Limits
+    metrics: ServeMetrics
+    load_error: str | None = None
+    #: decoding threads: as many as `cfvit infer` uses (min(4, cores)); more would only contend
+    #: with the graphs' own threads for the cores
+    decoder: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="cfvit-decode"))
+
+
+def _error(exc: BadRequest, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+
+
+def _busy(reason: str) -> BadRequest:
+    text = {"full": "the request queue is full (--max-queue); retry later",
+            "closing": "the server is shutting down",
+            "not ready": "the model is still loading; retry later (see /readyz)"}.get(reason, reason)
+    return BadRequest(503, reason.replace(" ", "_"), text)
+
+
+async def _image_from_request(request: Any, state: AppState) -> bytes:
+    kind = check_content_type(request.headers.get("content-type"))
+    check_declared_length(request.headers.get("content-length"), state.limits.max_bytes)
+    body = await read_body(request.stream(), state.limits.max_bytes)
+    if kind != MULTIPART:
+        return body
+    from starlette.requests import Request
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        async with Request(request.scope, replay).form(max_files=4, max_fields=16) as form:
+            return await file_from_form(form)
+    except BadRequest:
+        raise
+    except Exception as exc:  # python-multipart's parse errors (a malformed form)
+        raise BadRequest(400, "bad_form", f"cannot parse the multipart form ({exc})") from None
+
+
+async def _client_gone(request: Any) -> None:
+    """Return when the client disconnects (the body has been read, so only that message remains)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _answer(request: Any, state: AppState) -> Any:
+    from starlette.responses import JSONResponse, Response
+
+    engine = state.engine
+    with engine.expect():
+        eta, topk = parse_params(request.query_params)
+        if not engine.ready:
+            raise _busy("closing" if getattr(engine, "closing", False) else "not ready")
+        data = await _image_from_request(request, state)
+        image = await asyncio.get_running_loop().run_in_executor(
+            state.decoder, decode_image, data, state.preprocessing, state.limits.max_pixels)
+    work = asyncio.ensure_future(engine.submit(image, eta, topk))
+    gone = asyncio.ensure_future(_client_gone(request))
+    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not work.done():  # the client went away: drop its request, answer nobody
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        return Response(status_code=CLIENT_GONE)
+    gone.cancel()
+    answer = work.result()  # EngineBusy and graph errors propagate to the caller
+    row = answer.row
+    return JSONResponse({
+        "label": row.labels[0], "probability": row.probs[0],
+        "topk": [{"label": label, "prob": p} for label, p in zip(row.labels, row.probs, strict=True)],
+        "stage": row.stage, "confidence": row.confidence, "eta": answer.eta,
+        "patches": row.patches, "refined_patches": list(answer.refined),
+        "export": state.identity,
+    })
+
+
+def create_app(engine: Any, export_dir: str | Path, limits: Limits | None = None,
+               metrics: ServeMetrics | None = None, on_load_error: Callable[[Exception], None] | None = None) -> Any:
+    """The Starlette app serving `engine` for the export in `export_dir`.
+
+    The engine is started (sessions created and warmed up) in the background when the app starts,
+    and closed, answering every accepted request first, when it shuts down. If it cannot start,
+    ``/readyz`` says why and `on_load_error` gets the exception (the CLI then stops the server).
+    """
+    require("starlette", "serve", "cfvit serve")
+    from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from runtimes.batching import EngineBusy
+
+    manifest = Manifest.load(export_dir, verify=False)
+    metrics = metrics or ServeMetrics()
+    state = AppState(engine, export_identity(export_dir), manifest.preprocessing, limits or Limits(), metrics)
+    metrics.watch(engine)
+
+    async def classify(request: Any) -> Any:
+        start = perf_counter()
+        try:
+            response = await _answer(request, state)
+        except ClientDisconnect:  # gone while its body was read: nothing to answer
+            response = Response(status_code=CLIENT_GONE)
+        except BadRequest as exc:
+            response = _error(exc)
+        except EngineBusy as exc:
+            response = _error(_busy(exc.reason), {"Retry-After": str(RETRY_AFTER_S)})
+        except Exception as exc:  # a failing graph: the server goes on
+            log.exception("classify failed")
+            response = _error(BadRequest(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+        if response.status_code == 503 and "retry-after" not in response.headers:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        metrics.on_request(response.status_code, perf_counter() - start)
+        return response
+
+    async def healthz(request: Any) -> Any:
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(request: Any) -> Any:
+        if engine.ready:
+            return JSONResponse({"status": "ready", "export": state.identity})
+        status = "failed: " + state.load_error if state.load_error else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    async def metrics_endpoint(request: Any) -> Any:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def load() -> None:
+        try:
+            await engine.start()
+            log.info("ready: sessions created and warmed up")
+        except Exception as exc:  # /readyz reports it; the process stays up for /healthz and logs
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("cannot start the engine: %s", state.load_error)
+            if on_load_error is not None:
+                on_load_error(exc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        loading = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            await loading
+            await engine.close()
+            state.decoder.shutdown(wait=False)
+
+    routes = [
+        Route("/v1/classify", classify, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.serve = state
+    return app

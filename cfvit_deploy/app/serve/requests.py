@@ -1,0 +1,133 @@
+"""Request parsing and validation for ``POST /v1/classify`` (torch-free).
+
+Every problem is a :class:`BadRequest` with an HTTP status, a short machine-readable code and a
+message that names the problem; the app turns it into a 4xx JSON answer and goes on serving.
+Images are decoded exactly as ``cfvit infer`` decodes files (first frame, EXIF orientation, RGB,
+the manifest's preprocessing), from the request's bytes instead of a path.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cfvit_deploy.checks import check_eta, check_positive_int
+from cfvit_deploy.errors import UsageError
+from cfvit_deploy.preprocessing import PreprocessConfig, preprocess
+
+QUERY_PARAMS = ("eta", "topk")
+MULTIPART = "multipart/form-data"
+
+
+class BadRequest(Exception):
+    """A request the server refuses: HTTP `status`, a `code` such as ``bad_eta``, and a message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 20 * 1024 * 1024  #: largest request body accepted
+    max_pixels: int | None = 40_000_000  #: largest decoded image (width x height) accepted
+
+
+def parse_params(query: Any) -> tuple[float | None, int]:
+    """η (None: the server's default) and top-k from the query string (a mapping of str -> str)."""
+    unknown = sorted(set(query) - set(QUERY_PARAMS))
+    if unknown:
+        raise BadRequest(400, "unknown_parameter",
+                         f"unknown query parameter {unknown[0]!r}; accepted: {', '.join(QUERY_PARAMS)}")
+    eta = None
+    if "eta" in query:
+        try:
+            value = float(query["eta"])
+            if math.isnan(value):
+                raise ValueError
+            eta = check_eta(value, "eta")
+        except (ValueError, UsageError):
+            raise BadRequest(400, "bad_eta", f"eta must be a number in [0, 1], got {query['eta']!r}") from None
+    topk = 5
+    if "topk" in query:
+        try:
+            topk = check_positive_int(int(query["topk"]), "topk")
+        except (ValueError, UsageError):
+            raise BadRequest(400, "bad_topk", f"topk must be a positive integer, got {query['topk']!r}") from None
+    return eta, topk
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def check_content_type(content_type: str | None) -> str:
+    """``image/*`` (raw body) or ``multipart/form-data`` (a file field); anything else is a 415."""
+    kind = media_type(content_type)
+    if kind.startswith("image/") or kind == MULTIPART:
+        return kind
+    raise BadRequest(415, "unsupported_media_type",
+                     f"content type {kind or '(none)'!r} is not accepted; send the image as the body with an "
+                     "image/* content type, or as a file field of a multipart/form-data form")
+
+
+def check_declared_length(content_length: str | None, max_bytes: int) -> None:
+    """Refuse a body whose declared Content-Length is over the limit before reading it."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes:
+        raise BadRequest(413, "body_too_large", f"request body of {int(content_length):,} bytes is over the limit "
+                                                f"of {max_bytes:,} bytes (--max-bytes)")
+
+
+async def read_body(chunks: Any, max_bytes: int) -> bytes:
+    """The body from an async iterator of byte chunks, refused as soon as it passes `max_bytes`."""
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_bytes:
+            raise BadRequest(413, "body_too_large", f"request body is over the limit of {max_bytes:,} bytes "
+                                                    "(--max-bytes)")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def file_from_form(form: Any) -> bytes:
+    """The bytes of the form's file field (``file`` or ``image``, else the only file)."""
+    files = [(name, value) for name, value in form.multi_items() if hasattr(value, "read")]
+    chosen = [v for name, v in files if name in ("file", "image")] or [v for _, v in files]
+    if not chosen:
+        raise BadRequest(400, "missing_file", "the multipart form has no file field; send the image as field 'file'")
+    if len(files) > 1:
+        raise BadRequest(400, "too_many_files", f"the multipart form has {len(files)} files; send one image per request")
+    return await chosen[0].read()
+
+
+def decode_image(data: bytes, pp: PreprocessConfig, max_pixels: int | None) -> np.ndarray:
+    """Decode and preprocess image bytes as ``cfvit infer`` does a file, or raise :class:`BadRequest`."""
+    if not data:
+        raise BadRequest(400, "empty_body", "the request has no image data (empty body or empty file)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise BadRequest(413, "too_many_pixels", f"image is {w}x{h} = {w * h:,} pixels, over the limit of "
+                                                         f"{max_pixels:,} (--max-pixels)")
+            img.seek(0)
+            return preprocess(ImageOps.exif_transpose(img), pp)
+    except BadRequest:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BadRequest(413, "too_many_pixels", f"image is over the pixel limit ({exc})") from None
+    except UnidentifiedImageError:
+        raise BadRequest(400, "not_an_image", "the body is not an image in a recognised format") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
+            raise BadRequest(400, "truncated_image", f"the image data is truncated ({exc})") from None
+        raise BadRequest(400, "corrupt_image", f"cannot decode the image ({type(exc).__name__}: {exc})") from None
