@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import subprocess
 import sys
@@ -13,15 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from rich.console import Console
 
 import cli
 from cfvit_deploy.errors import OutputExistsError, UsageError
 from cfvit_deploy.manifest import Manifest
+from cfvit_deploy.signals import Terminated
 from cfvit_deploy.preprocessing import load_and_preprocess
 from runtimes import CFViTPipeline
 from runtimes import infer as infer_mod
+from runtimes import inference as inference_mod
 from runtimes.infer import InferInterrupted, collect_inputs, infer, overlay_names
+from runtimes.sinks import summary_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,14 +114,14 @@ def test_explicit_files_are_always_attempted(export_dir, folder, tmp_path):
 
 
 def test_unexpected_decode_failure_is_an_error_row(export_dir, folder, tmp_path, monkeypatch):
-    real = infer_mod.load_and_preprocess
+    real = inference_mod.load_and_preprocess
 
     def flaky(path, pp, max_pixels):
         if Path(path).name == "b.JPG":
             raise RuntimeError("boom")
         return real(path, pp, max_pixels)
 
-    monkeypatch.setattr(infer_mod, "load_and_preprocess", flaky)
+    monkeypatch.setattr(inference_mod, "load_and_preprocess", flaky)
     out = tmp_path / "r.jsonl"
     s = infer(export_dir, [folder], output=out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -143,7 +144,7 @@ def test_csv_cells_match_an_independent_computation(export_dir, tmp_path):
     with open(out, newline="") as f:
         table = list(csv.reader(f))
     assert table[0] == ["path", "stage", "confidence", "patches", "label_1", "prob_1", "label_2", "prob_2",
-                        "label_3", "prob_3", "error"]
+                        "label_3", "prob_3", "overlay", "error"]
     assert len(table) == 3
     for i, cells in enumerate(table[1:]):
         order = np.argsort(-probs[i])[:3]
@@ -154,7 +155,7 @@ def test_csv_cells_match_an_independent_computation(export_dir, tmp_path):
         for r in range(3):
             assert cells[4 + 2 * r] == manifest.labels()[order[r]]
             assert float(cells[5 + 2 * r]) == pytest.approx(probs[i, order[r]], abs=1e-5)
-        assert cells[10] == ""
+        assert cells[10] == cells[11] == ""
     assert {c[1] for c in table[1:]} == {"coarse", "fine"}
 
 
@@ -164,12 +165,12 @@ def test_jsonl_format(export_dir, folder, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4
     for r in rows[:3]:
-        assert set(r) == {"path", "stage", "confidence", "patches", "topk", "error"}
+        assert set(r) == {"path", "stage", "confidence", "patches", "topk", "overlay", "error"}
         assert r["stage"] in ("coarse", "fine") and r["error"] == "" and 0 < r["confidence"] <= 1
         assert [set(t) for t in r["topk"]] == [{"label", "prob"}] * 2
         assert r["topk"][0]["prob"] >= r["topk"][1]["prob"]
     assert rows[3] == {"path": str(folder / "d.jpg"), "stage": None, "confidence": None, "patches": None,
-                       "topk": [], "error": "not a recognised image format"}
+                       "topk": [], "overlay": "", "error": "not a recognised image format"}
 
 
 def test_topk_is_capped_at_the_number_of_classes(export_dir, folder, tmp_path):
@@ -210,11 +211,10 @@ def test_render_overlay_highlights_the_refined_cells(export_dir):
     assert tuple(img[0, 0]) == (255, 64, 0)  # outline
 
 
-def test_progress_bar(export_dir, folder):
-    buf = io.StringIO()
-    infer(export_dir, [folder], progress=Console(file=buf, force_terminal=True, width=120))
-    text = buf.getvalue()
-    assert "4/4" in text and "img/s" in text and "exit" in text
+def test_progress_hook_is_called_per_row(export_dir, folder):
+    calls = []
+    infer(export_dir, [folder], batch_size=2, progress=lambda task, done, total: calls.append((task, done, total)))
+    assert calls == [("infer", n, 4) for n in range(5)]  # 0 at the start, then once per row
 
 
 def test_decoding_look_ahead_is_bounded(export_dir, tmp_path, monkeypatch):
@@ -224,7 +224,7 @@ def test_decoding_look_ahead_is_bounded(export_dir, tmp_path, monkeypatch):
         paths.append(tmp_path / f"{i:02d}.png")
         paths[-1].write_bytes(src.read_bytes())
     decoded, emitted, batch = [0], [0], 3
-    real = infer_mod.load_and_preprocess
+    real = inference_mod.load_and_preprocess
 
     def counting(*args):
         decoded[0] += 1
@@ -235,21 +235,45 @@ def test_decoding_look_ahead_is_bounded(export_dir, tmp_path, monkeypatch):
             assert decoded[0] <= emitted[0] + 3 * batch  # at most ~two batches decoded ahead
             return super().run(images, eta)
 
-    monkeypatch.setattr(infer_mod, "load_and_preprocess", counting)
+    monkeypatch.setattr(inference_mod, "load_and_preprocess", counting)
     s = infer(Watching(export_dir), [tmp_path], batch_size=batch,
               on_row=lambda row: emitted.__setitem__(0, emitted[0] + 1))
     assert s.images == 31 and emitted[0] == 31
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
-def test_interrupt_leaves_a_complete_file_with_a_note(export_dir, folder, tmp_path, monkeypatch, suffix):
+def read_table(path: Path):
+    """`path` read by pandas and by pyarrow with their defaults; both must agree on the rows."""
+    import pandas as pd
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    suffix = path.suffix
+    frame = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}[suffix](path)
+    arrow = {".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json,
+             ".parquet": pyarrow.parquet.read_table}[suffix](path)
+    assert arrow.num_rows == len(frame) and arrow.column_names == list(frame.columns)
+    return frame
+
+
+CSV_COLUMNS = ["path", "stage", "confidence", "patches", *[f"{c}_{i}" for i in range(1, 6) for c in ("label", "prob")],
+               "overlay", "error"]
+JSON_COLUMNS = ["path", "stage", "confidence", "patches", "topk", "overlay", "error"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("interrupt, signal_name, code", [(KeyboardInterrupt, "SIGINT", 130),
+                                                          (Terminated, "SIGTERM", 143)])
+def test_interrupt_leaves_a_clean_table_and_a_summary(export_dir, folder, tmp_path, monkeypatch, capsys, suffix,
+                                                      interrupt, signal_name, code):
+    """Issue 13 item 4: no `# interrupted` row, no extra columns; "N of M" goes to the summary JSON."""
     calls = [0]
     real = CFViTPipeline.run
 
     def interrupted(self, images, eta=None):
         calls[0] += 1
         if calls[0] == 2:
-            raise KeyboardInterrupt
+            raise interrupt
         return real(self, images, eta)
 
     monkeypatch.setattr(CFViTPipeline, "run", interrupted)
@@ -257,17 +281,43 @@ def test_interrupt_leaves_a_complete_file_with_a_note(export_dir, folder, tmp_pa
     with pytest.raises(InferInterrupted) as info:
         infer(export_dir, [folder], recursive=True, batch_size=2, output=out)
     assert info.value.summary.rows == 2 and info.value.summary.interrupted
-    lines = out.read_text().splitlines()
-    if suffix == ".csv":
-        assert lines[0].startswith("path,") and len(lines) == 4
-        assert lines[-1] == "# interrupted: 2 of 6 inputs written"
-    else:
-        assert len(lines) == 3 and json.loads(lines[-1]) == {"interrupted": True, "rows": 2, "inputs": 6}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", out.name])  # no temp file left
+    assert info.value.signal_name == signal_name
+    table = read_table(out)
+    assert list(table.columns) == (CSV_COLUMNS if suffix == ".csv" else JSON_COLUMNS)
+    assert list(table["path"]) == [str(folder / "a.png"), str(folder / "b.JPG")]
+    assert str(table["patches"].dtype) == "int64" and set(table["stage"]) <= {"coarse", "fine"}
+    summary = json.loads(summary_path(out).read_text())
+    assert (summary["status"], summary["signal"], summary["rows"], summary["inputs"]) == (
+        "interrupted", signal_name, 2, 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", out.name, summary_path(out).name])
 
     calls[0] = 0
-    assert cli.main(["infer", str(export_dir), str(folder), "-r", "--batch-size", "2", "-o", str(out), "--force"]) == 130
-    assert out.read_text().splitlines()[-1] == lines[-1]
+    assert cli.main(["infer", str(export_dir), str(folder), "-r", "--batch-size", "2", "-o", str(out), "--force"]) == code
+    assert capsys.readouterr().err.splitlines() == [f"error: interrupted, 2 of 6 inputs written to {out}"]
+    assert len(read_table(out)) == 2
+
+
+def test_summary_json_on_success(export_dir, folder, tmp_path):
+    out = tmp_path / "r.parquet"
+    s = infer(export_dir, [folder], output=out, batch_size=3)
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["status"] == "complete" and summary["signal"] is None
+    assert (summary["inputs"], summary["rows"], summary["classified"], summary["errors"]) == (4, 4, 3, 1)
+    assert summary["exited"] + summary["fine"] == 3 and summary["engine"] == "local" and summary["batch_size"] == 3
+    manifest = Manifest.load(export_dir)
+    assert summary["export"]["graphs"] == {g: manifest.graphs[g].sha256 for g in ("coarse", "fine")}
+    assert summary["output"] == str(out) and summary["seconds"] == pytest.approx(s.seconds, abs=1e-3)
+    assert list(read_table(out)["path"]) == [str(p) for p in collect_inputs([folder])]
+
+
+def test_an_existing_summary_needs_force(export_dir, folder, tmp_path):
+    out = tmp_path / "r.csv"
+    summary_path(out).write_text("{}")
+    with pytest.raises(OutputExistsError, match="summary.json already exists"):
+        infer(export_dir, [folder], output=out)
+    assert not out.exists()
+    infer(export_dir, [folder], output=out, force=True)
+    assert json.loads(summary_path(out).read_text())["rows"] == 4
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
@@ -289,12 +339,14 @@ def test_cli_exit_codes_and_force(export_dir, folder, tmp_path, capsys):
     [
         (["--eta", "1.5"], "eta must lie in"),
         (["--eta", "nan"], "eta must lie in"),
-        (["--batch-size", "0"], "batch size must be a positive integer"),
-        (["--topk", "0"], "topk must be a positive integer"),
-        (["--threads", "0"], "threads must be a positive integer"),
-        (["--max-pixels", "0"], "max pixels"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--topk", "0"], "--topk must be a positive integer"),
+        (["--threads", "0"], "--threads must be a positive integer"),
+        (["--max-pixels", "0"], "--max-pixels must be a positive integer"),
         (["--provider", "tpu"], "available: cpu, cuda, tensorrt, openvino"),
-        (["-o", "r.txt"], "must end in .csv or .jsonl"),
+        (["-o", "r.txt"], "must end in .csv, .jsonl, .parquet"),
+        (["--engine", "spark"], "--engine must be one of local, ray"),
+        (["--num-actors", "2"], "need --engine ray"),
         (["-o", "missing/r.csv"], "does not exist"),
         (["--batch-size", "many"], ""),
     ],
@@ -337,7 +389,7 @@ def test_cli_jsonl_and_openvino(export_dir, folder, tmp_path):
 def test_library_usage_errors_come_before_any_work(export_dir, folder, tmp_path):
     with pytest.raises(UsageError, match="eta"):
         infer(tmp_path / "not-an-export", [folder], eta=2.0)
-    with pytest.raises(UsageError, match="batch size"):
+    with pytest.raises(UsageError, match="--batch-size"):
         infer(export_dir, [folder], batch_size=True)
     with pytest.raises(UsageError, match="overlay folder's parent"):
         infer(export_dir, [folder], overlay=tmp_path / "no" / "such")
