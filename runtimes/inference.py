@@ -328,9 +328,9 @@ def run_rows(rows: Iterator[InferRow], summary: InferSummary, *, output: Path | 
             for row in rows:
                 if sink is not None:
                     sink.row(row)
+                summary.count(row)  # before on_row: an interrupt there must not leave a row written but uncounted
                 if on_row is not None:
                     on_row(row)
-                summary.count(row)
                 report(progress, "infer", summary.rows, summary.inputs)
         except KeyboardInterrupt as exc:  # keep what is done: the sink is finished as a whole file
             interrupt = exc

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ CPU_PROVIDERS = ("cpu", "openvino")
 _GRAPHS = ("coarse", "fine")
 _DECODE_WORKER_MEMORY = 256 * 2**20  #: bytes: a Ray worker with numpy and PIL loaded
 #: Environment for a quiet Ray: no dedup summaries, no Ray Data progress bars or tips.
-_QUIET_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_LOG_TO_STDERR": "0"}
+_QUIET_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
 
@@ -217,12 +218,16 @@ def _dataset(ray: Any, job: InferJob, pp: PreprocessConfig, plan: ActorPlan, act
     # a memory request also keeps Ray Data from fusing them into the actors (it fuses adjacent maps
     # with equal remote args), which would decode inside the actors, one batch at a time.
     batch_bytes = batch_size * 3 * pp.crop_size**2 * np.dtype(np.float32).itemsize
+    # max_restarts=0: a restarted actor would need the shipped export again (Ray warns about that on
+    # stderr for every actor with object-store constructor arguments); a crashed actor fails the run.
     ds = ds.map_batches(_decode_batch, fn_kwargs={"pp": pp, "max_pixels": max_pixels}, batch_size=None,
                         batch_format="numpy", num_cpus=plan.cpus_per_decode_task,
                         memory=_DECODE_WORKER_MEMORY + 2 * batch_bytes, udf_modifying_row_count=False)
-    ds = ds.map_batches(_PipelineActor, fn_constructor_args=(*actor_args, plan.threads), batch_size=None,
-                        batch_format="numpy", num_cpus=plan.cpus_per_actor, udf_modifying_row_count=False,
-                        compute=ray.data.ActorPoolStrategy(size=plan.num_actors))
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray's own docs pass it so
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(_PipelineActor, fn_constructor_args=(*actor_args, plan.threads), batch_size=None,
+                            batch_format="numpy", num_cpus=plan.cpus_per_actor, udf_modifying_row_count=False,
+                            compute=ray.data.ActorPoolStrategy(size=plan.num_actors), max_restarts=0)
     ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
     return ds
 

@@ -16,8 +16,8 @@ from PIL import Image
 import cli
 from cfvit_deploy.errors import OutputExistsError, UsageError
 from cfvit_deploy.manifest import Manifest
-from cfvit_deploy.signals import Terminated
 from cfvit_deploy.preprocessing import load_and_preprocess
+from cfvit_deploy.signals import Terminated
 from runtimes import CFViTPipeline
 from runtimes import infer as infer_mod
 from runtimes import inference as inference_mod
