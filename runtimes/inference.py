@@ -306,7 +306,7 @@ def fit_batch_size(batch_size: int, n_inputs: int, manifest: Manifest) -> int:
     batch = min(batch_size, n_inputs)
     need, free = batch_memory(batch, manifest), available_memory()
     if free is not None and need > free:
-        raise UsageError(f"--batch-size {batch} needs about {need / 2**30:.1f} GiB for its buffers, more than the "
+        raise UsageError(f"a batch of {batch} images needs about {need / 2**30:.1f} GiB of buffers, more than the "
                          f"{free / 2**30:.1f} GiB of memory available; use a smaller --batch-size")
     return batch
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -414,3 +416,147 @@ def test_inference_only_install_never_imports_torch(export_dir, folder, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok (2, 10)" in proc.stdout
     assert len(_csv_rows(out)) == 1
+
+
+# -- batch size and memory (issue 13 item 5) ---------------------------------------------------------
+def test_batch_size_is_capped_at_the_number_of_inputs(export_dir, folder, tmp_path):
+    """`--batch-size 100000` on 4 files ran a 100000-image buffer (56 GiB on 24 files); now 4."""
+    out = tmp_path / "r.csv"
+    s = infer(export_dir, [folder], batch_size=100_000, output=out)
+    assert s.batch_size == 4 and s.rows == 4
+    assert json.loads(summary_path(out).read_text())["batch_size"] == 4
+
+
+def test_batch_that_cannot_fit_is_refused_before_any_work(export_dir, folder, tmp_path, monkeypatch, capsys):
+    manifest = Manifest.load(export_dir)
+    image_bytes = 3 * 224 * 224 * 4
+    assert inference_mod.batch_memory(4, manifest) >= 4 * 3 * image_bytes  # buffer + two batches decoded ahead
+    monkeypatch.setattr(inference_mod, "available_memory", lambda: 2**20)  # 1 MiB free
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the pipeline was built before the batch size was checked")
+
+    monkeypatch.setattr(CFViTPipeline, "__init__", no_pipeline)
+    out = tmp_path / "r.csv"
+    with pytest.raises(UsageError, match="a batch of 4 images needs about .* GiB of buffers, more than the 0.0 GiB"):
+        infer(export_dir, [folder], batch_size=100_000, output=out)
+    assert cli.main(["infer", str(export_dir), str(folder), "--batch-size", "100000", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: a batch of 4 images needs") and "--batch-size" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written
+    monkeypatch.setattr(inference_mod, "available_memory", lambda: inference_mod.batch_memory(1, manifest))
+    with pytest.raises(AssertionError, match="pipeline was built"):  # batch 1 fits: the check lets it through
+        infer(export_dir, [folder / "a.png"], output=out)
+
+
+# -- overlays of name-clashing inputs (issue 13 item 18) ---------------------------------------------
+def test_overlay_column_names_each_inputs_overlay(export_dir, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    paths = [_image(tmp_path / "x" / "gh.png", 21), _image(tmp_path / "y" / "gh.png", 22, (180, 260))]
+    out, overlay = tmp_path / "r.csv", tmp_path / "ov"
+    infer(export_dir, paths, eta=1.0, output=out, overlay=overlay)  # eta 1: both go to the fine stage
+    rows = _csv_rows(out)
+    assert [r["stage"] for r in rows] == ["fine", "fine"]
+    assert [r["overlay"] for r in rows] == [str(overlay / "gh.png"), str(overlay / "gh-1.png")]
+    manifest = Manifest.load(export_dir)
+    for row in rows:  # each named PNG is the overlay of that row's input, rendered independently here
+        image = load_and_preprocess(Path(row["path"]), manifest.preprocessing)
+        res = CFViTPipeline(manifest).run(image[None], 1.0)
+        want = np.asarray(infer_mod.render_overlay(image, res.informative_idx[0], 7, manifest.preprocessing))
+        with Image.open(row["overlay"]) as got:
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+# -- real signals and racing writers, in separate processes ------------------------------------------
+#: Runs `cli.main(argv)` with every pipeline call from the third on slowed down, after touching READY.
+SLOW_CHILD = textwrap.dedent("""
+    import pathlib, sys, time
+    from runtimes.pipeline import CFViTPipeline
+    ready, calls, real = pathlib.Path(sys.argv[1]), [0], CFViTPipeline.run
+
+    def slow(self, images, eta=None):
+        calls[0] += 1
+        if calls[0] >= 3:
+            ready.touch()
+            time.sleep(0.5)
+        return real(self, images, eta)
+
+    CFViTPipeline.run = slow
+    import cli
+    sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
+def _many_images(folder: Path, n: int) -> list[Path]:
+    folder.mkdir()
+    src = _image(folder / "img_000.png", 5, (32, 32)).read_bytes()
+    for i in range(1, n):
+        (folder / f"img_{i:03d}.png").write_bytes(src)
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.parametrize("signum, code, suffix", [(signal.SIGTERM, 143, ".csv"), (signal.SIGINT, 130, ".jsonl")])
+def test_real_signal_mid_run_keeps_a_clean_partial_table(export_dir, tmp_path, signum, code, suffix):
+    """Issue 13 items 3 and 4: SIGTERM (as `timeout`/docker/k8s send) behaves as Ctrl-C: rows kept, one line, 143."""
+    paths = _many_images(tmp_path / "in", 40)
+    out, ready = tmp_path / f"r{suffix}", tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(ready), "infer", str(export_dir), str(tmp_path / "in"),
+                             "--batch-size", "4", "-o", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists():  # two batches (8 rows) are done, the third is running
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was signalled"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr
+    summary = json.loads(summary_path(out).read_text())
+    n = summary["rows"]
+    assert summary["status"] == "interrupted" and summary["signal"] == signum.name and 8 <= n < 40
+    assert stderr.splitlines() == [f"error: interrupted, {n} of 40 inputs written to {out}"]
+    table = read_table(out)
+    assert list(table["path"]) == [str(p) for p in paths[:n]] and (table["error"].fillna("") == "").all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "ready", out.name, summary_path(out).name])
+
+
+#: Two writers of the same output: each waits in its first pipeline call until the other got there too,
+#: so both passed the up-front "already exists" check before either renames its output into place.
+RACE_CHILD = textwrap.dedent("""
+    import pathlib, sys, time
+    from runtimes.pipeline import CFViTPipeline
+    me, other, real = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), CFViTPipeline.run
+
+    def gated(self, images, eta=None):
+        me.touch()
+        deadline = time.monotonic() + 120
+        while not other.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return real(self, images, eta)
+
+    CFViTPipeline.run = gated
+    import cli
+    sys.exit(cli.main(sys.argv[3:]))
+""")
+
+
+def test_two_writers_of_one_output_exactly_one_wins(export_dir, folder, tmp_path):
+    """Issue 13 item 2: both runs used to exit 0 and the file kept one run's rows.
+
+    NOTE for the merge: the no-clobber final rename lives in cfvit_deploy/io.py (the `userpath` branch);
+    on a branch without it this test fails (both exit 0) - that is the bug it pins.
+    """
+    out, gates = tmp_path / "same.csv", tmp_path / "gates"
+    gates.mkdir()
+    argv = ["infer", str(export_dir), str(folder), "-o", str(out)]
+    procs = [subprocess.Popen([sys.executable, "-c", RACE_CHILD, str(gates / me), str(gates / other), *argv],
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True) for me, other in (("a", "b"), ("b", "a"))]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [1, 2], results  # the winner: exit 1 (d.jpg is corrupt); the loser: exit 2
+    loser = next(err for code, err in results if code == 2)
+    assert loser.splitlines()[-1].startswith("error: ") and "already exists" in loser
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "gates", out.name, summary_path(out).name])
+    assert len(read_table(out)) == 4 and json.loads(summary_path(out).read_text())["rows"] == 4
