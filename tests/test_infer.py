@@ -560,3 +560,15 @@ def test_two_writers_of_one_output_exactly_one_wins(export_dir, folder, tmp_path
     assert loser.splitlines()[-1].startswith("error: ") and "already exists" in loser
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "gates", out.name, summary_path(out).name])
     assert len(read_table(out)) == 4 and json.loads(summary_path(out).read_text())["rows"] == 4
+
+
+def test_cli_progress_bar_on_a_terminal(export_dir, folder, tmp_path, monkeypatch):
+    """The CLI passes a rich ProgressHook (only on a terminal); the library draws nothing itself."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=buf, force_terminal=True, width=100))
+    assert cli.main(["infer", str(export_dir), str(folder), "-o", str(tmp_path / "r.csv")]) == 1
+    assert "infer" in buf.getvalue() and "4/4" in buf.getvalue()
