@@ -189,7 +189,7 @@ def infer(
         pipeline = source if isinstance(source, CFViTPipeline) else CFViTPipeline(manifest, provider, config)
         engine_ = LocalEngine(pipeline, job, workers or min(4, os.cpu_count() or 1), overlay_dir, names)
         rows = engine_.rows()
-    return run_rows(rows, summary, output=out, topk=job.topk, on_row=on_row, progress=progress)
+    return run_rows(rows, summary, output=out, topk=job.topk, force=force, on_row=on_row, progress=progress)
 
 
 def _manifest(source: str | Path | Manifest | CFViTPipeline) -> Manifest:

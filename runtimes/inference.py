@@ -312,17 +312,18 @@ def fit_batch_size(batch_size: int, n_inputs: int, manifest: Manifest) -> int:
 
 
 # -- the run -------------------------------------------------------------------------------------
-def run_rows(rows: Iterator[InferRow], summary: InferSummary, *, output: Path | None, topk: int,
+def run_rows(rows: Iterator[InferRow], summary: InferSummary, *, output: Path | None, topk: int, force: bool = False,
              on_row: Callable[[InferRow], None] | None = None, progress: ProgressHook | None = None) -> InferSummary:
     """Drain an engine's `rows` into the output, `on_row` and `summary`; keep them on an interrupt.
 
     On Ctrl-C or SIGTERM the rows done so far are kept as a complete output (and summary JSON with
-    ``status: interrupted``), then :class:`InferInterrupted` is raised carrying the summary.
+    ``status: interrupted``), then :class:`InferInterrupted` is raised carrying the summary. Without
+    `force`, an output that another run put in place meanwhile is an ``OutputExistsError`` (nothing kept).
     """
     start = perf_counter()
     interrupt: KeyboardInterrupt | None = None
     with contextlib.ExitStack() as stack:
-        sink = None if output is None else stack.enter_context(open_sink(output, topk))
+        sink = None if output is None else stack.enter_context(open_sink(output, topk, force))
         report(progress, "infer", 0, summary.inputs)
         try:
             for row in rows:
@@ -342,7 +343,7 @@ def run_rows(rows: Iterator[InferRow], summary: InferSummary, *, output: Path | 
                 close()  # an engine generator stopped early releases its threads / actors now
             summary.seconds = perf_counter() - start
     if output is not None:
-        write_summary(output, summary)
+        write_summary(output, summary, force)
     if interrupt is not None:
         log.debug("interrupted after %d of %d inputs", summary.rows, summary.inputs)
         raise InferInterrupted(summary) from interrupt

@@ -94,15 +94,23 @@ class ParquetSink:
         self.w.close()
 
 
+def _atomic(path: Path, force: bool) -> contextlib.AbstractContextManager[Path]:
+    """io's atomic writer; without `force` its final rename is no-clobber (a racing run loses with exit 2)."""
+    try:
+        return atomic_write_path(path, force=force)
+    except TypeError:  # MERGE: io.atomic_write_path without `force` (before the no-clobber rename); drop then
+        return atomic_write_path(path)
+
+
 @contextlib.contextmanager
-def open_sink(output: Path, topk: int) -> Iterator[CsvSink | JsonlSink | ParquetSink]:
+def open_sink(output: Path, topk: int, force: bool = False) -> Iterator[CsvSink | JsonlSink | ParquetSink]:
     """A sink writing `output` (by its suffix) through a temporary file renamed into place at the end.
 
     The rename happens when the block ends normally, and also when an interrupt ends it: the caller
     catches the ``KeyboardInterrupt`` inside the block so the rows done so far form a complete file.
     """
     suffix = output.suffix.lower()
-    with atomic_write_path(output) as tmp:
+    with _atomic(output, force) as tmp:
         if suffix == ".parquet":
             sink = ParquetSink(tmp)
             try:
@@ -114,9 +122,9 @@ def open_sink(output: Path, topk: int) -> Iterator[CsvSink | JsonlSink | Parquet
                 yield CsvSink(f, topk) if suffix == ".csv" else JsonlSink(f)
 
 
-def write_summary(output: Path, summary: InferSummary) -> Path:
+def write_summary(output: Path, summary: InferSummary, force: bool = False) -> Path:
     """Write ``<output>.summary.json`` atomically (after the output itself is in place)."""
     target = summary_path(output)
-    with atomic_write_path(target) as tmp:
+    with _atomic(target, force) as tmp:
         tmp.write_text(json.dumps(summary.to_json(), indent=2) + "\n", encoding="utf-8")
     return target
