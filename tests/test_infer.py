@@ -572,3 +572,17 @@ def test_cli_progress_bar_on_a_terminal(export_dir, folder, tmp_path, monkeypatc
     monkeypatch.setattr(cli, "console", Console(file=buf, force_terminal=True, width=100))
     assert cli.main(["infer", str(export_dir), str(folder), "-o", str(tmp_path / "r.csv")]) == 1
     assert "infer" in buf.getvalue() and "4/4" in buf.getvalue()
+
+
+def test_parquet_without_pyarrow_names_the_extra(export_dir, folder, tmp_path, monkeypatch, capsys):
+    """Issue 13 item 13: Parquet from the local engine needs pyarrow, asked for by its extra before any work."""
+    from cfvit_deploy.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    out = tmp_path / "r.parquet"
+    with pytest.raises(MissingExtraError, match=r"pip install 'cfvit-deploy\[parquet\]'"):
+        infer(export_dir, [folder], output=out)
+    assert cli.main(["infer", str(export_dir), str(folder), "-o", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: pyarrow is not installed (needed for Parquet output): pip install 'cfvit-deploy[parquet]'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
