@@ -1,15 +1,14 @@
-"""The inference shell shared by both engines (torch-free): rows, sinks, checks, summary, interrupts.
+"""The inference shell shared by both engines (torch-free): checks, rows, summary, interrupts.
 
 An engine (the local one in :mod:`runtimes.infer`, Ray in :mod:`runtimes.ray_engine`) only turns
 input paths into :class:`InferRow` s, in input order. Everything around that lives here, once:
 
-- the argument checks that come before any work (:func:`prepare`), including the batch size capped
-  at the number of inputs and refused when its buffers cannot fit in the available memory;
-- the sinks: CSV, JSONL and Parquet (pyarrow, the ``parquet`` extra), each written to a temporary
-  file renamed into place (:mod:`cfvit_deploy.io`), so the output is always a clean table that
-  pandas and pyarrow read with their defaults;
-- the run itself (:func:`run_rows`): rows go to the sink and the callback, counts to the
-  :class:`InferSummary`, progress to a :class:`~cfvit_deploy.progress.ProgressHook`;
+- the argument checks that come before any work (:func:`check_arguments`, :func:`check_output_path`,
+  :func:`find_inputs`), and the batch size capped at the number of inputs and refused when its
+  buffers cannot fit in the available memory (:func:`fit_batch_size`);
+- the run itself (:func:`run_rows`): rows go to the sink (:mod:`runtimes.sinks`: CSV, JSONL or
+  Parquet, always a clean table) and the callback, counts to the :class:`InferSummary`, progress to
+  a :class:`~cfvit_deploy.progress.ProgressHook`;
 - interrupts: on Ctrl-C or SIGTERM (:class:`~cfvit_deploy.signals.Terminated`) the rows done so far
   are kept as a complete file and :class:`InferInterrupted` is raised with the summary;
 - the summary JSON beside the output (``<output>.summary.json``, written after it, atomically, on
