@@ -183,7 +183,7 @@ def infer_cmd(
     provider: str = typer.Option("cpu", "--provider", help="cpu | cuda | tensorrt | openvino."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Accept a fallback to the CPU provider."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="results.csv or .jsonl (.parquet with --engine ray) (default: rows on stdout)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="results.csv, .jsonl or .parquet (default: rows on stdout)."),
     topk: int = typer.Option(5, "--topk", help="Labels per row (at most the number of classes)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also read the sub-folders of folders."),
     overlay: Optional[Path] = typer.Option(None, "--overlay", help="Folder for PNGs of fine-stage images with the refined patches."),
@@ -197,11 +197,14 @@ def infer_cmd(
 ) -> int:
     """Classify images with the gated two-stage pipeline: one row per input file.
 
-    An image exits at the coarse stage when its max softmax probability is >= eta; the others are re-split and classified by the fine stage. Unreadable files get an error row and the run goes on.
+    An image exits at the coarse stage when its max softmax probability is >= eta; the others are re-split and classified by the fine stage. Unreadable files get an error row and the run goes on. With --output, OUTPUT.summary.json records the counts, timing and export.
 
-    Exit codes: 0 every file classified; 1 some files failed (or the export or provider is unusable); 2 usage error; 130 interrupted (the output keeps the rows done so far and a final note).
+    Exit codes: 0 every file classified; 1 some files failed (or the export or provider is unusable); 2 usage error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM): the output keeps the rows done so far.
     """
+    import contextlib
+
     from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS
+    from cfvit_deploy.signals import exit_code_for, sigterm_as_interrupt
     from runtimes.backends import SessionConfig
     from runtimes.infer import InferInterrupted, InferRow, infer
 
@@ -209,41 +212,46 @@ def infer_cmd(
         if row.error:
             print(f"{row.path}\terror: {row.error}")
         else:
-            top = ", ".join(f"{label} {p:.3f}" for label, p in zip(row.labels, row.probs))
+            top = ", ".join(f"{label} {p:.3f}" for label, p in zip(row.labels, row.probs, strict=True))
             print(f"{row.path}\t{row.stage}\tconf {row.confidence:.3f}\tpatches {row.patches}\t{top}")
 
-    try:
-        pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-        if engine == "ray":
-            from runtimes.ray_engine import infer_ray
-
-            local_only = {"--threads (use --actor-threads)": threads, "--overlay": overlay, "--allow-fallback": allow_fallback}
-            if any(local_only.values()):
-                raise UsageError(f"{next(f for f, v in local_only.items() if v)} is not supported with --engine ray")
-            s = infer_ray(export_dir, inputs, eta=eta, batch_size=batch_size, topk=topk, recursive=recursive,
-                          provider=provider, address=address or "local", num_actors=num_actors,
-                          actor_threads=actor_threads, shared_export=shared_export, output=output, force=force,
-                          max_pixels=pixels, on_row=None if output else show, progress=console.is_terminal)
-        elif engine != "local":
-            raise UsageError(f"unknown engine {engine!r}; available: local, ray")
-        elif address is not None or num_actors is not None or actor_threads is not None or shared_export:
-            raise UsageError("--address, --num-actors, --actor-threads and --shared-export need --engine ray")
-        else:
-            s = infer(export_dir, inputs, eta=eta, batch_size=batch_size, topk=topk, recursive=recursive,
-                      provider=provider, config=SessionConfig(threads=threads, allow_fallback=allow_fallback),
-                      output=output, force=force, overlay=overlay, max_pixels=pixels,
-                      on_row=None if output else show, progress=console if console.is_terminal else None)
-    except InferInterrupted as exc:
-        s = exc.summary
-        where = f" to {s.output}" if s.output else ""
-        print(f"interrupted: {s.rows} of {s.inputs} rows written{where}", file=sys.stderr)
-        return 130
+    config = SessionConfig(threads=threads, allow_fallback=allow_fallback) if threads is not None or allow_fallback else None
+    bar, progress = _progress_bar()
+    with bar or contextlib.nullcontext(), sigterm_as_interrupt():
+        try:
+            s = infer(export_dir, inputs, engine=engine, eta=eta, batch_size=batch_size, topk=topk,
+                      recursive=recursive, provider=provider, config=config, output=output, force=force,
+                      overlay=overlay, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                      address=address, num_actors=num_actors, actor_threads=actor_threads,
+                      shared_export=shared_export, on_row=None if output else show, progress=progress)
+        except InferInterrupted as exc:
+            s = exc.summary
+            where = f" to {s.output}" if s.output else ""
+            print(f"error: interrupted, {s.rows} of {s.inputs} inputs written{where}", file=sys.stderr)
+            return exit_code_for(exc)
     print(f"files: {s.inputs}  classified: {s.images}  exited at coarse: {s.exited} ({s.exit_rate:.1%})  "
           f"went to fine: {s.fine}  errors: {s.errors}  {s.images_per_s:.1f} img/s"
           + (f"  overlays: {s.overlays}" if overlay else "") + (f"  -> {s.output}" if s.output else ""),
           file=sys.stderr)
     return 1 if s.errors else 0
 
+
+def _progress_bar() -> tuple[object, object]:
+    """(a rich Progress on stderr, the ProgressHook that drives it), or (None, None) off a terminal."""
+    if not console.is_terminal:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console)
+    tasks: dict[str, object] = {}
+
+    def hook(task: str, done: int, total: int | None) -> None:
+        if task not in tasks:
+            tasks[task] = bar.add_task(task, total=total)
+        bar.update(tasks[task], completed=done, total=total)
+
+    return bar, hook
 
 
 @app.command("bench")

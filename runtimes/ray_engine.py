@@ -1,10 +1,14 @@
-"""Folder inference on a Ray cluster (``cfvit infer --engine ray``): the Ray twin of :func:`runtimes.infer.infer`.
+"""Folder inference on a Ray cluster (``infer(..., engine="ray")``, ``cfvit infer --engine ray``).
 
 Ray Data reads the input paths (found as the local engine finds them), decodes and preprocesses
 them in parallel tasks (an unreadable file becomes an error row, with the local engine's reason),
 and classifies them in ``map_batches`` on a pool of actors, each holding one :class:`CFViTPipeline`
-built once in its ``__init__``. Rows are the local engine's (:func:`~runtimes.infer.rows_for_batch`),
-emitted in input order, and written as CSV, JSONL or Parquet (the JSONL record layout), atomically.
+built once in its ``__init__``. This module only produces rows (:func:`ray_rows`, the local
+engine's :func:`~runtimes.inference.rows_for_batch`), in input order; writing them, the summary and
+interrupts are the shared shell's (:mod:`runtimes.inference`).
+
+Ray's own log lines (its logger, Ray Data's progress bars and execution messages, the workers'
+output forwarded to the driver) are turned off: the command prints only its own lines.
 
 Shipping the export: by default the driver reads ``manifest.json`` and the coarse and fine graphs
 once, puts them in Ray's object store, and every actor writes them to a private temporary folder,
@@ -24,56 +28,63 @@ on a 2-CPU machine).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from time import perf_counter
 from typing import Any
 
 import numpy as np
 
+from cfvit_deploy.checks import check_positive_int
 from cfvit_deploy.errors import UsageError
-from cfvit_deploy.io import atomic_write_path, check_output
+from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import MANIFEST_NAME, Manifest
-from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS, PreprocessConfig
+from cfvit_deploy.preprocessing import PreprocessConfig
 
 from .backends import SessionConfig, check_provider
-from .infer import (
-    InferInterrupted,
-    InferRow,
-    InferSummary,
-    _CsvWriter,
-    _JsonlWriter,
-    _tee,
-    collect_inputs,
-    decode_image,
-    rows_for_batch,
-)
-from .pipeline import CFViTPipeline, check_eta
+from .inference import InferJob, InferRow, decode_image, rows_for_batch
+from .pipeline import CFViTPipeline
+from .sinks import row_schema
 
-OUTPUT_SUFFIXES = (".csv", ".jsonl", ".parquet")
-INSTALL_HINT = "--engine ray needs Ray Data and pyarrow: pip install 'cfvit-deploy[ray]'"
 #: Providers an actor can run (the engine requests CPUs only).
 CPU_PROVIDERS = ("cpu", "openvino")
 _GRAPHS = ("coarse", "fine")
-_PARQUET_ROW_GROUP = 1024
 _DECODE_WORKER_MEMORY = 256 * 2**20  #: bytes: a Ray worker with numpy and PIL loaded
+#: Environment for a quiet Ray: no dedup summaries, no Ray Data progress bars or tips.
+_QUIET_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
 
 def import_ray() -> Any:
-    """The ``ray`` module with Ray Data and pyarrow, or a :class:`UsageError` saying how to install them."""
-    try:
-        import pyarrow  # noqa: F401
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise UsageError(INSTALL_HINT) from None
+    """The ``ray`` module with Ray Data and pyarrow, or a MissingExtraError naming ``cfvit-deploy[ray]``."""
+    require("pyarrow", "ray", "--engine ray")
+    ray = require("ray", "ray", "--engine ray")
+    require("ray.data", "ray", "--engine ray")
     return ray
+
+
+def check_ray_arguments(source: Any, provider: str, config: SessionConfig | None, overlay: Any,
+                        workers: int | None, num_actors: int | None, actor_threads: int | None) -> None:
+    """Refuse, before any work, what the Ray engine cannot do; then make sure Ray is installed."""
+    if isinstance(source, CFViTPipeline):
+        raise UsageError("--engine ray needs an export folder or a Manifest, not a ready pipeline")
+    local_only = {"--overlay": overlay is not None, "--threads (use --actor-threads)":
+                  config is not None and config.threads is not None,
+                  "--allow-fallback": config is not None and config.allow_fallback, "workers": workers is not None}
+    for flag, given in local_only.items():
+        if given:
+            raise UsageError(f"{flag} is not supported with --engine ray")
+    for name, value in (("--num-actors", num_actors), ("--actor-threads", actor_threads)):
+        if value is not None:
+            check_positive_int(value, name)
+    if check_provider(provider) not in CPU_PROVIDERS:
+        raise UsageError(f"--engine ray runs CPU providers only ({', '.join(CPU_PROVIDERS)}), got {provider!r}")
+    import_ray()
 
 
 @dataclass(frozen=True)
@@ -120,11 +131,13 @@ def ray_cluster(address: str = "local") -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    _quiet_ray()
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
         if address == "local":
-            ray.init(num_cpus=_machine_cpus(), include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(num_cpus=_machine_cpus(), include_dashboard=False, **quiet)
         else:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, **quiet)
     except (ConnectionError, ValueError) as exc:  # no cluster there; a bad address; ray:// without ray[client]
         raise UsageError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
     try:
@@ -140,91 +153,40 @@ def _machine_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def infer_ray(
-    export_dir: str | Path,
-    inputs: str | Path | Sequence[str | Path],
-    *,
-    eta: float | None = None,
-    batch_size: int = 32,
-    topk: int = 5,
-    recursive: bool = False,
-    provider: str = "cpu",
-    address: str = "local",
-    num_actors: int | None = None,
-    actor_threads: int | None = None,
-    shared_export: bool = False,
-    output: str | Path | None = None,
-    force: bool = False,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    on_row: Callable[[InferRow], None] | None = None,
-    progress: bool = False,
-) -> InferSummary:
-    """Classify image files and folders on Ray; the rows, summary and exit semantics of :func:`infer`.
+def _quiet_ray() -> None:
+    """Keep Ray's own log lines off stderr (the CLI prints only its own lines)."""
+    for name, value in _QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
-    `address`: ``local`` (a private cluster on this machine, shut down afterwards), ``auto`` or a
-    Ray address; `num_actors`, `actor_threads`: see :func:`plan_actors`. `output` may also end in
-    ``.parquet``. `progress` shows Ray Data's progress bars. Raises :class:`UsageError` before any
-    work for bad arguments or a missing Ray, and :class:`InferInterrupted` on Ctrl-C.
+
+def ray_rows(manifest: Manifest, job: InferJob, *, provider: str = "cpu", address: str | None = None,
+             num_actors: int | None = None, actor_threads: int | None = None,
+             shared_export: bool = False) -> Iterator[InferRow]:
+    """The rows of `job` on Ray, in input order; the cluster is connected on the first row, released at the end.
+
+    `address`: ``local`` (default: a private cluster on this machine, shut down afterwards),
+    ``auto`` or a Ray address; `num_actors`, `actor_threads`: see :func:`plan_actors`;
+    `shared_export`: actors load the export folder by path instead of from the object store.
     """
-    if eta is not None:
-        eta = check_eta(eta)
-    for name, value in (("batch size", batch_size), ("topk", topk), ("num actors", num_actors),
-                        ("actor threads", actor_threads), ("max pixels", max_pixels)):
-        optional = name in ("num actors", "actor threads", "max pixels")
-        if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    if check_provider(provider) not in CPU_PROVIDERS:
-        raise UsageError(f"--engine ray runs CPU providers only ({', '.join(CPU_PROVIDERS)}), got {provider!r}")
-    out_path = None if output is None else Path(output)
-    if out_path is not None:
-        if out_path.suffix.lower() not in OUTPUT_SUFFIXES:
-            raise UsageError(f"output {out_path} must end in {', '.join(OUTPUT_SUFFIXES)}")
-        check_output(out_path, force)
-    ray = import_ray()
-    manifest = Manifest.load(export_dir)
-    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    paths = collect_inputs(inputs, recursive)
-    if not paths:
-        raise UsageError(f"no image files found in {', '.join(str(p) for p in inputs) or 'the inputs'}"
-                         f"{'' if recursive else ' (sub-folders need --recursive)'}")
-    topk = min(topk, manifest.num_classes)
-    summary = InferSummary(inputs=len(paths), output=out_path)
-    with ray_cluster(address), contextlib.ExitStack() as stack:
-        emit, note = on_row or (lambda row: None), None
-        if out_path is not None:
-            tmp = stack.enter_context(atomic_write_path(out_path))
-            writer = _open_writer(stack, tmp, out_path.suffix.lower(), topk)
-            emit, note = _tee(writer.row, on_row), writer.note
-        export = str(Path(export_dir).absolute()) if shared_export else [ray.put(_export_files(manifest))]
-        cpus, batches = float(ray.cluster_resources().get("CPU", 0)), math.ceil(len(paths) / batch_size)
+    with ray_cluster(address or "local") as ray:
+        assert manifest.directory is not None
+        export = str(manifest.directory.absolute()) if shared_export else [ray.put(_export_files(manifest))]
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+        batches = math.ceil(len(job.paths) / job.batch_size)
         plan = plan_actors(cpus, num_actors, actor_threads)
         if plan.num_actors > batches:  # an actor per batch at most: more would stay idle
             plan = plan_actors(cpus, batches, plan.threads)
-        ds = _dataset(ray, paths, manifest.preprocessing, max_pixels, batch_size, plan,
-                      (export, provider, eta, topk), progress)
-        start = perf_counter()
-        try:
-            for row in _ordered(ds):
-                emit(row)
-                _count(summary, row)
-        except KeyboardInterrupt:  # as the local engine: finish the file with a note, then re-raise
-            summary.interrupted = True
-            if note is not None:
-                note(summary.rows, summary.inputs)
-        finally:
-            summary.seconds = perf_counter() - start
-    if summary.interrupted:
-        raise InferInterrupted(summary)
-    return summary
+        ds = _dataset(ray, job, manifest.preprocessing, plan, (export, provider, job.eta, job.topk))
+        yield from _ordered(ds)
 
 
-def _count(summary: InferSummary, row: InferRow) -> None:
-    if row.error:
-        summary.errors += 1
-    elif row.stage == "coarse":
-        summary.exited += 1
-    else:
-        summary.fine += 1
+def infer_ray(export_dir: str | Path | Manifest, inputs: Any, **kwargs: Any) -> Any:
+    """``infer(export_dir, inputs, engine="ray", **kwargs)`` (kept for callers of the older name)."""
+    from .infer import infer
+
+    return infer(export_dir, inputs, engine="ray", **kwargs)
 
 
 def _export_files(manifest: Manifest) -> dict[str, bytes]:
@@ -242,25 +204,31 @@ def _load_pipeline_manifest(directory: str | Path) -> Manifest:
     return manifest
 
 
-def _dataset(ray: Any, paths: Sequence[Path], pp: PreprocessConfig, max_pixels: int | None, batch_size: int,
-             plan: ActorPlan, actor_args: tuple[Any, ...], progress: bool) -> Any:
+def _dataset(ray: Any, job: InferJob, pp: PreprocessConfig, plan: ActorPlan, actor_args: tuple[Any, ...]) -> Any:
     """paths -> decode tasks -> actor pool: a Ray Dataset of row records (the JSONL layout plus ``index``).
 
     One block per batch of `batch_size` paths; both stages map whole blocks (no re-bundling).
     """
+    paths, batch_size, max_pixels = job.paths, job.batch_size, job.max_pixels
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
     items = [{"index": i, "path": str(p), "file": str(p.absolute())} for i, p in enumerate(paths)]
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
     # Decode tasks reserve memory for a worker and twice their decoded batch. Being the only op with
     # a memory request also keeps Ray Data from fusing them into the actors (it fuses adjacent maps
     # with equal remote args), which would decode inside the actors, one batch at a time.
     batch_bytes = batch_size * 3 * pp.crop_size**2 * np.dtype(np.float32).itemsize
+    # max_restarts=0: a restarted actor would need the shipped export again (Ray warns about that on
+    # stderr for every actor with object-store constructor arguments); a crashed actor fails the run.
     ds = ds.map_batches(_decode_batch, fn_kwargs={"pp": pp, "max_pixels": max_pixels}, batch_size=None,
                         batch_format="numpy", num_cpus=plan.cpus_per_decode_task,
                         memory=_DECODE_WORKER_MEMORY + 2 * batch_bytes, udf_modifying_row_count=False)
-    ds = ds.map_batches(_PipelineActor, fn_constructor_args=(*actor_args, plan.threads), batch_size=None,
-                        batch_format="numpy", num_cpus=plan.cpus_per_actor, udf_modifying_row_count=False,
-                        compute=ray.data.ActorPoolStrategy(size=plan.num_actors))
-    ds.context.enable_progress_bars = ds.context.print_on_execution_start = progress
+    with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray's own docs pass it so
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(_PipelineActor, fn_constructor_args=(*actor_args, plan.threads), batch_size=None,
+                            batch_format="numpy", num_cpus=plan.cpus_per_actor, udf_modifying_row_count=False,
+                            compute=ray.data.ActorPoolStrategy(size=plan.num_actors), max_restarts=0)
+    ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
     return ds
 
 
@@ -296,35 +264,19 @@ class _PipelineActor:
                 self.pipeline = CFViTPipeline(_load_pipeline_manifest(tmp), provider, config)
         self.eta, self.topk = eta, topk
         self.labels = self.pipeline.manifest.labels()
-        self.schema = pa.schema([("index", pa.int64()), *_row_schema()])
+        self.schema = pa.schema([("index", pa.int64()), *row_schema()])
         self.pa = pa
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        rows = [InferRow(path=str(p), error=str(e)) for p, e in zip(batch["path"], batch["error"])]
+        rows = [InferRow(path=str(p), error=str(e)) for p, e in zip(batch["path"], batch["error"], strict=True)]
         good = np.flatnonzero(batch["ok"])
         if good.size:
             result = self.pipeline.run(np.ascontiguousarray(batch["image"][good]), self.eta)
-            for i, row in zip(good, rows_for_batch(result, [rows[i].path for i in good], self.labels, self.topk)):
+            done = rows_for_batch(result, [rows[i].path for i in good], self.labels, self.topk)
+            for i, row in zip(good, done, strict=True):
                 rows[i] = row
-        records = [{"index": int(i), **row.to_json()} for i, row in zip(batch["index"], rows)]
+        records = [{"index": int(i), **row.to_json()} for i, row in zip(batch["index"], rows, strict=True)]
         return self.pa.Table.from_pylist(records, schema=self.schema)
-
-
-def _row_schema() -> Any:
-    """Arrow fields of a row: :meth:`InferRow.to_json`'s layout."""
-    import pyarrow as pa
-
-    topk = pa.list_(pa.struct([("label", pa.string()), ("prob", pa.float64())]))
-    return [("path", pa.string()), ("stage", pa.string()), ("confidence", pa.float64()), ("patches", pa.int64()),
-            ("topk", topk), ("error", pa.string())]
-
-
-def _row(record: dict[str, Any]) -> InferRow:
-    """:meth:`InferRow.to_json`, inverted."""
-    topk = record["topk"] or []
-    return InferRow(path=record["path"], stage=record["stage"] or "", confidence=record["confidence"],
-                    patches=record["patches"], labels=tuple(t["label"] for t in topk),
-                    probs=tuple(t["prob"] for t in topk), error=record["error"] or "")
 
 
 def _ordered(ds: Any) -> Iterator[InferRow]:
@@ -333,48 +285,9 @@ def _ordered(ds: Any) -> Iterator[InferRow]:
     following = 0
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for record in table.to_pylist():
-            pending[record.pop("index")] = _row(record)
+            pending[record.pop("index")] = InferRow.from_json(record)
         while following in pending:
             yield pending.pop(following)
             following += 1
     if pending:
         raise RuntimeError(f"Ray Data lost rows: {len(pending)} rows wait for row {following}")
-
-
-class _ParquetWriter:
-    """Rows as Parquet in the JSONL record layout, written in row groups as they come."""
-
-    def __init__(self, path: Path) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self.pa, self.schema = pa, pa.schema(_row_schema())
-        self.w = pq.ParquetWriter(path, self.schema)
-        self.buffer: list[dict[str, Any]] = []
-
-    def row(self, r: InferRow) -> None:
-        self.buffer.append(r.to_json())
-        if len(self.buffer) >= _PARQUET_ROW_GROUP:
-            self._flush()
-
-    def note(self, rows: int, inputs: int) -> None:
-        """The interrupted-run note, as the file's ``cfvit.interrupted`` metadata."""
-        self.w.add_key_value_metadata({"cfvit.interrupted": json.dumps({"rows": rows, "inputs": inputs})})
-
-    def _flush(self) -> None:
-        if self.buffer:
-            self.w.write_table(self.pa.Table.from_pylist(self.buffer, schema=self.schema))
-            self.buffer = []
-
-    def close(self) -> None:
-        self._flush()
-        self.w.close()
-
-
-def _open_writer(stack: contextlib.ExitStack, tmp: Path, suffix: str, topk: int) -> Any:
-    if suffix == ".parquet":
-        writer = _ParquetWriter(tmp)
-        stack.callback(writer.close)
-        return writer
-    f = stack.enter_context(open(tmp, "w", encoding="utf-8", newline=""))
-    return (_CsvWriter if suffix == ".csv" else _JsonlWriter)(f, topk)

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from rich.console import Console
 
 import cli
 from cfvit_deploy.errors import OutputExistsError, UsageError
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import load_and_preprocess
+from cfvit_deploy.signals import Terminated
 from runtimes import CFViTPipeline
 from runtimes import infer as infer_mod
+from runtimes import inference as inference_mod
 from runtimes.infer import InferInterrupted, collect_inputs, infer, overlay_names
+from runtimes.sinks import summary_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,14 +116,14 @@ def test_explicit_files_are_always_attempted(export_dir, folder, tmp_path):
 
 
 def test_unexpected_decode_failure_is_an_error_row(export_dir, folder, tmp_path, monkeypatch):
-    real = infer_mod.load_and_preprocess
+    real = inference_mod.load_and_preprocess
 
     def flaky(path, pp, max_pixels):
         if Path(path).name == "b.JPG":
             raise RuntimeError("boom")
         return real(path, pp, max_pixels)
 
-    monkeypatch.setattr(infer_mod, "load_and_preprocess", flaky)
+    monkeypatch.setattr(inference_mod, "load_and_preprocess", flaky)
     out = tmp_path / "r.jsonl"
     s = infer(export_dir, [folder], output=out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -143,7 +146,7 @@ def test_csv_cells_match_an_independent_computation(export_dir, tmp_path):
     with open(out, newline="") as f:
         table = list(csv.reader(f))
     assert table[0] == ["path", "stage", "confidence", "patches", "label_1", "prob_1", "label_2", "prob_2",
-                        "label_3", "prob_3", "error"]
+                        "label_3", "prob_3", "overlay", "error"]
     assert len(table) == 3
     for i, cells in enumerate(table[1:]):
         order = np.argsort(-probs[i])[:3]
@@ -154,7 +157,7 @@ def test_csv_cells_match_an_independent_computation(export_dir, tmp_path):
         for r in range(3):
             assert cells[4 + 2 * r] == manifest.labels()[order[r]]
             assert float(cells[5 + 2 * r]) == pytest.approx(probs[i, order[r]], abs=1e-5)
-        assert cells[10] == ""
+        assert cells[10] == cells[11] == ""
     assert {c[1] for c in table[1:]} == {"coarse", "fine"}
 
 
@@ -164,12 +167,12 @@ def test_jsonl_format(export_dir, folder, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4
     for r in rows[:3]:
-        assert set(r) == {"path", "stage", "confidence", "patches", "topk", "error"}
+        assert set(r) == {"path", "stage", "confidence", "patches", "topk", "overlay", "error"}
         assert r["stage"] in ("coarse", "fine") and r["error"] == "" and 0 < r["confidence"] <= 1
         assert [set(t) for t in r["topk"]] == [{"label", "prob"}] * 2
         assert r["topk"][0]["prob"] >= r["topk"][1]["prob"]
     assert rows[3] == {"path": str(folder / "d.jpg"), "stage": None, "confidence": None, "patches": None,
-                       "topk": [], "error": "not a recognised image format"}
+                       "topk": [], "overlay": "", "error": "not a recognised image format"}
 
 
 def test_topk_is_capped_at_the_number_of_classes(export_dir, folder, tmp_path):
@@ -210,11 +213,10 @@ def test_render_overlay_highlights_the_refined_cells(export_dir):
     assert tuple(img[0, 0]) == (255, 64, 0)  # outline
 
 
-def test_progress_bar(export_dir, folder):
-    buf = io.StringIO()
-    infer(export_dir, [folder], progress=Console(file=buf, force_terminal=True, width=120))
-    text = buf.getvalue()
-    assert "4/4" in text and "img/s" in text and "exit" in text
+def test_progress_hook_is_called_per_row(export_dir, folder):
+    calls = []
+    infer(export_dir, [folder], batch_size=2, progress=lambda task, done, total: calls.append((task, done, total)))
+    assert calls == [("infer", n, 4) for n in range(5)]  # 0 at the start, then once per row
 
 
 def test_decoding_look_ahead_is_bounded(export_dir, tmp_path, monkeypatch):
@@ -224,7 +226,7 @@ def test_decoding_look_ahead_is_bounded(export_dir, tmp_path, monkeypatch):
         paths.append(tmp_path / f"{i:02d}.png")
         paths[-1].write_bytes(src.read_bytes())
     decoded, emitted, batch = [0], [0], 3
-    real = infer_mod.load_and_preprocess
+    real = inference_mod.load_and_preprocess
 
     def counting(*args):
         decoded[0] += 1
@@ -235,21 +237,45 @@ def test_decoding_look_ahead_is_bounded(export_dir, tmp_path, monkeypatch):
             assert decoded[0] <= emitted[0] + 3 * batch  # at most ~two batches decoded ahead
             return super().run(images, eta)
 
-    monkeypatch.setattr(infer_mod, "load_and_preprocess", counting)
+    monkeypatch.setattr(inference_mod, "load_and_preprocess", counting)
     s = infer(Watching(export_dir), [tmp_path], batch_size=batch,
               on_row=lambda row: emitted.__setitem__(0, emitted[0] + 1))
     assert s.images == 31 and emitted[0] == 31
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
-def test_interrupt_leaves_a_complete_file_with_a_note(export_dir, folder, tmp_path, monkeypatch, suffix):
+def read_table(path: Path):
+    """`path` read by pandas and by pyarrow with their defaults; both must agree on the rows."""
+    import pandas as pd
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    suffix = path.suffix
+    frame = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}[suffix](path)
+    arrow = {".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json,
+             ".parquet": pyarrow.parquet.read_table}[suffix](path)
+    assert arrow.num_rows == len(frame) and arrow.column_names == list(frame.columns)
+    return frame
+
+
+CSV_COLUMNS = ["path", "stage", "confidence", "patches", *[f"{c}_{i}" for i in range(1, 6) for c in ("label", "prob")],
+               "overlay", "error"]
+JSON_COLUMNS = ["path", "stage", "confidence", "patches", "topk", "overlay", "error"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("interrupt, signal_name, code", [(KeyboardInterrupt, "SIGINT", 130),
+                                                          (Terminated, "SIGTERM", 143)])
+def test_interrupt_leaves_a_clean_table_and_a_summary(export_dir, folder, tmp_path, monkeypatch, capsys, suffix,
+                                                      interrupt, signal_name, code):
+    """Issue 13 item 4: no `# interrupted` row, no extra columns; "N of M" goes to the summary JSON."""
     calls = [0]
     real = CFViTPipeline.run
 
     def interrupted(self, images, eta=None):
         calls[0] += 1
         if calls[0] == 2:
-            raise KeyboardInterrupt
+            raise interrupt
         return real(self, images, eta)
 
     monkeypatch.setattr(CFViTPipeline, "run", interrupted)
@@ -257,17 +283,43 @@ def test_interrupt_leaves_a_complete_file_with_a_note(export_dir, folder, tmp_pa
     with pytest.raises(InferInterrupted) as info:
         infer(export_dir, [folder], recursive=True, batch_size=2, output=out)
     assert info.value.summary.rows == 2 and info.value.summary.interrupted
-    lines = out.read_text().splitlines()
-    if suffix == ".csv":
-        assert lines[0].startswith("path,") and len(lines) == 4
-        assert lines[-1] == "# interrupted: 2 of 6 inputs written"
-    else:
-        assert len(lines) == 3 and json.loads(lines[-1]) == {"interrupted": True, "rows": 2, "inputs": 6}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", out.name])  # no temp file left
+    assert info.value.signal_name == signal_name
+    table = read_table(out)
+    assert list(table.columns) == (CSV_COLUMNS if suffix == ".csv" else JSON_COLUMNS)
+    assert list(table["path"]) == [str(folder / "a.png"), str(folder / "b.JPG")]
+    assert str(table["patches"].dtype) == "int64" and set(table["stage"]) <= {"coarse", "fine"}
+    summary = json.loads(summary_path(out).read_text())
+    assert (summary["status"], summary["signal"], summary["rows"], summary["inputs"]) == (
+        "interrupted", signal_name, 2, 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", out.name, summary_path(out).name])
 
     calls[0] = 0
-    assert cli.main(["infer", str(export_dir), str(folder), "-r", "--batch-size", "2", "-o", str(out), "--force"]) == 130
-    assert out.read_text().splitlines()[-1] == lines[-1]
+    assert cli.main(["infer", str(export_dir), str(folder), "-r", "--batch-size", "2", "-o", str(out), "--force"]) == code
+    assert capsys.readouterr().err.splitlines() == [f"error: interrupted, 2 of 6 inputs written to {out}"]
+    assert len(read_table(out)) == 2
+
+
+def test_summary_json_on_success(export_dir, folder, tmp_path):
+    out = tmp_path / "r.parquet"
+    s = infer(export_dir, [folder], output=out, batch_size=3)
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["status"] == "complete" and summary["signal"] is None
+    assert (summary["inputs"], summary["rows"], summary["classified"], summary["errors"]) == (4, 4, 3, 1)
+    assert summary["exited"] + summary["fine"] == 3 and summary["engine"] == "local" and summary["batch_size"] == 3
+    manifest = Manifest.load(export_dir)
+    assert summary["export"]["graphs"] == {g: manifest.graphs[g].sha256 for g in ("coarse", "fine")}
+    assert summary["output"] == str(out) and summary["seconds"] == pytest.approx(s.seconds, abs=1e-3)
+    assert list(read_table(out)["path"]) == [str(p) for p in collect_inputs([folder])]
+
+
+def test_an_existing_summary_needs_force(export_dir, folder, tmp_path):
+    out = tmp_path / "r.csv"
+    summary_path(out).write_text("{}")
+    with pytest.raises(OutputExistsError, match="summary.json already exists"):
+        infer(export_dir, [folder], output=out)
+    assert not out.exists()
+    infer(export_dir, [folder], output=out, force=True)
+    assert json.loads(summary_path(out).read_text())["rows"] == 4
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
@@ -289,12 +341,14 @@ def test_cli_exit_codes_and_force(export_dir, folder, tmp_path, capsys):
     [
         (["--eta", "1.5"], "eta must lie in"),
         (["--eta", "nan"], "eta must lie in"),
-        (["--batch-size", "0"], "batch size must be a positive integer"),
-        (["--topk", "0"], "topk must be a positive integer"),
-        (["--threads", "0"], "threads must be a positive integer"),
-        (["--max-pixels", "0"], "max pixels"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--topk", "0"], "--topk must be a positive integer"),
+        (["--threads", "0"], "--threads must be a positive integer"),
+        (["--max-pixels", "0"], "--max-pixels must be a positive integer"),
         (["--provider", "tpu"], "available: cpu, cuda, tensorrt, openvino"),
-        (["-o", "r.txt"], "must end in .csv or .jsonl"),
+        (["-o", "r.txt"], "must end in .csv, .jsonl, .parquet"),
+        (["--engine", "spark"], "--engine must be one of local, ray"),
+        (["--num-actors", "2"], "need --engine ray"),
         (["-o", "missing/r.csv"], "does not exist"),
         (["--batch-size", "many"], ""),
     ],
@@ -337,7 +391,7 @@ def test_cli_jsonl_and_openvino(export_dir, folder, tmp_path):
 def test_library_usage_errors_come_before_any_work(export_dir, folder, tmp_path):
     with pytest.raises(UsageError, match="eta"):
         infer(tmp_path / "not-an-export", [folder], eta=2.0)
-    with pytest.raises(UsageError, match="batch size"):
+    with pytest.raises(UsageError, match="--batch-size"):
         infer(export_dir, [folder], batch_size=True)
     with pytest.raises(UsageError, match="overlay folder's parent"):
         infer(export_dir, [folder], overlay=tmp_path / "no" / "such")
@@ -362,3 +416,173 @@ def test_inference_only_install_never_imports_torch(export_dir, folder, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok (2, 10)" in proc.stdout
     assert len(_csv_rows(out)) == 1
+
+
+# -- batch size and memory (issue 13 item 5) ---------------------------------------------------------
+def test_batch_size_is_capped_at_the_number_of_inputs(export_dir, folder, tmp_path):
+    """`--batch-size 100000` on 4 files ran a 100000-image buffer (56 GiB on 24 files); now 4."""
+    out = tmp_path / "r.csv"
+    s = infer(export_dir, [folder], batch_size=100_000, output=out)
+    assert s.batch_size == 4 and s.rows == 4
+    assert json.loads(summary_path(out).read_text())["batch_size"] == 4
+
+
+def test_batch_that_cannot_fit_is_refused_before_any_work(export_dir, folder, tmp_path, monkeypatch, capsys):
+    manifest = Manifest.load(export_dir)
+    image_bytes = 3 * 224 * 224 * 4
+    assert inference_mod.batch_memory(4, manifest) >= 4 * 3 * image_bytes  # buffer + two batches decoded ahead
+    monkeypatch.setattr(inference_mod, "available_memory", lambda: 2**20)  # 1 MiB free
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the pipeline was built before the batch size was checked")
+
+    monkeypatch.setattr(CFViTPipeline, "__init__", no_pipeline)
+    out = tmp_path / "r.csv"
+    with pytest.raises(UsageError, match="a batch of 4 images needs about .* GiB of buffers, more than the 0.0 GiB"):
+        infer(export_dir, [folder], batch_size=100_000, output=out)
+    assert cli.main(["infer", str(export_dir), str(folder), "--batch-size", "100000", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: a batch of 4 images needs") and "--batch-size" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written
+    monkeypatch.setattr(inference_mod, "available_memory", lambda: inference_mod.batch_memory(1, manifest))
+    with pytest.raises(AssertionError, match="pipeline was built"):  # batch 1 fits: the check lets it through
+        infer(export_dir, [folder / "a.png"], output=out)
+
+
+# -- overlays of name-clashing inputs (issue 13 item 18) ---------------------------------------------
+def test_overlay_column_names_each_inputs_overlay(export_dir, tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    paths = [_image(tmp_path / "x" / "gh.png", 21), _image(tmp_path / "y" / "gh.png", 22, (180, 260))]
+    out, overlay = tmp_path / "r.csv", tmp_path / "ov"
+    infer(export_dir, paths, eta=1.0, output=out, overlay=overlay)  # eta 1: both go to the fine stage
+    rows = _csv_rows(out)
+    assert [r["stage"] for r in rows] == ["fine", "fine"]
+    assert [r["overlay"] for r in rows] == [str(overlay / "gh.png"), str(overlay / "gh-1.png")]
+    manifest = Manifest.load(export_dir)
+    for row in rows:  # each named PNG is the overlay of that row's input, rendered independently here
+        image = load_and_preprocess(Path(row["path"]), manifest.preprocessing)
+        res = CFViTPipeline(manifest).run(image[None], 1.0)
+        want = np.asarray(infer_mod.render_overlay(image, res.informative_idx[0], 7, manifest.preprocessing))
+        with Image.open(row["overlay"]) as got:
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+# -- real signals and racing writers, in separate processes ------------------------------------------
+#: Runs `cli.main(argv)` with every pipeline call from the third on slowed down, after touching READY.
+SLOW_CHILD = textwrap.dedent("""
+    import pathlib, sys, time
+    from runtimes.pipeline import CFViTPipeline
+    ready, calls, real = pathlib.Path(sys.argv[1]), [0], CFViTPipeline.run
+
+    def slow(self, images, eta=None):
+        calls[0] += 1
+        if calls[0] >= 3:
+            ready.touch()
+            time.sleep(0.5)
+        return real(self, images, eta)
+
+    CFViTPipeline.run = slow
+    import cli
+    sys.exit(cli.main(sys.argv[2:]))
+""")
+
+
+def _many_images(folder: Path, n: int) -> list[Path]:
+    folder.mkdir()
+    src = _image(folder / "img_000.png", 5, (32, 32)).read_bytes()
+    for i in range(1, n):
+        (folder / f"img_{i:03d}.png").write_bytes(src)
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.parametrize("signum, code, suffix", [(signal.SIGTERM, 143, ".csv"), (signal.SIGINT, 130, ".jsonl")])
+def test_real_signal_mid_run_keeps_a_clean_partial_table(export_dir, tmp_path, signum, code, suffix):
+    """Issue 13 items 3 and 4: SIGTERM (as `timeout`/docker/k8s send) behaves as Ctrl-C: rows kept, one line, 143."""
+    paths = _many_images(tmp_path / "in", 40)
+    out, ready = tmp_path / f"r{suffix}", tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(ready), "infer", str(export_dir), str(tmp_path / "in"),
+                             "--batch-size", "4", "-o", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists():  # two batches (8 rows) are done, the third is running
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was signalled"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr
+    summary = json.loads(summary_path(out).read_text())
+    n = summary["rows"]
+    assert summary["status"] == "interrupted" and summary["signal"] == signum.name and 8 <= n < 40
+    assert stderr.splitlines() == [f"error: interrupted, {n} of 40 inputs written to {out}"]
+    table = read_table(out)
+    assert list(table["path"]) == [str(p) for p in paths[:n]] and (table["error"].fillna("") == "").all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "ready", out.name, summary_path(out).name])
+
+
+#: Two writers of the same output: each waits in its first pipeline call until the other got there too,
+#: so both passed the up-front "already exists" check before either renames its output into place.
+RACE_CHILD = textwrap.dedent("""
+    import pathlib, sys, time
+    from runtimes.pipeline import CFViTPipeline
+    me, other, real = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), CFViTPipeline.run
+
+    def gated(self, images, eta=None):
+        me.touch()
+        deadline = time.monotonic() + 120
+        while not other.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return real(self, images, eta)
+
+    CFViTPipeline.run = gated
+    import cli
+    sys.exit(cli.main(sys.argv[3:]))
+""")
+
+
+def test_two_writers_of_one_output_exactly_one_wins(export_dir, folder, tmp_path):
+    """Issue 13 item 2: both runs used to exit 0 and the file kept one run's rows.
+
+    NOTE for the merge: the no-clobber final rename lives in cfvit_deploy/io.py (the `userpath` branch);
+    on a branch without it this test fails (both exit 0) - that is the bug it pins.
+    """
+    out, gates = tmp_path / "same.csv", tmp_path / "gates"
+    gates.mkdir()
+    argv = ["infer", str(export_dir), str(folder), "-o", str(out)]
+    procs = [subprocess.Popen([sys.executable, "-c", RACE_CHILD, str(gates / me), str(gates / other), *argv],
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True) for me, other in (("a", "b"), ("b", "a"))]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [1, 2], results  # the winner: exit 1 (d.jpg is corrupt); the loser: exit 2
+    loser = next(err for code, err in results if code == 2)
+    assert loser.splitlines()[-1].startswith("error: ") and "already exists" in loser
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "gates", out.name, summary_path(out).name])
+    assert len(read_table(out)) == 4 and json.loads(summary_path(out).read_text())["rows"] == 4
+
+
+def test_cli_progress_bar_on_a_terminal(export_dir, folder, tmp_path, monkeypatch):
+    """The CLI passes a rich ProgressHook (only on a terminal); the library draws nothing itself."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=buf, force_terminal=True, width=100))
+    assert cli.main(["infer", str(export_dir), str(folder), "-o", str(tmp_path / "r.csv")]) == 1
+    assert "infer" in buf.getvalue() and "4/4" in buf.getvalue()
+
+
+def test_parquet_without_pyarrow_names_the_extra(export_dir, folder, tmp_path, monkeypatch, capsys):
+    """Issue 13 item 13: Parquet from the local engine needs pyarrow, asked for by its extra before any work."""
+    from cfvit_deploy.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    out = tmp_path / "r.parquet"
+    with pytest.raises(MissingExtraError, match=r"pip install 'cfvit-deploy\[parquet\]'"):
+        infer(export_dir, [folder], output=out)
+    assert cli.main(["infer", str(export_dir), str(folder), "-o", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: pyarrow is not installed (needed for Parquet output): pip install 'cfvit-deploy[parquet]'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

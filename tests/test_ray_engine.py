@@ -1,4 +1,5 @@
-"""`cfvit infer --engine ray`: same rows as the local engine on a 2-CPU Ray cluster, resource plan, no-Ray error."""
+"""`cfvit infer --engine ray`: same rows as the local engine on a 2-CPU Ray cluster, resource plan, no-Ray error,
+interrupts kept by the shared shell, no Ray log lines on stderr."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import pytest
 from PIL import Image
 
 import cli
-from cfvit_deploy.errors import ManifestError, UsageError
-from runtimes.infer import InferRow, infer
-from runtimes.ray_engine import INSTALL_HINT, _load_pipeline_manifest, infer_ray, plan_actors
-
+from cfvit_deploy.errors import ManifestError, MissingExtraError, UsageError
+from runtimes.infer import InferInterrupted, InferRow, infer
+from runtimes.ray_engine import _load_pipeline_manifest, infer_ray, plan_actors
+from runtimes.sinks import summary_path
 from tests.conftest import FIXTURES
 
 EXPORT = "deit_g7"
@@ -92,14 +93,16 @@ def _read(path: Path) -> list[dict]:
             topk = [{"label": r[f"label_{i}"], "prob": float(r[f"prob_{i}"])} for i in ranks if r[f"label_{i}"]]
             records.append({"path": r["path"], "stage": r["stage"] or None,
                             "confidence": float(r["confidence"]) if r["confidence"] else None,
-                            "patches": int(r["patches"]) if r["patches"] else None, "topk": topk, "error": r["error"]})
+                            "patches": int(r["patches"]) if r["patches"] else None, "topk": topk,
+                            "overlay": r["overlay"], "error": r["error"]})
     return records
 
 
 def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
     assert [r["path"] for r in got] == [r["path"] for r in want]  # one row per file, input order
-    for g, w in zip(got, want):
-        assert (g["stage"], g["patches"], g["error"]) == (w["stage"], w["patches"], w["error"]), g["path"]
+    for g, w in zip(got, want, strict=True):
+        assert (g["stage"], g["patches"], g["overlay"], g["error"]) == (
+            w["stage"], w["patches"], w["overlay"], w["error"]), g["path"]
         assert [t["label"] for t in g["topk"]] == [t["label"] for t in w["topk"]], g["path"]
         np.testing.assert_allclose([t["prob"] for t in g["topk"]], [t["prob"] for t in w["topk"]], atol=TOL)
         if w["confidence"] is None:
@@ -110,10 +113,10 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def local_rows(export: Path, images: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
-    """The local engine's rows (CLI), as JSONL and CSV."""
+    """The local engine's rows (CLI), as JSONL, CSV and Parquet."""
     out = tmp_path_factory.mktemp("ray-local")
     rows = {}
-    for suffix in (".jsonl", ".csv"):
+    for suffix in (".jsonl", ".csv", ".parquet"):
         assert _cli(export, *images, "--batch-size", 8, "--output", out / f"local{suffix}") == 1  # error rows
         rows[suffix] = _read(out / f"local{suffix}")
     stages = [r["stage"] for r in rows[".jsonl"]]
@@ -129,7 +132,13 @@ def test_cli_ray_rows_equal_local(ray_2cpu, export, images, local_rows, tmp_path
     args = (export, *images, "--engine", "ray", "--batch-size", 8, "--num-actors", num_actors, "--output", out)
     assert _cli(*args) == 2 and out.read_text() == "old"  # exists, no --force
     assert _cli(*args, "--force") == 1  # error rows -> exit 1, like the local engine
-    _assert_same_rows(_read(out), local_rows[".jsonl" if suffix == ".parquet" else suffix])
+    _assert_same_rows(_read(out), local_rows[suffix])
+    if suffix == ".parquet":  # the two engines write the same Parquet schema
+        import pyarrow.parquet as pq
+
+        from runtimes.sinks import row_schema
+
+        assert pq.read_schema(out).remove_metadata().equals(row_schema())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
@@ -149,13 +158,14 @@ def test_decode_runs_in_its_own_tasks(ray_2cpu, export, images) -> None:
     """Ray Data must not fuse decoding into the actors (it fuses maps with equal remote args)."""
     from cfvit_deploy.manifest import Manifest
     from runtimes.infer import collect_inputs
+    from runtimes.inference import InferJob
     from runtimes.ray_engine import _dataset, _ordered
 
     manifest = Manifest.load(export)
     plan = plan_actors(2, num_actors=1, actor_threads=1)
     assert plan.cpus_per_actor == plan.cpus_per_decode_task == 1.0  # the case where fusion would happen
-    ds = _dataset(ray_2cpu, collect_inputs(images), manifest.preprocessing, None, 8, plan,
-                  (str(export), "cpu", None, 3), False)
+    job = InferJob(collect_inputs(images), None, 8, 3, None, None)
+    ds = _dataset(ray_2cpu, job, manifest.preprocessing, plan, (str(export), "cpu", None, 3))
     assert len(list(_ordered(ds))) == 25
     stats = ds.stats()
     assert "MapBatches(_decode_batch):" in stats and "MapBatches(_PipelineActor):" in stats
@@ -168,7 +178,7 @@ def test_plan_leaves_cpus_for_decoding(cpus, num_actors, threads) -> None:
     plan = plan_actors(cpus, num_actors, threads)
     assert plan.num_actors == (num_actors or plan.num_actors) and plan.num_actors >= 1
     assert plan.threads == (threads or plan.threads) and plan.threads >= 1
-    assert 0 < plan.cpus_per_actor and (plan.cpus_per_actor <= 1 or plan.cpus_per_actor.is_integer())
+    assert plan.cpus_per_actor > 0 and (plan.cpus_per_actor <= 1 or plan.cpus_per_actor.is_integer())
     assert plan.num_actors * plan.cpus_per_actor + plan.decode_cpus <= cpus + 1e-9
     assert 0 < plan.cpus_per_decode_task <= plan.decode_cpus
     if cpus >= 2:
@@ -190,10 +200,11 @@ def test_plan_two_cpus() -> None:
 
 def test_without_ray_says_how_to_install(monkeypatch, export, images, tmp_path, capsys) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(UsageError, match=r"pip install 'cfvit-deploy\[ray\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'cfvit-deploy\[ray\]'"):
         infer_ray(export, images)
-    assert _cli(export, *images, "--engine", "ray", "--output", tmp_path / "r.csv") == 2
-    assert INSTALL_HINT in capsys.readouterr().err
+    assert _cli(export, *images, "--engine", "ray", "--output", tmp_path / "r.csv") == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: ray is not installed (needed for --engine ray): pip install 'cfvit-deploy[ray]'"]
     assert not (tmp_path / "r.csv").exists()
 
 
@@ -201,11 +212,13 @@ def test_without_ray_says_how_to_install(monkeypatch, export, images, tmp_path, 
     (["--engine", "ray", "--overlay", "ov"], "--overlay is not supported"),
     (["--engine", "ray", "--threads", "2"], "--actor-threads"),
     (["--engine", "ray", "--provider", "cuda"], "CPU providers only"),
-    (["--engine", "ray", "--num-actors", "0"], "num actors must be a positive integer"),
+    (["--engine", "ray", "--allow-fallback"], "--allow-fallback is not supported"),
+    (["--engine", "ray", "--num-actors", "0"], "--num-actors must be a positive integer"),
+    (["--engine", "ray", "--actor-threads", "0"], "--actor-threads must be a positive integer"),
     (["--engine", "ray", "--output", "r.txt"], ".parquet"),
-    (["--engine", "spark"], "unknown engine"),
+    (["--engine", "spark"], "--engine must be one of local, ray"),
     (["--num-actors", "2"], "need --engine ray"),
-    (["--output", "r.parquet"], "must end in .csv or .jsonl"),
+    (["--shared-export"], "need --engine ray"),
 ])
 def test_usage_errors(export, images, tmp_path, monkeypatch, capsys, args, message) -> None:
     monkeypatch.chdir(tmp_path)
@@ -233,5 +246,27 @@ def test_cli_starts_and_stops_its_own_cluster(export, images, local_rows, tmp_pa
     proc = subprocess.run([sys.executable, str(Path(cli.__file__)), "infer", str(export), *map(str, images),
                            "--engine", "ray", "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
-    assert "errors: 4" in proc.stderr
+    # issue 13 item 11: only the command's own summary line, none of Ray's WARNING/E/INFO lines
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("files: 25") and "errors: 4" in lines[0], proc.stderr
     _assert_same_rows(_read(out), local_rows[".jsonl"])
+    assert json.loads(summary_path(out).read_text())["engine"] == "ray"
+
+
+def test_ray_interrupt_keeps_the_rows_done(ray_2cpu, export, images, local_rows, tmp_path) -> None:
+    """Ctrl-C while Ray rows arrive: the shared shell keeps them as a clean Parquet table plus the summary."""
+    import pandas as pd
+
+    out, seen = tmp_path / "r.parquet", []
+
+    def stop_after_five(row: InferRow) -> None:
+        seen.append(row)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(InferInterrupted) as info:
+        infer(export, images, engine="ray", batch_size=4, output=out, on_row=stop_after_five)
+    assert (info.value.summary.rows, info.value.summary.inputs) == (5, 25)
+    table = pd.read_parquet(out)
+    assert list(table["path"]) == [r["path"] for r in local_rows[".jsonl"][:5]]
+    assert json.loads(summary_path(out).read_text())["status"] == "interrupted"

@@ -66,7 +66,7 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
     report.save(out / "validation.json")
     step("validate")
     summary = infer(out / "export", [data / "val"], recursive=True, eta=manifest.default_eta,
-                    output=out / "predictions.csv", overlay=out / "overlays", progress=False)
+                    output=out / "predictions.csv", overlay=out / "overlays")
     step("infer")
     swept = sweep(out / "export", data / "val", "0:1:0.1")
     swept.save(out / "sweep")
