@@ -318,28 +318,48 @@ def sweep_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use at most N images (seeded sample)."),
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Accept a fallback to the CPU provider."),
+    max_drop: Optional[float] = typer.Option(
+        None, "--max-drop", help="Choose the cheapest eta whose top-1 is at most this many points below eta=1."),
+    max_latency_ms: Optional[float] = typer.Option(
+        None, "--max-latency-ms", help="Choose the most accurate eta within this measured ms per image (at --batch-size)."),
+    write_eta: bool = typer.Option(False, "--write-eta", help="Store the chosen eta as the export's default_eta."),
     out: Path = typer.Option(Path("sweep"), "--out", "-o", help="Output folder (sweep.json, sweep.csv, sweep.png)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
-    """Accuracy, exit rate, expected GMACs and measured img/s for each eta, with the trade-off plot."""
+    """Accuracy, exit rate, expected GMACs and measured img/s for each eta, with the trade-off plot.
+
+    With --max-drop or --max-latency-ms it also chooses eta for that budget (and with --write-eta makes it the export's default).
+    """
     from rich.table import Table
 
+    from cfvit_deploy.app.sweep import check_plotting, sweep, write_default_eta
     from cfvit_deploy.io import check_output
-    from cfvit_deploy.app.sweep import sweep
 
+    if write_eta and max_drop is None and max_latency_ms is None:
+        raise UsageError("--write-eta needs a budget: --max-drop or --max-latency-ms")
     check_output(out, force)
+    check_plotting()
     result = sweep(export_dir, folder, etas, provider=provider, batch_size=batch_size, threads=threads,
-                   max_images=max_images, allow_fallback=allow_fallback, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+                   max_images=max_images, allow_fallback=allow_fallback, max_drop=max_drop,
+                   max_latency_ms=max_latency_ms,
+                   progress=lambda task, done, total: console.print(f"[dim]{task}: eta {done}/{total}[/dim]"))
     table = Table(title=f"cfvit sweep: {result.n_images} images, {provider}, batch {batch_size}")
-    for col in ("eta", "top-1", "exit rate", "GMACs/img", "img/s"):
+    for col in ("eta", "top-1", "exit rate", "GMACs/img", "img/s", "ms/img"):
         table.add_column(col, justify="right")
     for r in result.rows:
         table.add_row(f"{r.eta:.2f}", f"{100 * r.accuracy:.1f}%", f"{100 * r.exit_rate:.0f}%",
-                      f"{r.expected_gmacs:.3f}", f"{r.img_per_s:.1f}")
+                      f"{r.expected_gmacs:.3f}", f"{r.img_per_s:.1f}", f"{r.ms_per_image:.3f}")
     Console().print(table)
     if result.skipped_files:
         console.print(f"skipped {len(result.skipped_files)} unreadable files (listed in sweep.json)")
     console.print(f"wrote {result.save(out, force=force)}/sweep.json, sweep.csv, sweep.png")
+    if result.choice:
+        c = result.choice
+        print(f"chosen eta {c['eta']:g}: top-1 {100 * c['accuracy']:.1f}%, exit rate {100 * c['exit_rate']:.0f}%, "
+              f"{c['ms_per_image']:.3f} ms/image (batch {batch_size}), {c['expected_gmacs']:.3f} GMACs/image")
+        if write_eta:
+            write_default_eta(export_dir, c["eta"], chosen_by=c)
+            print(f"wrote default_eta {c['eta']:g} to {export_dir / 'manifest.json'}")
 
 
 @app.command("demo")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cfvit_deploy import UsageError
+from cfvit_deploy.app.sweep import SweepResult, SweepRow, choose_eta, parse_etas, sweep, write_default_eta
+from cfvit_deploy.errors import CFViTError
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import load_and_preprocess
 from runtimes import CFViTPipeline
-from cfvit_deploy.app.sweep import parse_etas, sweep
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +81,75 @@ def test_class_folders_must_fit_the_model(tmp_path, export_dir_factory):
         Image.new("RGB", (32, 32)).save(tmp_path / f"k{c:02d}" / "a.png")
     with pytest.raises(UsageError, match="11 class folders; the model has 10"):
         sweep(export_dir_factory("deit_g7"), tmp_path, "0.5")
+
+
+def _result(rows: list[tuple[float, float, float, float]]) -> SweepResult:
+    """(eta, accuracy, expected GMACs, ms per image) rows."""
+    return SweepResult("e", "f", "cpu", 8, 100, [], {"coarse": 1.0, "fine": 3.0},
+                       [SweepRow(e, a, 0.0, g, 1000 / ms, ms) for e, a, g, ms in rows])
+
+
+ROWS = [(0.0, 0.60, 1.0, 1.0), (0.5, 0.70, 1.6, 1.6), (0.7, 0.745, 2.0, 2.0), (0.9, 0.75, 2.6, 2.6), (1.0, 0.75, 3.0, 3.0)]
+
+
+@pytest.mark.parametrize(("max_drop", "eta"), [(0, 0.9), (0.5, 0.7), (5, 0.5), (4.9, 0.7), (100, 0.0)])
+def test_max_drop_picks_the_cheapest_eta_within_the_drop(max_drop, eta):
+    choice = choose_eta(_result(ROWS), max_drop=max_drop)
+    assert choice["eta"] == eta
+    assert choice["budget"] == {"max_drop": max_drop, "reference_eta": 1.0, "reference_accuracy": 0.75}
+
+
+@pytest.mark.parametrize(("ms", "eta"), [(3.0, 0.9), (2.6, 0.9), (2.5, 0.7), (1.0, 0.0)])
+def test_max_latency_picks_the_most_accurate_eta_within_it(ms, eta):
+    assert choose_eta(_result(ROWS), max_latency_ms=ms)["eta"] == eta
+
+
+def test_budget_errors():
+    with pytest.raises(CFViTError, match="no eta meets --max-latency-ms 0.5: the fastest measured is 1.000 ms"):
+        choose_eta(_result(ROWS), max_latency_ms=0.5)
+    with pytest.raises(UsageError, match="not both"):
+        choose_eta(_result(ROWS), max_drop=1, max_latency_ms=1)
+    with pytest.raises(UsageError, match="--max-drop must be a number >= 0"):
+        choose_eta(_result(ROWS), max_drop=-1)
+    with pytest.raises(UsageError, match="eta = 1 row"):
+        choose_eta(_result(ROWS[:-1]), max_drop=1)
+
+
+def test_max_drop_adds_the_reference_eta(labelled, export_dir_factory):
+    result = sweep(export_dir_factory("deit_g7"), labelled, "0,0.5", batch_size=6, max_drop=100)
+    assert [r.eta for r in result.rows] == [0.0, 0.5, 1.0]
+    assert result.choice["eta"] == 0.0 and result.choice["exit_rate"] == 1.0  # everything may exit
+
+
+def test_cli_budget_writes_default_eta(labelled, export_dir_factory, tmp_path, capsys):
+    from cli import main
+
+    export_dir = tmp_path / "export"
+    shutil.copytree(export_dir_factory("deit_g7"), export_dir)
+    before = Manifest.load(export_dir)
+    assert before.default_eta != 0.0
+    args = ["sweep", str(export_dir), str(labelled), "--etas", "0,0.5,1", "--batch-size", "6"]
+    assert main([*args, "--max-drop", "100", "--write-eta", "--out", str(tmp_path / "s1")]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen eta 0: top-1" in printed and "exit rate 100%" in printed and "ms/image" in printed
+    after = Manifest.load(export_dir)  # verifies every graph's sha256 again
+    assert after.default_eta == 0.0
+    assert after.source["default_eta_chosen_by"]["budget"]["max_drop"] == 100.0
+    assert {n: g.sha256 for n, g in after.graphs.items()} == {n: g.sha256 for n, g in before.graphs.items()}
+    data = json.loads((tmp_path / "s1" / "sweep.json").read_text())
+    assert data["choice"]["eta"] == 0.0
+    assert not [p for p in export_dir.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    for bad in (["--max-drop", "1", "--max-latency-ms", "5"], ["--write-eta"], ["--max-drop", "-1"]):
+        assert main([*args, *bad, "--out", str(tmp_path / "bad")]) == 2, bad
+    assert Manifest.load(export_dir).default_eta == 0.0
+
+
+@pytest.mark.slow
+def test_written_default_eta_still_validates(export_dir_factory, tmp_path):
+    from exporters import validate
+
+    export_dir = tmp_path / "export"
+    shutil.copytree(export_dir_factory("deit_g7"), export_dir)
+    write_default_eta(export_dir, 0.35, chosen_by={"budget": {"max_drop": 1.0}})
+    assert Manifest.load(export_dir).default_eta == 0.35
+    assert validate(export_dir, batch_sizes=(2,)).passed

@@ -3,15 +3,22 @@
 For each η on a labelled folder (``FOLDER/<class>/<images>``): top-1 accuracy, the fraction of images
 that exit at the coarse stage, the expected GMACs per image (from the manifest's per-stage counts) and
 the images/s measured through :class:`CFViTPipeline` (the gate and gather included). Torch-free.
+
+With a budget, :func:`choose_eta` picks η from the measured rows: ``max_drop`` (top-1 points below
+η = 1) takes the cheapest η (fewest expected GMACs) within the drop; ``max_latency_ms`` (measured ms per
+image at the sweep's batch size) takes the most accurate η within the latency. :func:`write_default_eta`
+stores the choice as the export's ``default_eta``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -19,13 +26,20 @@ from typing import Any
 import numpy as np
 
 from runtimes.backends import SessionConfig
-from runtimes.pipeline import CFViTPipeline, check_eta
+from runtimes.pipeline import CFViTPipeline
 
+from ..checks import check_batch_size, check_etas, check_positive_int, parse_etas
 from ..data.listing import list_image_folder
-from ..errors import ImageError, UsageError
+from ..data.reader import read_images
+from ..errors import CFViTError, UsageError
+from ..extras import require
 from ..io import atomic_directory
-from ..manifest import Manifest
-from ..preprocessing import load_and_preprocess
+from ..manifest import MANIFEST_NAME, Manifest
+from ..progress import ProgressHook, report
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SweepRow", "SweepResult", "sweep", "choose_eta", "write_default_eta", "parse_etas"]
 
 
 @dataclass(frozen=True)
@@ -48,12 +62,15 @@ class SweepResult:
     skipped_files: list[str]
     gmacs: dict[str, float]
     rows: list[SweepRow] = field(default_factory=list)
+    #: the η chosen for a budget (:func:`choose_eta`): the row's fields plus the budget and reference
+    choice: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def save(self, out_dir: str | Path, force: bool = False) -> Path:
         """Write sweep.json, sweep.csv and sweep.png into a new folder (atomically)."""
+        check_plotting()
         out = Path(out_dir)
         with atomic_directory(out, force=force) as tmp:
             (tmp / "sweep.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -65,25 +82,13 @@ class SweepResult:
         return out
 
 
-def parse_etas(spec: str) -> list[float]:
-    """"0:1:0.05" (start:stop:step, stop included) or "0.3,0.5,0.7" -> sorted η values in [0, 1]."""
-    try:
-        if ":" in spec:
-            start, stop, step = (float(v) for v in spec.split(":"))
-            if step <= 0:
-                raise ValueError
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
-            values = [round(start + i * step, 10) for i in range(n)]
-        else:
-            values = [float(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--etas expects start:stop:step or a comma-separated list, got {spec!r}") from None
-    if not values:
-        raise UsageError(f"--etas {spec!r} gives no values")
-    return sorted({check_eta(v) for v in values})
+def check_plotting() -> None:
+    """The plot needs matplotlib (the ``bench`` extra): check before anything is computed."""
+    require("matplotlib", purpose="the sweep plot")
 
 
 def _labelled_images(folder: Path, manifest: Manifest, max_images: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images and labels of ``folder/<class>/...`` (unreadable files skipped and reported)."""
     classes, files = list_image_folder(folder)
     if manifest.class_names:
         index = {name: i for i, name in enumerate(manifest.class_names)}
@@ -94,38 +99,38 @@ def _labelled_images(folder: Path, manifest: Manifest, max_images: int | None) -
         if len(classes) > manifest.num_classes:
             raise UsageError(f"{folder} has {len(classes)} class folders; the model has {manifest.num_classes} classes")
         index = {name: i for i, name in enumerate(classes)}
-    samples = [(p, index[c]) for c in classes for p in files[c]]
-    if max_images is not None:
-        rng = np.random.default_rng(0)
-        samples = [samples[i] for i in sorted(rng.permutation(len(samples))[:max_images])]
-    images, labels, skipped = [], [], []
-    for path, label in samples:
-        try:
-            images.append(load_and_preprocess(path, manifest.preprocessing))
-            labels.append(label)
-        except ImageError as exc:
-            skipped.append(str(exc))
-    if not images:
-        raise UsageError(f"no readable images in {folder}")
-    return np.stack(images), np.asarray(labels), skipped
+    label_of = {p: index[c] for c in classes for p in files[c]}
+    paths = list(label_of)
+    if max_images is not None:  # a seeded sample of readable images
+        paths = [paths[i] for i in np.random.default_rng(0).permutation(len(paths))]
+    read = read_images(paths, manifest.preprocessing, limit=max_images, name="FOLDER")
+    skipped = [f"{path}: {reason}" for path, reason in read.skipped]
+    return read.images, np.asarray([label_of[p] for p in read.paths]), skipped
 
 
 def sweep(
     export_dir: str | Path,
     folder: str | Path,
-    etas: list[float] | str = "0:1:0.05",
+    etas: Sequence[float] | str = "0:1:0.05",
     *,
     provider: str = "cpu",
     batch_size: int = 32,
     threads: int | None = None,
     max_images: int | None = None,
     allow_fallback: bool = False,
-    progress: Callable[[str], None] | None = None,
+    max_drop: float | None = None,
+    max_latency_ms: float | None = None,
+    progress: ProgressHook | None = None,
 ) -> SweepResult:
-    """Measure accuracy, exit rate, expected GMACs and img/s for every η."""
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    eta_values = parse_etas(etas) if isinstance(etas, str) else sorted({check_eta(e) for e in etas})
+    """Measure accuracy, exit rate, expected GMACs and img/s for every η; with a budget (`max_drop` in
+    top-1 points vs η = 1, or `max_latency_ms` per image) also choose η (:attr:`SweepResult.choice`)."""
+    batch_size = check_batch_size(batch_size)
+    if max_images is not None:
+        max_images = check_positive_int(max_images, "--max-images")
+    eta_values = parse_etas(etas) if isinstance(etas, str) else check_etas(etas)
+    _check_budget(max_drop, max_latency_ms)
+    if max_drop is not None and 1.0 not in eta_values:
+        eta_values.append(1.0)  # the reference the drop is measured from
     manifest = Manifest.load(export_dir)
     images, labels, skipped = _labelled_images(Path(folder), manifest, max_images)
     pipe = CFViTPipeline(manifest, provider, SessionConfig(threads=threads, allow_fallback=allow_fallback))
@@ -133,7 +138,7 @@ def sweep(
     pipe.run(images[batches[0]], 1.0)  # warm-up: both sessions, first-run allocations
     coarse, fine = manifest.gmacs["coarse"], manifest.gmacs["fine"]
     result = SweepResult(str(export_dir), str(folder), provider, batch_size, len(images), skipped, dict(manifest.gmacs))
-    for eta in eta_values:
+    for done, eta in enumerate(eta_values, 1):
         correct = exited = 0
         elapsed = 0.0
         for sl in batches:
@@ -146,9 +151,68 @@ def sweep(
         row = SweepRow(eta, correct / len(images), exit_rate, coarse + (1 - exit_rate) * (fine - coarse),
                        len(images) / elapsed, 1000 * elapsed / len(images))
         result.rows.append(row)
-        if progress:
-            progress(f"eta {eta:.2f}: top-1 {row.accuracy:.3f}, exit {row.exit_rate:.2f}, {row.img_per_s:.1f} img/s")
+        log.info("eta %.2f: top-1 %.3f, exit %.2f, %.1f img/s", eta, row.accuracy, row.exit_rate, row.img_per_s)
+        report(progress, "sweep", done, len(eta_values))
+    if max_drop is not None or max_latency_ms is not None:
+        result.choice = choose_eta(result, max_drop=max_drop, max_latency_ms=max_latency_ms)
     return result
+
+
+def _check_budget(max_drop: float | None, max_latency_ms: float | None) -> None:
+    if max_drop is not None and max_latency_ms is not None:
+        raise UsageError("give one budget: --max-drop or --max-latency-ms, not both")
+    for name, value in (("--max-drop", max_drop), ("--max-latency-ms", max_latency_ms)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+            raise UsageError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def choose_eta(result: SweepResult, *, max_drop: float | None = None,
+               max_latency_ms: float | None = None) -> dict[str, Any]:
+    """The η a budget allows, from measured rows.
+
+    `max_drop` (top-1 points below the η = 1 row): the cheapest η (fewest expected GMACs, then the more
+    accurate, then the lower η) within the drop. `max_latency_ms` (measured ms per image): the most
+    accurate η within it (then the cheaper). No η within the budget is a :class:`CFViTError`.
+    """
+    _check_budget(max_drop, max_latency_ms)
+    rows = result.rows
+    if max_drop is not None:
+        reference = next((r for r in rows if r.eta == 1.0), None)
+        if reference is None:
+            raise UsageError("--max-drop needs the eta = 1 row (the reference accuracy) in the sweep")
+        floor = reference.accuracy - max_drop / 100 - 1e-12  # tolerance: accuracies are counts / n
+        fits = [r for r in rows if r.accuracy >= floor]
+        best = min(fits, key=lambda r: (r.expected_gmacs, -r.accuracy, r.eta))
+        budget = {"max_drop": float(max_drop), "reference_eta": 1.0, "reference_accuracy": reference.accuracy}
+    elif max_latency_ms is not None:
+        fits = [r for r in rows if r.ms_per_image <= max_latency_ms]
+        if not fits:
+            fastest = min(r.ms_per_image for r in rows)
+            raise CFViTError(f"no eta meets --max-latency-ms {max_latency_ms:g}: the fastest measured is "
+                             f"{fastest:.3f} ms per image (batch {result.batch_size})")
+        best = max(fits, key=lambda r: (r.accuracy, -r.expected_gmacs, -r.eta))
+        budget = {"max_latency_ms": float(max_latency_ms)}
+    else:
+        raise UsageError("choose_eta needs a budget: max_drop or max_latency_ms")
+    return {**asdict(best), "budget": budget, "batch_size": result.batch_size, "provider": result.provider}
+
+
+def write_default_eta(export_dir: str | Path, eta: float, chosen_by: dict[str, Any] | None = None) -> Manifest:
+    """Store `eta` as the export's ``default_eta`` (manifest.json rewritten atomically).
+
+    The graphs are untouched, so their recorded sha256 still holds and ``cfvit validate`` still passes;
+    `chosen_by` (e.g. :attr:`SweepResult.choice`) is kept in the manifest's ``source``.
+    """
+    manifest = Manifest.load(export_dir)
+    eta = check_etas([eta], "eta")[0]
+    source = {**manifest.source, "default_eta_chosen_by": chosen_by} if chosen_by else manifest.source
+    updated = replace(manifest, default_eta=eta, source=source)
+    Manifest.from_dict(updated.to_dict())  # the same checks a later load applies, before anything is written
+    # Manifest.save writes the file (and whatever it records with it); into a folder beside the
+    # export, then one rename, so a crash leaves the old manifest or the new one, never half of one
+    with tempfile.TemporaryDirectory(prefix=".default-eta.", dir=export_dir) as tmp:
+        os.replace(updated.save(Path(tmp)), Path(export_dir) / MANIFEST_NAME)
+    return Manifest.load(export_dir)
 
 
 def plot_sweep(result: SweepResult, path: Path) -> None:
@@ -166,9 +230,13 @@ def plot_sweep(result: SweepResult, path: Path) -> None:
         (axes[1], [r.expected_gmacs for r in rows], "expected GMACs / image"),
     ):
         ax.plot(xs, acc, "o-", color="tab:blue")
-        for x, y, r in zip(xs, acc, rows):
+        for x, y, r in zip(xs, acc, rows, strict=True):
             if len(rows) <= 11 or round(r.eta * 20) % 4 == 0:
                 ax.annotate(f"η={r.eta:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        if result.choice:
+            chosen = [(x, y) for x, y, r in zip(xs, acc, rows, strict=True) if r.eta == result.choice["eta"]]
+            ax.plot(*chosen[0], "o", ms=12, mfc="none", color="tab:red", label=f"chosen η={result.choice['eta']:g}")
+            ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3)
