@@ -438,3 +438,15 @@ def test_headline_marks_the_fastest_runtime_and_judges_the_targets():
     assert "★" in ov and "★" not in ort  # OpenVINO is 1.5x faster in every column
     cuda = next(line for line in table if line.startswith("| ONNX Runtime CUDA"))
     assert "not measured: no GPU" in cuda and "★" not in cuda
+
+
+def test_bench_modules_import_without_torch_onnx_or_exporters():
+    """Only torch_cells imports torch (issue 12): the rest of bench loads on the base install."""
+    code = ("import sys\n"
+            "import cfvit_deploy.app.bench, cfvit_deploy.app.bench.worker, cfvit_deploy.app.bench.machine\n"
+            "import cfvit_deploy.app.bench.plan, cfvit_deploy.app.bench.runner, cfvit_deploy.app.bench.results\n"
+            "print(sorted(m for m in ('torch', 'onnx', 'exporters', 'matplotlib', 'psutil', 'cfvit_deploy.model')"
+            " if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(cli.__file__).parent)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
