@@ -110,15 +110,19 @@ def make_notes(isolation: str, synthetic_gate: bool, peak: float | None, skipped
 
 
 def unmeasured_runtimes(rows: list[BenchRow]) -> dict[str, str]:
-    """runtime/provider -> the first reason, for every runtime none of whose cells was measured."""
+    """runtime/provider -> why, for every runtime none of whose cells was measured: its distinct reasons,
+    the pipeline cells' first (a missing baseline.onnx is not why a provider failed)."""
     groups: dict[str, list[BenchRow]] = {}
     for r in rows:
         groups.setdefault(f"{r.runtime}/{r.provider}", []).append(r)
-    return {
-        name: (next((r.reason for r in group if r.reason), "") or "no reason given").splitlines()[0]
-        for name, group in groups.items()
-        if all(r.status != "ok" for r in group)
-    }
+    failed = {}
+    for name, group in groups.items():
+        if any(r.status == "ok" for r in group):
+            continue
+        ordered = sorted(group, key=lambda r: r.model != "cfvit")  # stable: pipeline rows first
+        reasons = dict.fromkeys((r.reason or "no reason given").splitlines()[0] for r in ordered)
+        failed[name] = "; also: ".join(reasons)
+    return failed
 
 
 # -- presentation ---------------------------------------------------------------------------------------
