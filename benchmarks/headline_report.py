@@ -47,17 +47,26 @@ class Target:
     def line(self) -> str:
         value = "n/a" if self.value is None else f"{self.value:.2f}"
         goal = "-" if self.goal is None else (f"1 ± {self.goal:g}" if self.within else f">= {self.goal:g}")
-        verdict = "reported" if self.goal is None and self.value is not None else {
-            True: "met", False: "**MISSED**", None: "not measured"}[self.met]
+        verdict = (
+            "reported"
+            if self.goal is None and self.value is not None
+            else {True: "met", False: "**MISSED**", None: "not measured"}[self.met]
+        )
         return f"| {self.name} | {value} | {goal} | {verdict} | {self.detail} |"
 
 
-def row_of(result: BenchResult, runtime: str, provider: str, precision: str, batch: int, model: str,
-           fraction: float | None) -> BenchRow | None:
+def row_of(
+    result: BenchResult, runtime: str, provider: str, precision: str, batch: int, model: str, fraction: float | None
+) -> BenchRow | None:
     """The row of one headline cell (measured or not), or None when it was not requested."""
     for r in result.rows:
-        if (r.runtime, r.provider, r.precision, r.batch_size, r.model) == (runtime, provider, precision, batch, model) \
-                and (model == "baseline" or r.target_fine_fraction == fraction):
+        if (r.runtime, r.provider, r.precision, r.batch_size, r.model) == (
+            runtime,
+            provider,
+            precision,
+            batch,
+            model,
+        ) and (model == "baseline" or r.target_fine_fraction == fraction):
             return r
     return None
 
@@ -73,6 +82,7 @@ def _ratio(a: BenchRow | None, b: BenchRow | None) -> float | None:
 
 def targets(result: BenchResult, infer_runs: list[dict]) -> list[Target]:
     """Issue 14's ratios, each from rows of this run, and `cfvit infer` vs the bench row of the same batch."""
+
     def ort(precision: str, b: int, model: str = "cfvit", f: float | None = None) -> BenchRow | None:
         return row_of(result, "onnxruntime", "cpu", precision, b, model, f)
 
@@ -81,16 +91,29 @@ def targets(result: BenchResult, infer_runs: list[dict]) -> list[Target]:
         Target("fp32 pipeline / DeiT-S fp32, batch 1 latency, f=0.24", _ratio(ort("fp32", 1, f=0.24), base1), 2.4),
         Target("fp32 pipeline / DeiT-S fp32, batch 32 img/s, f=0.24", _ratio(ort("fp32", 32, f=0.24), base32), 2.6),
         Target("fp32 pipeline / DeiT-S fp32, batch 32 img/s, f=0.52", _ratio(ort("fp32", 32, f=0.52), base32), 1.8),
-        Target("int8 pipeline / fp32 pipeline, batch 32 img/s, f=0.24",
-               _ratio(ort("int8", 32, f=0.24), ort("fp32", 32, f=0.24)), 2.5),
+        Target(
+            "int8 pipeline / fp32 pipeline, batch 32 img/s, f=0.24",
+            _ratio(ort("int8", 32, f=0.24), ort("fp32", 32, f=0.24)),
+            2.5,
+        ),
     ]
     for run in infer_runs:
         bench_row = _ok(ort("fp32", run["batch_size"], f=1.0))
         value = None if bench_row is None or not run.get("img_per_s") else run["img_per_s"] / bench_row.img_per_s
-        detail = run.get("error") or (f"infer {run['img_per_s']:.1f} img/s on {run['images']} files, bench "
-                                      f"{bench_row.img_per_s:.1f} img/s" if value is not None else "")
-        out.append(Target(f"`cfvit infer` / bench row, fp32 eta=1, batch {run['batch_size']} (img/s)", value, 0.10,
-                          detail, within=True))
+        detail = run.get("error") or (
+            f"infer {run['img_per_s']:.1f} img/s on {run['images']} files, bench {bench_row.img_per_s:.1f} img/s"
+            if value is not None
+            else ""
+        )
+        out.append(
+            Target(
+                f"`cfvit infer` / bench row, fp32 eta=1, batch {run['batch_size']} (img/s)",
+                value,
+                0.10,
+                detail,
+                within=True,
+            )
+        )
     for b, f in ((1, 0.24), (32, 0.24)):
         ov, cpu = row_of(result, "openvino", "openvino", "fp32", b, "cfvit", f), ort("fp32", b, f=f)
         out.append(Target(f"OpenVINO / ONNX Runtime, fp32 pipeline, batch {b}, f={f:g}", _ratio(ov, cpu), None))
@@ -107,14 +130,17 @@ def _cell_text(row: BenchRow | None, batch: int) -> str:
 
 def headline_table(result: BenchResult) -> list[str]:
     """Markdown: one row per runtime, one column per headline cell, the fastest runtime of each column in bold."""
-    cells = {(label, col): row_of(result, rt, prov, prec, *col) for label, rt, prov, prec in RUNTIMES
-             for col in COLUMNS}
+    cells = {
+        (label, col): row_of(result, rt, prov, prec, *col) for label, rt, prov, prec in RUNTIMES for col in COLUMNS
+    }
     best = {}
     for col in COLUMNS:
         measured = [(r.img_per_s, label) for (label, c), r in cells.items() if c == col and _ok(r)]
         best[col] = max(measured)[1] if measured else None
-    head = ["runtime"] + [f"b{b} {'CF-ViT f=' + format(f, 'g') if m == 'cfvit' else 'DeiT-S'}"
-                          + (" latency" if b == 1 else " throughput") for b, m, f in COLUMNS]
+    head = ["runtime"] + [
+        f"b{b} {'CF-ViT f=' + format(f, 'g') if m == 'cfvit' else 'DeiT-S'}" + (" latency" if b == 1 else " throughput")
+        for b, m, f in COLUMNS
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, *_ in RUNTIMES:
         texts = []
@@ -134,7 +160,10 @@ def plot_headline(result: BenchResult, path: Path) -> Path:
     for ax, b in zip(axes, (1, 32), strict=True):
         labels, pipe, base = [], [], []
         for label, rt, prov, prec in RUNTIMES:
-            p, d = _ok(row_of(result, rt, prov, prec, b, "cfvit", 0.24)), _ok(row_of(result, rt, prov, prec, b, "baseline", None))
+            p, d = (
+                _ok(row_of(result, rt, prov, prec, b, "cfvit", 0.24)),
+                _ok(row_of(result, rt, prov, prec, b, "baseline", None)),
+            )
             labels.append(label.replace(" ", "\n", 2) + ("" if p or d else "\n(not measured)"))
             pipe.append(p.img_per_s if p else 0.0)
             base.append(d.img_per_s if d else 0.0)
@@ -155,15 +184,19 @@ def plot_headline(result: BenchResult, path: Path) -> Path:
 def _machine_lines(result: BenchResult, elapsed_s: float, mode: str) -> list[str]:
     m, s = result.machine, result.settings
     peak = m.get("matmul_peak_gflops")
-    return [f"Machine: {m['cpu_model']}, {m['physical_cores']} cores ({m['logical_cores']} logical), {m['ram_gb']} GB "
-            f"RAM, GPU: {m['gpu'] or 'none'}; AVX-512 VNNI: {'yes' if m['avx512_vnni'] else 'no'}. "
-            f"onnxruntime {m['versions']['onnxruntime']}, openvino {m['versions']['openvino']}, "
-            f"torch {m['versions']['torch']}. fp32 GEMM peak: {'-' if peak is None else f'{peak:.0f}'} GFLOP/s. "
-            f"Load average start/end: {m['load_avg_start'][0]:.2f} / {m['load_avg_end'][0]:.2f}.", "",
-            f"Settings ({mode}): {s['threads']} threads for every runtime, sessions as users get them "
-            f"(`SessionConfig(threads={s['threads']})`), {s['isolation']} isolation, fastest of {s['repeats']} "
-            f"pass(es), {s['warmup']} warm-up calls, {s['duration_s']} s of timed calls per cell, inputs "
-            f"{s['inputs']}. Run took {elapsed_s / 60:.1f} min.", ""]
+    return [
+        f"Machine: {m['cpu_model']}, {m['physical_cores']} cores ({m['logical_cores']} logical), {m['ram_gb']} GB "
+        f"RAM, GPU: {m['gpu'] or 'none'}; AVX-512 VNNI: {'yes' if m['avx512_vnni'] else 'no'}. "
+        f"onnxruntime {m['versions']['onnxruntime']}, openvino {m['versions']['openvino']}, "
+        f"torch {m['versions']['torch']}. fp32 GEMM peak: {'-' if peak is None else f'{peak:.0f}'} GFLOP/s. "
+        f"Load average start/end: {m['load_avg_start'][0]:.2f} / {m['load_avg_end'][0]:.2f}.",
+        "",
+        f"Settings ({mode}): {s['threads']} threads for every runtime, sessions as users get them "
+        f"(`SessionConfig(threads={s['threads']})`), {s['isolation']} isolation, fastest of {s['repeats']} "
+        f"pass(es), {s['warmup']} warm-up calls, {s['duration_s']} s of timed calls per cell, inputs "
+        f"{s['inputs']}. Run took {elapsed_s / 60:.1f} min.",
+        "",
+    ]
 
 
 def markdown(result: BenchResult, goals: list[Target], elapsed_s: float, mode: str) -> str:
@@ -175,8 +208,14 @@ def markdown(result: BenchResult, goals: list[Target], elapsed_s: float, mode: s
     reasons = sorted({f"{r.runtime}/{r.provider} {r.precision}: {r.reason}" for r in result.rows if r.status != "ok"})
     if reasons:
         lines += ["Not measured:", "", *[f"- {reason}" for reason in reasons], ""]
-    lines += ["Every cell: `results.json` / `results.csv` (bench schema); ![latency](latency.png) "
-              "![throughput](throughput.png)", "", *[f"- {n}" for n in result.notes], "", END]
+    lines += [
+        "Every cell: `results.json` / `results.csv` (bench schema); ![latency](latency.png) "
+        "![throughput](throughput.png)",
+        "",
+        *[f"- {n}" for n in result.notes],
+        "",
+        END,
+    ]
     return "\n".join(lines)
 
 

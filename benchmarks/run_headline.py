@@ -95,8 +95,13 @@ def image_folder(work: Path, count: int) -> Path:
 def infer_run(export_dir: Path, folder: Path, batch: int, threads: int) -> dict:
     """`cfvit infer`'s library twin in a fresh process (as a user runs it): its own images/s."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-c", _INFER, str(export_dir), str(folder), str(batch), str(threads)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INFER, str(export_dir), str(folder), str(batch), str(threads)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     run = {"batch_size": batch, "eta": 1.0, "threads": threads, "folder": str(folder)}
     if proc.returncode != 0:
         return {**run, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -109,18 +114,30 @@ def gpu_rows(result: BenchResult) -> None:
         for b in BATCHES:
             for model, gate, value in (("baseline", "none", None), *(("cfvit", "fine_fraction", f) for f in FRACTIONS)):
                 cell = Cell("onnxruntime", provider, "fp32", model, b, gate, value)
-                result.rows.append(BenchRow.for_cell(cell, result.settings["isolation"], status="skipped",
-                                                     reason=NO_GPU))
+                result.rows.append(
+                    BenchRow.for_cell(cell, result.settings["isolation"], status="skipped", reason=NO_GPU)
+                )
 
 
 def measure(args: argparse.Namespace, export_dir: Path, ckpt: Path) -> BenchResult:
     providers = ["cpu", "openvino"] + (["cuda", "tensorrt"] if gpu_name() else [])
     try:
-        result = run_bench(export_dir, providers=providers, precisions=("fp32", "int8"), batch_sizes=BATCHES,
-                           fine_fractions=FRACTIONS, warmup=args.warmup, duration=args.duration, threads=args.threads,
-                           torch=True, checkpoint=ckpt, quiet_below=args.quiet_below, repeats=args.repeats,
-                           cache_dir=args.work / "variants",
-                           progress=lambda task, done, total: print(f"[{done}/{total}] {task}", file=sys.stderr))
+        result = run_bench(
+            export_dir,
+            providers=providers,
+            precisions=("fp32", "int8"),
+            batch_sizes=BATCHES,
+            fine_fractions=FRACTIONS,
+            warmup=args.warmup,
+            duration=args.duration,
+            threads=args.threads,
+            torch=True,
+            checkpoint=ckpt,
+            quiet_below=args.quiet_below,
+            repeats=args.repeats,
+            cache_dir=args.work / "variants",
+            progress=lambda task, done, total: print(f"[{done}/{total}] {task}", file=sys.stderr),
+        )
     except NothingMeasuredError as exc:  # a runtime missing here is a row of the table, not the end of the run
         print(f"warning: {exc}", file=sys.stderr)
         result = exc.result
@@ -133,14 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="micro model, short cells, out in WORK/quick-results")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results (quick: WORK/quick-results)")
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cfvit-headline",
-                    help="checkpoint, export, images and variant cache")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "cfvit-headline",
+        help="checkpoint, export, images and variant cache",
+    )
     ap.add_argument("--duration", type=float, default=None, help="seconds of timed calls per cell (2; quick 0.3)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="passes over all cells; each cell keeps its fastest run")
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
-    ap.add_argument("--quiet-below", type=float, default=None,
-                    help="wait for, and re-measure cells disturbed by, other processes above this CPU %%")
+    ap.add_argument(
+        "--quiet-below",
+        type=float,
+        default=None,
+        help="wait for, and re-measure cells disturbed by, other processes above this CPU %%",
+    )
     args = ap.parse_args(argv)
     args.duration = args.duration or (0.3 if args.quick else 2.0)
     out = args.out or (args.work / "quick-results" if args.quick else ROOT / "benchmarks" / "results")
@@ -148,16 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, export_dir = prepare(args.work, "micro" if args.quick else "small")
     result = measure(args, export_dir, ckpt)
     threads = result.settings["threads"]
-    infer_runs = [infer_run(export_dir, image_folder(args.work, n), b, threads)
-                  for b, n in ((1, 32 if args.quick else 64), (32, 64 if args.quick else 256))]
+    infer_runs = [
+        infer_run(export_dir, image_folder(args.work, n), b, threads)
+        for b, n in ((1, 32 if args.quick else 64), (32, 64 if args.quick else 256))
+    ]
     goals = targets(result, infer_runs)
     out.mkdir(parents=True, exist_ok=True)
     result.write_files(out)
     plot_headline(result, out / "headline.png")
     mode = "quick: DeiT-micro, NOT the headline model" if args.quick else "full: DeiT-S size"
     with atomic_write_path(out / "headline.json") as tmp:
-        tmp.write_text(json.dumps({"mode": mode, "targets": [t.to_json() for t in goals], "infer": infer_runs},
-                                  indent=2) + "\n")
+        tmp.write_text(
+            json.dumps({"mode": mode, "targets": [t.to_json() for t in goals], "infer": infer_runs}, indent=2) + "\n"
+        )
     with atomic_write_path(out / "machine.txt") as tmp:
         tmp.write_text("\n".join(f"{k}: {v}" for k, v in result.machine.items()) + "\n")
     write_readme(out / "README.md", markdown(result, goals, perf_counter() - start, mode))

@@ -25,9 +25,21 @@ from cfvit_deploy.errors import OutputExistsError, UsageError
 
 FRACTIONS = (0.24, 0.52, 1.0)
 REQUIRED = {
-    "runtime": str, "provider": str, "precision": str, "batch_size": int, "eta": float, "fine_fraction": float,
-    "p50_ms": float, "p90_ms": float, "p99_ms": float, "mean_ms": float, "img_per_s": float, "coarse_ms": float,
-    "gate_ms": float, "fine_ms": float, "speedup_vs_baseline": float,
+    "runtime": str,
+    "provider": str,
+    "precision": str,
+    "batch_size": int,
+    "eta": float,
+    "fine_fraction": float,
+    "p50_ms": float,
+    "p90_ms": float,
+    "p99_ms": float,
+    "mean_ms": float,
+    "img_per_s": float,
+    "coarse_ms": float,
+    "gate_ms": float,
+    "fine_ms": float,
+    "speedup_vs_baseline": float,
 }
 
 
@@ -44,8 +56,17 @@ def out(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def result(export_dir, out) -> BenchResult:
     """fp32 + int8 (built on the fly), cpu, batch 1 and 5, in-process."""
-    return run_bench(export_dir, providers=("cpu",), precisions=("fp32", "int8"), batch_sizes=(1, 5),
-                     fine_fractions=FRACTIONS, iterations=1, warmup=1, isolation="inline", out=out)
+    return run_bench(
+        export_dir,
+        providers=("cpu",),
+        precisions=("fp32", "int8"),
+        batch_sizes=(1, 5),
+        fine_fractions=FRACTIONS,
+        iterations=1,
+        warmup=1,
+        isolation="inline",
+        out=out,
+    )
 
 
 def _ok(result: BenchResult, **match) -> list[BenchRow]:
@@ -55,7 +76,8 @@ def _ok(result: BenchResult, **match) -> list[BenchRow]:
 def test_cells_cover_the_grid(result):
     ok = _ok(result, runtime="onnxruntime")
     assert {(r.precision, r.batch_size, r.model) for r in ok} == {
-        (p, b, m) for p in ("fp32", "int8") for b in (1, 5) for m in ("cfvit", "baseline")}
+        (p, b, m) for p in ("fp32", "int8") for b in (1, 5) for m in ("cfvit", "baseline")
+    }
     pipe = [r for r in ok if r.model == "cfvit"]
     assert sorted({r.target_fine_fraction for r in pipe}) == sorted(FRACTIONS)
     assert len(pipe) == 2 * 2 * 3  # fraction 1.0 is the eta = 1 row: no extra cell
@@ -75,8 +97,16 @@ def test_json_schema(result, out):
             if kind is float:
                 assert math.isfinite(row[key])
     machine = data["machine"]
-    for key in ("cpu_model", "cpu_flags", "physical_cores", "ram_gb", "gpu", "versions", "matmul_peak_gflops",
-                "threads"):
+    for key in (
+        "cpu_model",
+        "cpu_flags",
+        "physical_cores",
+        "ram_gb",
+        "gpu",
+        "versions",
+        "matmul_peak_gflops",
+        "threads",
+    ):
         assert key in machine
     assert set(machine["versions"]) >= {"onnxruntime", "openvino", "torch", "numpy"}
     assert machine["matmul_peak_gflops"] > 0
@@ -127,8 +157,16 @@ def test_a_runtime_with_nothing_measured_fails_with_every_row_kept(export_dir, t
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError -> ProviderError
     out = tmp_path / "out"
     with pytest.raises(NothingMeasuredError, match="nothing measured for openvino/openvino: every cell skipped") as err:
-        run_bench(export_dir, providers=("cpu", "openvino"), batch_sizes=(2,), fine_fractions=(0.5,), iterations=1,
-                  warmup=0, isolation="inline", out=out)
+        run_bench(
+            export_dir,
+            providers=("cpu", "openvino"),
+            batch_sizes=(2,),
+            fine_fractions=(0.5,),
+            iterations=1,
+            warmup=0,
+            isolation="inline",
+            out=out,
+        )
     result = err.value.result
     ov = [r for r in result.rows if r.provider == "openvino"]
     assert ov and all(r.status == "skipped" and "openvino" in r.reason for r in ov)
@@ -144,14 +182,28 @@ def test_torch_cells_all_skipped_is_a_failure(export_dir, tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_text("not a checkpoint")
     with pytest.raises(NothingMeasuredError, match="torch/cpu") as err:
-        run_bench(export_dir, batch_sizes=(2,), fine_fractions=(0.5,), iterations=1, warmup=0, torch=True,
-                  checkpoint=bad, isolation="inline")
+        run_bench(
+            export_dir,
+            batch_sizes=(2,),
+            fine_fractions=(0.5,),
+            iterations=1,
+            warmup=0,
+            torch=True,
+            checkpoint=bad,
+            isolation="inline",
+        )
     assert err.value.exit_code == 1 and len(err.value.result.find(runtime="onnxruntime")) == 2
 
 
 def test_missing_baseline_is_a_skip_row(export_dir_factory):
-    r = run_bench(export_dir_factory("deit_g7"), batch_sizes=(2,), fine_fractions=(0.5,), iterations=1, warmup=0,
-                  isolation="inline")
+    r = run_bench(
+        export_dir_factory("deit_g7"),
+        batch_sizes=(2,),
+        fine_fractions=(0.5,),
+        iterations=1,
+        warmup=0,
+        isolation="inline",
+    )
     base = [row for row in r.rows if row.model == "baseline"]
     assert base and all(row.status == "skipped" and "--baseline" in row.reason for row in base)
     assert all(row.speedup_vs_baseline is None for row in r.rows)
@@ -165,8 +217,9 @@ def test_real_images_with_eta(export_dir, tmp_path):
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"not an image")
-    r = run_bench(export_dir, batch_sizes=(2,), etas=(0.5, 1.0), images=folder, iterations=1, warmup=0,
-                  isolation="inline")
+    r = run_bench(
+        export_dir, batch_sizes=(2,), etas=(0.5, 1.0), images=folder, iterations=1, warmup=0, isolation="inline"
+    )
     pipe = r.find(model="cfvit")
     assert [(p.gate, p.eta) for p in pipe] == [("eta", 0.5), ("eta", 1.0)]
     assert pipe[1].fine_fraction == 1.0 and 0.0 <= pipe[0].fine_fraction <= 1.0
@@ -200,22 +253,25 @@ def test_latency_stats():
     assert s["p90_ms"] <= s["p95_ms"] <= s["p99_ms"] <= 40.0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(precisions=("fp64",)), "--precisions must be one of"),
-    (dict(providers=("gpu",)), "unknown provider"),
-    (dict(batch_sizes=(0,)), "--batch-sizes must be a positive integer"),
-    (dict(batch_sizes="1,x"), "--batch-sizes expects"),
-    (dict(fine_fractions=(1.5,)), "--fine-fraction must lie in"),
-    (dict(fine_fractions="0:2:0.5"), "--fine-fraction must lie in"),
-    (dict(etas=(2.0,)), "--eta must lie in"),
-    (dict(iterations=3, duration=1.0), "not both"),
-    (dict(iterations=0), "--iterations must be a positive integer"),
-    (dict(warmup=-1), "--warmup"),
-    (dict(isolation="thread"), "isolation"),
-    (dict(repeats=0), "--repeats"),
-    (dict(torch=True, checkpoint="/nonexistent.pth"), "--torch"),
-    (dict(images="/nonexistent-folder"), "--images must be a folder"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(precisions=("fp64",)), "--precisions must be one of"),
+        (dict(providers=("gpu",)), "unknown provider"),
+        (dict(batch_sizes=(0,)), "--batch-sizes must be a positive integer"),
+        (dict(batch_sizes="1,x"), "--batch-sizes expects"),
+        (dict(fine_fractions=(1.5,)), "--fine-fraction must lie in"),
+        (dict(fine_fractions="0:2:0.5"), "--fine-fraction must lie in"),
+        (dict(etas=(2.0,)), "--eta must lie in"),
+        (dict(iterations=3, duration=1.0), "not both"),
+        (dict(iterations=0), "--iterations must be a positive integer"),
+        (dict(warmup=-1), "--warmup"),
+        (dict(isolation="thread"), "isolation"),
+        (dict(repeats=0), "--repeats"),
+        (dict(torch=True, checkpoint="/nonexistent.pth"), "--torch"),
+        (dict(images="/nonexistent-folder"), "--images must be a folder"),
+    ],
+)
 def test_usage_errors_come_before_any_work(export_dir, kwargs, message):
     with pytest.raises(UsageError, match=message):
         run_bench(export_dir, **kwargs)
@@ -228,41 +284,19 @@ def test_existing_out_is_refused_without_force(export_dir, tmp_path):
         run_bench(export_dir, out=out)
 
 
-def test_cli_exit_codes(export_dir, tmp_path, capsys):
-    out = tmp_path / "cli"
-    args = ["bench", str(export_dir), "--batch-sizes", "2", "--fine-fraction", "0.5", "--iterations", "1",
-            "--warmup", "0", "--in-process", "--out", str(out)]
-    assert cli.main(args) == 0
-    captured = capsys.readouterr()
-    assert "cfvit bench" in captured.out and "synthetic gate" in captured.out
-    assert json.loads((out / "results.json").read_text())["rows"]
-    assert cli.main(args) == 2  # exists
-    assert "--force" in capsys.readouterr().err
-    assert cli.main([*args, "--force"]) == 0
-    assert cli.main(["bench", str(tmp_path / "nope")]) == 1
-    assert cli.main(["bench", str(export_dir), "--precisions", "fp64"]) == 2
-    assert cli.main(["bench", str(export_dir), "--fine-fraction", "0:1.5:0.5"]) == 2
-    assert cli.main(["bench", str(export_dir), "--iterations", "2", "--duration", "1"]) == 2
-    assert cli.main(["bench", str(export_dir), "--batch-sizes", "x"]) == 2
-    capsys.readouterr()
-
-
-def test_cli_nothing_measured_exits_1(export_dir, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "openvino", None)
-    assert cli.main(["bench", str(export_dir), "--providers", "cpu,openvino", "--batch-sizes", "2", "--iterations",
-                     "1", "--fine-fraction", "0.5", "--in-process"]) == 1
-    captured = capsys.readouterr()
-    assert "skipped" in captured.out  # the table with the reasons
-    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "nothing measured for openvino/openvino" in errors[0]
-
-
 @pytest.mark.slow
 def test_torch_rows(export_dir, export_dir_factory):
     from tests.conftest import UpstreamFixture
 
-    r = run_bench(export_dir, batch_sizes=(2,), fine_fractions=(0.5,), iterations=1, warmup=0, torch=True,
-                  checkpoint=UpstreamFixture("deit_g7").pth)
+    r = run_bench(
+        export_dir,
+        batch_sizes=(2,),
+        fine_fractions=(0.5,),
+        iterations=1,
+        warmup=0,
+        torch=True,
+        checkpoint=UpstreamFixture("deit_g7").pth,
+    )
     rows = r.find(runtime="torch")
     assert {(row.model, row.target_fine_fraction) for row in rows} == {("baseline", None), ("cfvit", 0.5)}
     for row in rows:
@@ -312,45 +346,11 @@ for config in (SessionConfig(threads=1, shared_threads=True), SessionConfig(thre
     assert "refused: this process already runs ONNX Runtime sessions on the shared thread pool" in proc.stdout
 
 
-def test_relative_paths_work_from_any_working_directory(export_dir, tmp_path):
-    """Issue 13.1: `cfvit bench exp ...` outside the repository root skipped every cell (the cell process
-    ran in the package root, where `exp` does not exist) and exited 1. Run the CLI from a temporary
-    folder with a relative export, --images and --out."""
-    import shutil
-
-    shutil.copytree(export_dir, tmp_path / "exp")
-    (tmp_path / "imgs").mkdir()
-    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(tmp_path / "imgs" / "a.png")
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(cli.__file__).parent)}
-    proc = subprocess.run(
-        [sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "bench", "exp", "--batch-sizes", "1",
-         "--eta", "0.5", "--images", "imgs", "--iterations", "1", "--warmup", "0", "-o", "b1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "b1" / "results.json").read_text())["rows"]
-    assert [r["status"] for r in rows] == ["ok", "ok"], rows  # baseline and eta=0.5, both measured
-    assert all(r["isolation"] == "process" for r in rows)
-
-
-def test_only_the_requested_gates_are_measured(export_dir):
-    """Issue 13.17: `--fine-fraction 0.5` also measured an unrequested eta=1 row; now exactly the gates
-    asked for (1.0 is one more value away), and --help says so."""
-    r = run_bench(export_dir, batch_sizes=(2,), fine_fractions="0.5", iterations=1, warmup=0, isolation="inline")
-    assert [(row.model, row.gate, row.target_fine_fraction, row.eta is not None) for row in r.rows] == [
-        ("baseline", "none", None, False), ("cfvit", "fine_fraction", 0.5, True)]
-    with_reference = run_bench(export_dir, batch_sizes=(2,), fine_fractions="0.5,1", iterations=1, warmup=0,
-                               isolation="inline")
-    assert [row.eta for row in with_reference.find(model="cfvit")][-1] == 1.0
-    import typer
-
-    bench = typer.main.get_command(cli.app).commands["bench"]
-    text = next(p.help for p in bench.params if p.name == "fine_fraction")
-    assert "Only the values given are measured" in text and "eta=1" in text
-
-
 def test_flags_share_the_number_list_grammar():
     """--batch-sizes, --eta and --fine-fraction accept a,b,c and start:stop:step like every command."""
-    providers, precisions, sizes, etas, fractions = check_request("cpu", "fp32,int8", "1:9:4", "0:1:0.5", "0.25:0.75:0.25")
+    providers, precisions, sizes, etas, fractions = check_request(
+        "cpu", "fp32,int8", "1:9:4", "0:1:0.5", "0.25:0.75:0.25"
+    )
     assert (providers, precisions, sizes) == (["cpu"], ["fp32", "int8"], [1, 5, 9])
     assert etas == [0.0, 0.5, 1.0] and fractions == [0.25, 0.5, 0.75]
     assert check_request(("cpu",), None, (1, 32), (), None)[4] == [0.24, 0.52, 1.0]  # the default
@@ -374,67 +374,8 @@ def test_bench_builds_the_pipeline_users_get(export_dir, monkeypatch):
         original(self, source, provider, config)
 
     monkeypatch.setattr(pipeline_module.CFViTPipeline, "__init__", spy)
-    r = run_bench(export_dir, batch_sizes=(2,), fine_fractions=(0.5,), iterations=1, warmup=0, threads=2,
-                  isolation="inline")
+    r = run_bench(
+        export_dir, batch_sizes=(2,), fine_fractions=(0.5,), iterations=1, warmup=0, threads=2, isolation="inline"
+    )
     assert seen == [(str(export_dir), "cpu", SessionConfig(threads=2))]
     assert r.settings["session_config"]["threads"] == 2
-
-
-@pytest.mark.slow
-def test_relative_torch_checkpoint_from_another_directory(export_dir, tmp_path):
-    """Issue 13.1: a relative --checkpoint with --torch skipped every torch row (and exited 0)."""
-    import os
-    import shutil
-
-    from tests.conftest import UpstreamFixture
-
-    shutil.copy(UpstreamFixture("deit_g7").pth, tmp_path / "model.pth")
-    os.chdir(tmp_path)
-    try:
-        r = run_bench(export_dir, batch_sizes=(2,), fine_fractions=(0.5,), iterations=1, warmup=0, torch=True,
-                      checkpoint="model.pth", providers=())
-    finally:
-        os.chdir(Path(cli.__file__).parent)
-    assert len(r.find(runtime="torch")) == 2
-
-
-def test_headline_marks_the_fastest_runtime_and_judges_the_targets():
-    """benchmarks/headline_report.py on made-up rows: the fastest runtime of a column is starred, GPU rows
-    read "not measured: no GPU", ratios and the infer agreement are judged against their goals."""
-    sys.path.insert(0, str(Path(cli.__file__).parent / "benchmarks"))
-    try:
-        import headline_report as hr
-    finally:
-        sys.path.pop(0)
-
-    def row(runtime, provider, precision, b, model, f, img_per_s, status="ok", reason=""):
-        r = BenchRow(runtime, provider, precision, model, b, "none" if model == "baseline" else "fine_fraction",
-                     target_fine_fraction=f, status=status, reason=reason)
-        if status == "ok":
-            r.img_per_s, r.mean_ms = img_per_s, b * 1e3 / img_per_s
-        return r
-
-    rows = []
-    for runtime, provider, scale in (("onnxruntime", "cpu", 1.0), ("openvino", "openvino", 1.5)):
-        for b in (1, 32):
-            rows += [row(runtime, provider, "fp32", b, "baseline", None, 10 * scale),
-                     row(runtime, provider, "fp32", b, "cfvit", 0.24, 30 * scale),
-                     row(runtime, provider, "fp32", b, "cfvit", 0.52, 19 * scale),
-                     row(runtime, provider, "fp32", b, "cfvit", 1.0, 9 * scale),
-                     row(runtime, provider, "int8", b, "cfvit", 0.24, 60 * scale)]
-    rows.append(row("onnxruntime", "cuda", "fp32", 1, "cfvit", 0.24, 0, "skipped", "not measured: no GPU"))
-    result = BenchResult(rows, {}, {"isolation": "process"})
-    infer_runs = [{"batch_size": 1, "images": 64, "img_per_s": 8.5}, {"batch_size": 32, "images": 256, "img_per_s": 7.0}]
-    goals = {t.name: t for t in hr.targets(result, infer_runs)}
-    assert goals["fp32 pipeline / DeiT-S fp32, batch 1 latency, f=0.24"].value == pytest.approx(3.0)
-    assert goals["fp32 pipeline / DeiT-S fp32, batch 1 latency, f=0.24"].met is True
-    assert goals["fp32 pipeline / DeiT-S fp32, batch 32 img/s, f=0.52"].met is True  # 1.9 >= 1.8
-    assert goals["int8 pipeline / fp32 pipeline, batch 32 img/s, f=0.24"].met is False  # 2.0 < 2.5
-    assert goals["`cfvit infer` / bench row, fp32 eta=1, batch 1 (img/s)"].met is True  # 8.5 / 9: within 10%
-    assert goals["`cfvit infer` / bench row, fp32 eta=1, batch 32 (img/s)"].met is False  # 7 / 9: 22% off
-    table = hr.headline_table(result)
-    ort, ov = (next(line for line in table if line.startswith(f"| {name}")) for name in
-               ("ONNX Runtime CPU fp32", "OpenVINO CPU fp32"))
-    assert "★" in ov and "★" not in ort  # OpenVINO is 1.5x faster in every column
-    cuda = next(line for line in table if line.startswith("| ONNX Runtime CUDA"))
-    assert "not measured: no GPU" in cuda and "★" not in cuda

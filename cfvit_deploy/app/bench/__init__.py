@@ -11,5 +11,4 @@ from .results import plot, render_table
 from .runner import run_bench
 from .schema import ROW_FIELDS, BenchResult, BenchRow, Cell, NothingMeasuredError
 
-__all__ = ["run_bench", "render_table", "plot", "BenchResult", "BenchRow", "Cell", "ROW_FIELDS",
-           "NothingMeasuredError"]
+__all__ = ["run_bench", "render_table", "plot", "BenchResult", "BenchRow", "Cell", "ROW_FIELDS", "NothingMeasuredError"]

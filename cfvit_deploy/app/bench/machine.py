@@ -71,8 +71,12 @@ def gpu_name() -> str | None:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20)
+        proc = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() or None if proc.returncode == 0 else None
@@ -141,8 +145,12 @@ def wait_for_quiet(threshold_pct: float, max_wait_s: float, say: Callable[[str],
     return busy
 
 
-def measure_quietly(measure: Callable[[dict[str, Any]], dict[str, Any]], spec: dict[str, Any],
-                    quiet_below: float | None, say: Callable[[str], None]) -> tuple[dict[str, Any], float]:
+def measure_quietly(
+    measure: Callable[[dict[str, Any]], dict[str, Any]],
+    spec: dict[str, Any],
+    quiet_below: float | None,
+    say: Callable[[str], None],
+) -> tuple[dict[str, Any], float]:
     """Measure a cell; with `quiet_below`, wait for a quiet machine and retry while others interfered."""
     best: tuple[dict[str, Any], float] | None = None
     for _ in range(1 + (QUIET_RETRIES if quiet_below is not None else 0)):

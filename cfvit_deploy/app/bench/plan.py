@@ -91,9 +91,13 @@ def _numbers(values: str | Sequence[float] | None, kind: type, name: str) -> lis
     return None if values is None else list(values)
 
 
-def check_request(providers: str | Sequence[str], precisions: str | Sequence[str] | None,
-                  batch_sizes: str | Sequence[int], etas: str | Sequence[float],
-                  fine_fractions: str | Sequence[float] | None) -> tuple[list, list | None, list, list, list]:
+def check_request(
+    providers: str | Sequence[str],
+    precisions: str | Sequence[str] | None,
+    batch_sizes: str | Sequence[int],
+    etas: str | Sequence[float],
+    fine_fractions: str | Sequence[float] | None,
+) -> tuple[list, list | None, list, list, list]:
     """Providers, precisions, batch sizes, η values and fine fractions, checked (strings use the flag grammar).
 
     Fine fractions default to DEFAULT_FINE_FRACTIONS only when neither list is given: a run asks for
@@ -101,14 +105,17 @@ def check_request(providers: str | Sequence[str], precisions: str | Sequence[str
     demanding user reads an extra, unrequested η = 1 row as noise and pays its time; 1.0 is one more
     value away when the both-stages reference is wanted).
     """
-    provider_list = [check_provider(p.strip()) for p in (providers.split(",") if isinstance(providers, str) else providers)]
+    provider_list = [
+        check_provider(p.strip()) for p in (providers.split(",") if isinstance(providers, str) else providers)
+    ]
     precision_list = None
     if precisions:
         items = precisions.split(",") if isinstance(precisions, str) else precisions
         precision_list = [check_choice(p.strip(), tuple(PRECISIONS), "--precisions") for p in items]
     sizes = parse_batch_sizes(batch_sizes) if isinstance(batch_sizes, str) else check_batch_sizes(batch_sizes)
-    eta_list = (parse_etas(etas, "--eta") if isinstance(etas, str) and etas
-                else check_etas(etas, "--eta") if etas else [])
+    eta_list = (
+        parse_etas(etas, "--eta") if isinstance(etas, str) and etas else check_etas(etas, "--eta") if etas else []
+    )
     fractions = _numbers(fine_fractions, float, "--fine-fraction")
     if fractions is None:
         fractions = [] if eta_list else list(DEFAULT_FINE_FRACTIONS)
@@ -118,8 +125,15 @@ def check_request(providers: str | Sequence[str], precisions: str | Sequence[str
     return provider_list, precision_list, sizes, eta_list, fractions
 
 
-def check_timing(warmup: int, iterations: int | None, duration: float | None, threads: int | None,
-                 repeats: int, isolation: str, quiet_below: float | None) -> None:
+def check_timing(
+    warmup: int,
+    iterations: int | None,
+    duration: float | None,
+    threads: int | None,
+    repeats: int,
+    isolation: str,
+    quiet_below: float | None,
+) -> None:
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise UsageError(f"--warmup must be a non-negative integer, got {warmup!r}")
     if iterations is not None and duration is not None:
@@ -172,8 +186,9 @@ def pool_size(batch_size: int, available: int | None = None) -> int:
     return batch_size * math.ceil(max(available or MIN_POOL, 1) / batch_size)
 
 
-def load_pool(manifest: Manifest, images: Path | None,
-              batch_sizes: Sequence[int]) -> tuple[np.ndarray, int | None, list[tuple[Path, str]]]:
+def load_pool(
+    manifest: Manifest, images: Path | None, batch_sizes: Sequence[int]
+) -> tuple[np.ndarray, int | None, list[tuple[Path, str]]]:
     """(pool, number of real images, skipped files): preprocessed files from `images` (repeated to whole
     batches; unreadable files skipped and reported), else seeded normal noise; large enough for
     :func:`pool_size` of every batch size."""
@@ -187,8 +202,13 @@ def load_pool(manifest: Manifest, images: Path | None,
     return pool, n, read.skipped
 
 
-def make_cells(runtimes: list[tuple[str, str]], precisions: Sequence[str], batch_sizes: Sequence[int],
-               gates: list[tuple[str, float]], torch: bool) -> list[Cell]:
+def make_cells(
+    runtimes: list[tuple[str, str]],
+    precisions: Sequence[str],
+    batch_sizes: Sequence[int],
+    gates: list[tuple[str, float]],
+    torch: bool,
+) -> list[Cell]:
     """Per runtime x precision x batch size: the baseline, then the pipeline at every gate; torch last."""
     cells = []
     for runtime, provider in runtimes:

@@ -25,8 +25,10 @@ ISOLATION_NOTES = {
     "inline": "all cells ran in one process (smoke-test mode; idle worker threads of earlier cells may bias "
     "later ones; no per-cell peak RSS)",
 }
-STAGES_NOTE = ("coarse_ms/fine_ms: the session runs; gate_ms: host softmax, gate, gather and merge; overhead_pct: "
-               "everything outside the two session runs, from the whole-call timer")
+STAGES_NOTE = (
+    "coarse_ms/fine_ms: the session runs; gate_ms: host softmax, gate, gather and merge; overhead_pct: "
+    "everything outside the two session runs, from the whole-call timer"
+)
 
 
 def latency_stats(seconds: Sequence[float], batch_size: int) -> dict[str, float]:
@@ -77,8 +79,11 @@ def make_row(cell: Cell, raw: dict[str, Any], manifest: Manifest, peak: float | 
 
 def add_speedups(rows: list[BenchRow]) -> None:
     """speedup_vs_baseline: the baseline of the same runtime/provider/precision/batch, else its fp32 one."""
-    base = {(r.runtime, r.provider, r.precision, r.batch_size): r.img_per_s
-            for r in rows if r.model == "baseline" and r.status == "ok"}
+    base = {
+        (r.runtime, r.provider, r.precision, r.batch_size): r.img_per_s
+        for r in rows
+        if r.model == "baseline" and r.status == "ok"
+    }
     for r in rows:
         if r.status != "ok":
             continue
@@ -95,20 +100,29 @@ def make_notes(isolation: str, synthetic_gate: bool, peak: float | None, skipped
         notes.append(SYNTHETIC_GATE_NOTE)
     notes.append(STAGES_NOTE)
     if peak:
-        notes.append(f"pct_peak: achieved 2*GMACs*img/s against the measured fp32 matmul peak of {peak:.0f} GFLOP/s "
-                     "(int8 and fp16 rows too)")
+        notes.append(
+            f"pct_peak: achieved 2*GMACs*img/s against the measured fp32 matmul peak of {peak:.0f} GFLOP/s "
+            "(int8 and fp16 rows too)"
+        )
     if skipped_images:
         notes.append(f"{skipped_images} unreadable files in the images folder were skipped (settings.skipped_images)")
     return notes
 
 
 def unmeasured_runtimes(rows: list[BenchRow]) -> dict[str, str]:
-    """runtime/provider -> the first reason, for every runtime none of whose cells was measured."""
+    """runtime/provider -> why, for every runtime none of whose cells was measured: its distinct reasons,
+    the pipeline cells' first (a missing baseline.onnx is not why a provider failed)."""
     groups: dict[str, list[BenchRow]] = {}
     for r in rows:
         groups.setdefault(f"{r.runtime}/{r.provider}", []).append(r)
-    return {name: (next((r.reason for r in group if r.reason), "") or "no reason given").splitlines()[0]
-            for name, group in groups.items() if all(r.status != "ok" for r in group)}
+    failed = {}
+    for name, group in groups.items():
+        if any(r.status == "ok" for r in group):
+            continue
+        ordered = sorted(group, key=lambda r: r.model != "cfvit")  # stable: pipeline rows first
+        reasons = dict.fromkeys((r.reason or "no reason given").splitlines()[0] for r in ordered)
+        failed[name] = "; also: ".join(reasons)
+    return failed
 
 
 # -- presentation ---------------------------------------------------------------------------------------
@@ -124,9 +138,19 @@ def _gate_text(r: BenchRow) -> str:
 
 def _measured_cells(r: BenchRow) -> list[str]:
     split = "-" if r.coarse_ms is None else f"{r.coarse_ms:.1f}/{r.gate_ms:.2f}/{r.fine_ms:.1f}"
-    return [_fmt(r.fine_fraction, ".2f"), f"{r.mean_ms:.1f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}",
-            f"{r.img_per_s:.1f}", split, _fmt(r.overhead_pct, ".1f"), f"{r.gflops:.0f} ({_fmt(r.pct_peak, '.0f')})",
-            _fmt(r.speedup_vs_baseline, ".2f") + "x", _fmt(r.peak_rss_mb, ".0f"), _fmt(r.background_cpu_pct, ".0f")]
+    return [
+        _fmt(r.fine_fraction, ".2f"),
+        f"{r.mean_ms:.1f}",
+        f"{r.p50_ms:.1f}",
+        f"{r.p99_ms:.1f}",
+        f"{r.img_per_s:.1f}",
+        split,
+        _fmt(r.overhead_pct, ".1f"),
+        f"{r.gflops:.0f} ({_fmt(r.pct_peak, '.0f')})",
+        _fmt(r.speedup_vs_baseline, ".2f") + "x",
+        _fmt(r.peak_rss_mb, ".0f"),
+        _fmt(r.background_cpu_pct, ".0f"),
+    ]
 
 
 def render_table(result: BenchResult) -> Any:
@@ -135,10 +159,25 @@ def render_table(result: BenchResult) -> Any:
     from rich.table import Table
 
     peak = result.machine.get("matmul_peak_gflops")
-    table = Table(title=f"cfvit bench ({result.settings['threads']} threads, "
-                        f"matmul peak {_fmt(peak, '.0f')} GFLOP/s)")
-    for col in ("runtime", "prec", "model", "batch", "gate", "fine", "mean ms", "p50", "p99", "img/s",
-                "coarse/gate/fine ms", "ovh %", "GFLOP/s (%pk)", "speedup", "RSS MB", "bg cpu %"):
+    table = Table(title=f"cfvit bench ({result.settings['threads']} threads, matmul peak {_fmt(peak, '.0f')} GFLOP/s)")
+    for col in (
+        "runtime",
+        "prec",
+        "model",
+        "batch",
+        "gate",
+        "fine",
+        "mean ms",
+        "p50",
+        "p99",
+        "img/s",
+        "coarse/gate/fine ms",
+        "ovh %",
+        "GFLOP/s (%pk)",
+        "speedup",
+        "RSS MB",
+        "bg cpu %",
+    ):
         table.add_column(col, justify="left" if col in ("runtime", "prec", "model", "gate") else "right")
     reasons: dict[str, int] = {}
     for r in result.rows:
@@ -179,8 +218,10 @@ def plot(result: BenchResult, directory: Path) -> list[Path]:
     plt = require("matplotlib.pyplot", "bench")
     batch_sizes = sorted({r.batch_size for r in result.rows})
     paths = []
-    for metric, name, label in (("mean_ms", "latency.png", "latency per batch (ms)"),
-                                ("img_per_s", "throughput.png", "images/s")):
+    for metric, name, label in (
+        ("mean_ms", "latency.png", "latency per batch (ms)"),
+        ("img_per_s", "throughput.png", "images/s"),
+    ):
         fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.5 * len(batch_sizes), 4.2), squeeze=False)
         for ax, b in zip(axes[0], batch_sizes, strict=True):
             _plot_batch(ax, result, b, metric, label)

@@ -56,39 +56,74 @@ class _Measured:
     skipped_images: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def make_plan(export_dir: str | Path, *, providers: str | Sequence[str], precisions: str | Sequence[str] | None,
-              batch_sizes: str | Sequence[int], etas: str | Sequence[float],
-              fine_fractions: str | Sequence[float] | None, torch: bool, checkpoint: str | Path | None,
-              threads: int | None, **timing: Any) -> BenchPlan:
+def make_plan(
+    export_dir: str | Path,
+    *,
+    providers: str | Sequence[str],
+    precisions: str | Sequence[str] | None,
+    batch_sizes: str | Sequence[int],
+    etas: str | Sequence[float],
+    fine_fractions: str | Sequence[float] | None,
+    torch: bool,
+    checkpoint: str | Path | None,
+    threads: int | None,
+    **timing: Any,
+) -> BenchPlan:
     """Check every argument and resolve every path (against this process's working directory)."""
     provider_list, precision_list, sizes, eta_list, fractions = check_request(
-        providers, precisions, batch_sizes, etas, fine_fractions)
-    check_timing(timing["warmup"], timing["iterations"], timing["duration"], threads, timing["repeats"],
-                 timing["isolation"], timing["quiet_below"])
+        providers, precisions, batch_sizes, etas, fine_fractions
+    )
+    check_timing(
+        timing["warmup"],
+        timing["iterations"],
+        timing["duration"],
+        threads,
+        timing["repeats"],
+        timing["isolation"],
+        timing["quiet_below"],
+    )
     export = absolute(export_dir)
     manifest = Manifest.load(export)
     gates = [("fine_fraction", f) for f in fractions] + [("eta", e) for e in eta_list]
     runtimes = [("openvino" if p == "openvino" else "onnxruntime", p) for p in provider_list]
     cells = make_cells(runtimes, precision_list or [precision_label(manifest)], sizes, gates, torch)
     return BenchPlan(
-        export_dir=export, manifest=manifest, cells=cells, fine_fractions=fractions,
-        threads=threads or machine.default_threads(), isolation=timing["isolation"], warmup=timing["warmup"],
-        iterations=timing["iterations"], duration=timing["duration"] or DEFAULT_DURATION_S,
-        images=absolute(timing["images"]), checkpoint=torch_checkpoint(manifest, checkpoint) if torch else None,
-        cache_dir=absolute(timing["cache_dir"]), quiet_below=timing["quiet_below"], repeats=timing["repeats"],
-        batch_sizes=sizes)
+        export_dir=export,
+        manifest=manifest,
+        cells=cells,
+        fine_fractions=fractions,
+        threads=threads or machine.default_threads(),
+        isolation=timing["isolation"],
+        warmup=timing["warmup"],
+        iterations=timing["iterations"],
+        duration=timing["duration"] or DEFAULT_DURATION_S,
+        images=absolute(timing["images"]),
+        checkpoint=torch_checkpoint(manifest, checkpoint) if torch else None,
+        cache_dir=absolute(timing["cache_dir"]),
+        quiet_below=timing["quiet_below"],
+        repeats=timing["repeats"],
+        batch_sizes=sizes,
+    )
 
 
 def _settings(plan: BenchPlan) -> dict[str, Any]:
     from runtimes.backends import SessionConfig
 
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(SessionConfig(threads=plan.threads)).items()}
-    return {"threads": plan.threads, "session_config": config, "isolation": plan.isolation, "warmup": plan.warmup,
-            "quiet_below": plan.quiet_below, "repeats": plan.repeats, "iterations": plan.iterations,
-            "duration_s": None if plan.iterations else plan.duration,
-            "inputs": str(plan.images) if plan.images else "synthetic (seeded standard normal)",
-            "export": str(plan.export_dir), "export_precision": plan.export_precision,
-            "model": plan.manifest.model.to_dict()}
+    return {
+        "threads": plan.threads,
+        "session_config": config,
+        "isolation": plan.isolation,
+        "warmup": plan.warmup,
+        "quiet_below": plan.quiet_below,
+        "repeats": plan.repeats,
+        "iterations": plan.iterations,
+        "duration_s": None if plan.iterations else plan.duration,
+        "inputs": str(plan.images) if plan.images else "synthetic (seeded standard normal)",
+        "export": str(plan.export_dir),
+        "export_precision": plan.export_precision,
+        "model": plan.manifest.model.to_dict(),
+    }
 
 
 def _cell_folder(plan: BenchPlan, cell: Cell, m: _Measured, cache: Path) -> Path | str:
@@ -105,14 +140,23 @@ def _cell_folder(plan: BenchPlan, cell: Cell, m: _Measured, cache: Path) -> Path
     return m.variants[cell.precision]
 
 
-def _measure_pass(plan: BenchPlan, m: _Measured, base_spec: dict[str, Any], inputs: Path, n_real: int | None,
-                  cache: Path, rep: int, progress: ProgressHook | None) -> None:
+def _measure_pass(
+    plan: BenchPlan,
+    m: _Measured,
+    base_spec: dict[str, Any],
+    inputs: Path,
+    n_real: int | None,
+    cache: Path,
+    rep: int,
+    progress: ProgressHook | None,
+) -> None:
     """One pass over every cell (the GEMM peak first); skipped cells are not tried again."""
     measure = run_isolated if plan.isolation == "process" else measure_cell
     quiet = plan.quiet_below
     # the GEMM peak always runs in its own process: its ONNX Runtime threads must not bind this one's
     mm, background = machine.measure_quietly(
-        run_isolated, {**base_spec, "kind": "matmul", "n": machine.MATMUL_N, "iterations": 4}, quiet, log.info)
+        run_isolated, {**base_spec, "kind": "matmul", "n": machine.MATMUL_N, "iterations": 4}, quiet, log.info
+    )
     if "gflops" in mm:
         m.peaks.append((mm["gflops"], mm["median_gflops"], background))
     else:
@@ -125,11 +169,17 @@ def _measure_pass(plan: BenchPlan, m: _Measured, base_spec: dict[str, Any], inpu
         if i in m.skipped:
             continue
         if isinstance(where, str) or key in m.unavailable:
-            m.skipped[i] = BenchRow.for_cell(cell, plan.isolation, status="skipped",
-                                             reason=m.unavailable.get(key) or str(where))
+            m.skipped[i] = BenchRow.for_cell(
+                cell, plan.isolation, status="skipped", reason=m.unavailable.get(key) or str(where)
+            )
             continue
-        spec = {**base_spec, "cell": asdict(cell), "export_dir": str(where), "inputs": str(inputs),
-                "pool": pool_size(cell.batch_size, n_real)}
+        spec = {
+            **base_spec,
+            "cell": asdict(cell),
+            "export_dir": str(where),
+            "inputs": str(inputs),
+            "pool": pool_size(cell.batch_size, n_real),
+        }
         raw, background = machine.measure_quietly(measure, spec, quiet, log.info)
         if "times" not in raw:
             if raw.get("unavailable"):
@@ -142,8 +192,14 @@ def _measure_pass(plan: BenchPlan, m: _Measured, base_spec: dict[str, Any], inpu
 
 def _measure(plan: BenchPlan, progress: ProgressHook | None) -> _Measured:
     m = _Measured()
-    base_spec = {"threads": plan.threads, "isolation": plan.isolation, "warmup": plan.warmup,
-                 "iterations": plan.iterations, "duration": plan.duration, "checkpoint": str(plan.checkpoint)}
+    base_spec = {
+        "threads": plan.threads,
+        "isolation": plan.isolation,
+        "warmup": plan.warmup,
+        "iterations": plan.iterations,
+        "duration": plan.duration,
+        "checkpoint": str(plan.checkpoint),
+    }
     with tempfile.TemporaryDirectory(prefix="cfvit-bench.") as tmp:
         pool, n_real, m.skipped_images = load_pool(plan.manifest, plan.images, plan.batch_sizes)
         inputs = Path(tmp) / "inputs.npy"
@@ -170,12 +226,26 @@ def _assemble(plan: BenchPlan, m: _Measured, machine_start: dict[str, Any]) -> B
             row.repeat_spread_pct = 100 * (ordered[-1][0] - ordered[0][0]) / ordered[0][0]
         rows.append(row)
     add_speedups(rows)
-    info = {**machine_start, "threads": plan.threads, "matmul_peak_gflops": peak, "matmul_median_gflops": median,
-            "matmul_background_cpu_pct": background,
-            "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    info = {
+        **machine_start,
+        "threads": plan.threads,
+        "matmul_peak_gflops": peak,
+        "matmul_median_gflops": median,
+        "matmul_background_cpu_pct": background,
+        "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
     settings = {**_settings(plan), "skipped_images": [[str(p), why] for p, why in m.skipped_images]}
     notes = make_notes(plan.isolation, bool(plan.fine_fractions), peak, len(m.skipped_images))
     return BenchResult(rows, info, settings, notes)
+
+
+def _check_every_runtime_measured(result: BenchResult, out: Path | None) -> None:
+    """A requested runtime none of whose cells ran is a failure: one line naming it and why."""
+    failed = unmeasured_runtimes(result.rows)
+    if failed:
+        where = f" (rows with every reason in {out})" if out is not None else ""
+        reasons = "; ".join(f"{name}: every cell skipped: {reason}" for name, reason in failed.items())
+        raise NothingMeasuredError(f"nothing measured for {reasons}{where}", result)
 
 
 def run_bench(
@@ -220,10 +290,8 @@ def run_bench(
     Raises :class:`UsageError` before any work for bad arguments, and :class:`NothingMeasuredError`
     (after saving `out`) when every cell of a requested runtime was skipped.
     """
-    plan = make_plan(export_dir, providers=providers, precisions=precisions, batch_sizes=batch_sizes, etas=etas,
-                     fine_fractions=fine_fractions, torch=torch, checkpoint=checkpoint, threads=threads,
-                     warmup=warmup, iterations=iterations, duration=duration, images=images, cache_dir=cache_dir,
-                     isolation=isolation, quiet_below=quiet_below, repeats=repeats)
+    request = {k: v for k, v in locals().items() if k not in ("out", "force", "progress")}
+    plan = make_plan(**request)  # every check, every path made absolute: before any work
     out_path = absolute(out)
     if out_path is not None:
         check_output(out_path, force)
@@ -231,9 +299,5 @@ def run_bench(
     result = _assemble(plan, _measure(plan, progress), machine_start)
     if out_path is not None:
         result.save(out_path, force=force)
-    failed = unmeasured_runtimes(result.rows)
-    if failed:
-        where = f" (rows with every reason in {out_path})" if out_path is not None else ""
-        raise NothingMeasuredError("nothing measured for " + "; ".join(
-            f"{name}: every cell skipped: {reason}" for name, reason in failed.items()) + where, result)
+    _check_every_runtime_measured(result, out_path)
     return result

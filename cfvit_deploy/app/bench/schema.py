@@ -83,8 +83,9 @@ class BenchRow:
 
     @classmethod
     def for_cell(cls, cell: Cell, isolation: str, **values: Any) -> BenchRow:
-        row = cls(cell.runtime, cell.provider, cell.precision, cell.model, cell.batch_size, cell.gate,
-                  isolation=isolation)
+        row = cls(
+            cell.runtime, cell.provider, cell.precision, cell.model, cell.batch_size, cell.gate, isolation=isolation
+        )
         if cell.gate == "eta":
             row.eta = cell.value
         elif cell.gate == "fine_fraction":
@@ -108,8 +109,12 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"rows": [r.to_dict() for r in self.rows], "machine": self.machine, "settings": self.settings,
-                "notes": self.notes}
+        return {
+            "rows": [r.to_dict() for r in self.rows],
+            "machine": self.machine,
+            "settings": self.settings,
+            "notes": self.notes,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BenchResult:

@@ -29,8 +29,9 @@ def measure_torch(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -
     n, warmup, iterations, duration = len(tensors), spec["warmup"], spec["iterations"], spec["duration"]
     with torch.inference_mode():
         if cell.model == "baseline":
-            times, _ = timed_loop(lambda i: model.fine_stage_dense(tensors[i % n], None), n, warmup, iterations,
-                                  duration)
+            times, _ = timed_loop(
+                lambda i: model.fine_stage_dense(tensors[i % n], None), n, warmup, iterations, duration
+            )
             return {"times": times}
         eta = cell.value
         if cell.gate == "fine_fraction":

@@ -41,8 +41,9 @@ MIN_ITERATIONS = 5
 _ROOT = Path(__file__).resolve().parents[3]
 
 
-def timed_loop(call: Callable[[int], Any], n_batches: int, warmup: int, iterations: int | None,
-               duration: float) -> tuple[list[float], list[Any]]:
+def timed_loop(
+    call: Callable[[int], Any], n_batches: int, warmup: int, iterations: int | None, duration: float
+) -> tuple[list[float], list[Any]]:
     """`warmup` untimed calls, then timed calls (`iterations`, or at least `duration` seconds and
     MIN_ITERATIONS calls) ending on a whole pass over the `n_batches` input batches."""
     for i in range(warmup):
@@ -106,8 +107,9 @@ def _measure_onnx(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -
         if "baseline" not in manifest.graphs:
             raise ManifestError("the export has no baseline.onnx (re-export with --baseline)")
         backend = create_backend(manifest, cell.provider, config, graphs=("baseline",))
-        times, _ = timed_loop(lambda i: backend.run("baseline", {"images": batches[i % n]}), n, warmup,
-                              iterations, duration)
+        times, _ = timed_loop(
+            lambda i: backend.run("baseline", {"images": batches[i % n]}), n, warmup, iterations, duration
+        )
         return {"times": times}
     pipe = CFViTPipeline(spec["export_dir"], cell.provider, config=config)
     eta = cell.value
@@ -156,8 +158,13 @@ def run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
         spec_path, out_path = Path(tmp) / "cell.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         # cwd=_ROOT: a file in the caller's folder must not shadow a module; the spec's paths are absolute
-        proc = subprocess.run([sys.executable, "-m", "cfvit_deploy.app.bench.worker", str(spec_path), str(out_path)],
-                              capture_output=True, text=True, env=env, cwd=_ROOT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "cfvit_deploy.app.bench.worker", str(spec_path), str(out_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=_ROOT,
+        )
         if proc.returncode != 0 or not out_path.is_file():
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             return {"status": "error", "reason": f"benchmark process exited with {proc.returncode}: {tail[:300]}"}
