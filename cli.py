@@ -63,7 +63,9 @@ def _root(
                                       help="Print the version and exit."),
 ) -> None:
     _state["debug"] = debug
-    _setup_logging(debug)
+    if debug:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.DEBUG)
 
 
 class _LibraryOrWarning(logging.Filter):
@@ -73,22 +75,31 @@ class _LibraryOrWarning(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.split(".")[0] in LIBRARY_LOGGERS
 
 
-def _setup_logging(debug: bool = False) -> None:
-    """One rich handler on stderr (on the root logger, so pytest's caplog still sees every record)."""
+@contextlib.contextmanager
+def _logging_to_stderr() -> Iterator[None]:
+    """One rich handler on stderr for the duration of a command, removed afterwards.
+
+    It sits on the root logger (pytest's caplog still sees every record) and passes the toolkit's
+    loggers from INFO (DEBUG with --debug, set by the root callback) and other libraries from WARNING.
+    """
     from rich.logging import RichHandler
 
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_cfvit", False)]:
-        root.removeHandler(old)
-    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False,
-                          rich_tracebacks=False)
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
     handler._cfvit = True  # type: ignore[attr-defined]
     handler.addFilter(_LibraryOrWarning())
+    levels = {name: logging.getLogger(name).level for name in ("", *LIBRARY_LOGGERS)}
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager
@@ -480,8 +491,22 @@ def demo_cmd(
                   f"(overlays in {out / 'overlays'})\nsweep: {out / 'sweep'}\nbench: {out / 'bench'}")
 
 
-class _PlainUsageCommand(typer.core.TyperCommand):
-    """Usage lines name arguments as EXPORT_DIR [INPUTS]..., not {export_dir} (typer's default)."""
+class _Interrupted(Exception):
+    """Carries a Ctrl-C / SIGTERM out of typer, which would turn it into a silent exit code 130."""
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
+class _Command(typer.core.TyperCommand):
+    """Every command: interrupts reach main(); usage lines read EXPORT_DIR INPUTS..., not {export_dir}."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Interrupted(exc) from exc
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -496,7 +521,7 @@ class _PlainUsageCommand(typer.core.TyperCommand):
 
 for _info in app.registered_commands:
     if _info.cls in (None, typer.core.TyperCommand):  # commands added with their own class keep it
-        _info.cls = _PlainUsageCommand
+        _info.cls = _Command
 
 
 def _interrupt_line(exc: BaseException) -> tuple[str, int]:
@@ -512,7 +537,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     Every command runs with SIGTERM handled like Ctrl-C (what is done is kept), then one line on
     stderr: ``error: interrupted`` and exit 130, or ``error: terminated (SIGTERM)`` and exit 143.
     """
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), _logging_to_stderr():
         try:
             return _run(argv)
         except KeyboardInterrupt as exc:  # also a SIGTERM arriving while an error is being reported
@@ -533,11 +558,11 @@ def _run(argv: Optional[list[str]]) -> int:
         message, code = _interrupt_line(exc)
         print(f"error: {message}", file=sys.stderr)
         return code
+    except _Interrupted as exc:
+        message, code = _interrupt_line(exc.interrupt)
+        print(f"error: {message}", file=sys.stderr)
+        return code
     except typer.Exit as exc:
-        if isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C into Exit(130)
-            message, code = _interrupt_line(exc.__cause__)
-            print(f"error: {message}", file=sys.stderr)
-            return code
         return exc.exit_code
     except typer.Abort:
         print("error: interrupted", file=sys.stderr)
