@@ -482,7 +482,8 @@ def demo_cmd(
     _needs("bench", "demo", "psutil", "matplotlib")
     from cfvit_deploy.demo import run_demo
 
-    result = run_demo(out, force=force, quick=quick, say=lambda msg: console.print(msg, markup=False))
+    result = run_demo(out, force=force, quick=quick, say=lambda msg: console.print(msg, markup=False),
+                      progress=console.is_terminal)  # bars only on a terminal, and on stderr
     s = result.summary
     console.print(f"coarse top-1 {100 * s['val_coarse_acc']:.1f}%, fine top-1 {100 * s['val_fine_acc']:.1f}%, "
                   f"export validation {'PASSED' if s['validation_passed'] else 'FAILED'}; "
