@@ -35,7 +35,13 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capfd):
     bench = json.loads((out / "bench" / "results.json").read_text())
     assert {r["model"] for r in bench["rows"] if r["status"] == "ok"} >= {"cfvit", "baseline"}
     report = (out / "report.md").read_text()
-    for part in ("## Trained model", "PASSED", "sweep/sweep.png", "## Short benchmark", "| generate the image set and train |"):
+    for part in (
+        "## Trained model",
+        "PASSED",
+        "sweep/sweep.png",
+        "## Short benchmark",
+        "| generate the image set and train |",
+    ):
         assert part in report, part
     inference = report.split("## Inference on the held-out folder")[1].split("##")[0]
     assert f"| input files | {len(val_images)} |" in inference and "{" not in inference  # a table, not a JSON dict
@@ -50,10 +56,17 @@ def _row(model: str, status: str = "ok", reason: str = "") -> SimpleNamespace:
 
 
 def test_demo_fails_when_the_benchmark_measured_nothing():
-    with pytest.raises(DemoStepError, match=r"^demo: the bench step produced nothing: no cfvit or baseline cell "
-                                            r"was measured \(export folder not found: exp\)$"):
-        _check_bench([_row("cfvit", "skipped", "export folder not found: exp"),
-                      _row("baseline", "skipped", "export folder not found: exp")])
+    with pytest.raises(
+        DemoStepError,
+        match=r"^demo: the bench step produced nothing: no cfvit or baseline cell "
+        r"was measured \(export folder not found: exp\)$",
+    ):
+        _check_bench(
+            [
+                _row("cfvit", "skipped", "export folder not found: exp"),
+                _row("baseline", "skipped", "export folder not found: exp"),
+            ]
+        )
     with pytest.raises(DemoStepError, match="no baseline cell"):
         _check_bench([_row("cfvit"), _row("baseline", "error", "boom")])
     with pytest.raises(DemoStepError, match="no cell was planned"):
@@ -71,11 +84,22 @@ def test_demo_step_error_is_one_line_exit_1(capfd, monkeypatch):
     monkeypatch.setattr(cfvit_deploy.demo, "run_demo", empty_step)
     assert main(["demo", "--out", "x"]) == 1
     assert capfd.readouterr().err.splitlines() == [
-        "error: demo: the bench step produced nothing: no cfvit or baseline cell was measured (no cell was planned)"]
+        "error: demo: the bench step produced nothing: no cfvit or baseline cell was measured (no cell was planned)"
+    ]
 
 
 def test_report_inference_section_is_a_table():
-    lines = _infer_table({"inputs": 30, "exited": 12, "fine": 17, "errors": 1, "seconds": 0.5, "overlays": 17,
-                          "output": "predictions.csv", "interrupted": False})
+    lines = _infer_table(
+        {
+            "inputs": 30,
+            "exited": 12,
+            "fine": 17,
+            "errors": 1,
+            "seconds": 0.5,
+            "overlays": 17,
+            "output": "predictions.csv",
+            "interrupted": False,
+        }
+    )
     assert lines[:2] == ["| | |", "|---|---|"]
     assert "| answered at the coarse stage | 12 (41%) |" in lines and "| throughput | 58 img/s |" in lines
