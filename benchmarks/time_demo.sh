@@ -9,27 +9,25 @@ cd "$(dirname "$0")/.."
 mode=${1:-quick}
 work=$(mktemp -d /tmp/cfvit-time-demo.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-report() {  # LABEL START_NS
-  local end; end=$(date +%s%N)
-  local cpu; cpu=$(python3 -c "import resource as r; u = r.getrusage(r.RUSAGE_CHILDREN); print(f'{u.ru_utime + u.ru_stime:.0f}')")
-  printf '%s: wall %.0f s, CPU %s s (children)\n' "$1" "$(( (end - $2) / 1000000 ))e-3" "$cpu"
+timed() {  # LABEL CMD...: wall and CPU (user + sys of the command and its children) seconds
+  local label=$1; shift
+  local TIMEFORMAT='%R %U %S'
+  { time "$@" >"$work/log" 2>&1 ; } 2>"$work/time" || { cat "$work/log"; exit 1; }
+  read -r wall user sys <"$work/time"
+  python3 -c "import sys; w, u, s = map(float, sys.argv[2:]); print(f'{sys.argv[1]}: wall {w:.0f} s, CPU {u + s:.0f} s')" \
+    "$label" "$wall" "$user" "$sys"
+  grep '^\[demo\]' "$work/log" || true
 }
 case $mode in
   quick)
     python=${2:-.venv/bin/python}
-    start=$(date +%s%N)
-    "$python" -c 'import sys, cli; sys.exit(cli.main(sys.argv[1:]))' demo --quick --out "$work/demo" 2>"$work/log" ||
-      { cat "$work/log"; exit 1; }
-    report "cfvit demo --quick" "$start"
-    grep '^\[demo\]' "$work/log"
+    timed "cfvit demo --quick" "$python" -c 'import sys, cli; sys.exit(cli.main(sys.argv[1:]))' \
+      demo --quick --out "$work/demo"
     ;;
   fresh)
     git clone -q "$PWD" "$work/clone"
     cd "$work/clone"
-    start=$(date +%s%N)
-    make demo >"$work/log" 2>&1 || { cat "$work/log"; exit 1; }
-    report "make demo on a fresh clone (install included)" "$start"
-    grep '^\[demo\]' "$work/log"
+    timed "make demo on a fresh clone (install included)" make demo
     ;;
   *) echo "usage: $0 quick [PYTHON] | fresh" >&2; exit 2 ;;
 esac
