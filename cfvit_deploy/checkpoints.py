@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import _torch_guard  # noqa: F401  # isort: skip  (no torch: one error line naming the extra)
 import torch
 from torch import Tensor
 

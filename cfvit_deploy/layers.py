@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import _torch_guard  # noqa: F401  # isort: skip  (no torch: one error line naming the extra)
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from . import _torch_guard  # noqa: F401  # isort: skip  (no torch: one error line naming the extra)
 import torch
 from torch import Tensor, nn
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from . import _torch_guard  # noqa: F401  # isort: skip  (no torch: one error line naming the extra)
 import torch
 import torch.nn.functional as F
 from rich.console import Console

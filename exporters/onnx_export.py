@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cfvit_deploy import _torch_guard  # noqa: F401  # isort: skip  (no torch: one error line naming the extra)
 import onnx
 import torch
 from torch import nn

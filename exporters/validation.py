@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cfvit_deploy import _torch_guard  # noqa: F401  # isort: skip  (no torch: one error line naming the extra)
 import torch
 
 from cfvit_deploy.checkpoints import load_checkpoint

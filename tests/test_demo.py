@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 
+from cfvit_deploy.demo import DemoStepError, _check_bench, _infer_table
+
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
+def test_quick_demo_end_to_end(tmp_path, monkeypatch, capfd):
     from cli import main
 
+    monkeypatch.chdir(tmp_path)  # a relative --out: the benchmark's cell processes run elsewhere
+    assert main(["demo", "--out", "runs/demo", "--quick"]) == 0
+    stdout, stderr = capfd.readouterr()
+    assert stdout == ""  # `cfvit demo > log`: messages and bars never go to stdout
+    assert "━" not in stderr and "\x1b[" not in stderr  # and no bars at all when stderr is not a terminal
     out = tmp_path / "runs" / "demo"
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["validation_passed"] is True
     val_images = sorted((out / "data" / "val").rglob("*.png"))
@@ -28,7 +35,71 @@ def test_quick_demo_end_to_end(tmp_path):
     bench = json.loads((out / "bench" / "results.json").read_text())
     assert {r["model"] for r in bench["rows"] if r["status"] == "ok"} >= {"cfvit", "baseline"}
     report = (out / "report.md").read_text()
-    for part in ("## Trained model", "PASSED", "sweep/sweep.png", "## Short benchmark", "| generate the image set and train |"):
+    for part in (
+        "## Trained model",
+        "PASSED",
+        "sweep/sweep.png",
+        "## Short benchmark",
+        "| generate the image set and train |",
+    ):
         assert part in report, part
+    inference = report.split("## Inference on the held-out folder")[1].split("##")[0]
+    assert f"| input files | {len(val_images)} |" in inference and "{" not in inference  # a table, not a JSON dict
+    bench_rows = report.split("## Short benchmark")[1].split("##")[0]
+    assert sum(line.startswith("| onnxruntime/") for line in bench_rows.splitlines()) >= 2
     # the folder is not replaced without --force
-    assert main(["demo", "--out", str(out), "--quick"]) == 2
+    assert main(["demo", "--out", "runs/demo", "--quick"]) == 2
+
+
+def _row(model: str, status: str = "ok", reason: str = "") -> SimpleNamespace:
+    return SimpleNamespace(model=model, status=status, reason=reason)
+
+
+def test_demo_fails_when_the_benchmark_measured_nothing():
+    with pytest.raises(
+        DemoStepError,
+        match=r"^demo: the bench step produced nothing: no cfvit or baseline cell "
+        r"was measured \(export folder not found: exp\)$",
+    ):
+        _check_bench(
+            [
+                _row("cfvit", "skipped", "export folder not found: exp"),
+                _row("baseline", "skipped", "export folder not found: exp"),
+            ]
+        )
+    with pytest.raises(DemoStepError, match="no baseline cell"):
+        _check_bench([_row("cfvit"), _row("baseline", "error", "boom")])
+    with pytest.raises(DemoStepError, match="no cell was planned"):
+        _check_bench([])
+    _check_bench([_row("cfvit"), _row("baseline")])  # both measured: fine
+
+
+def test_demo_step_error_is_one_line_exit_1(capfd, monkeypatch):
+    import cfvit_deploy.demo
+    from cli import main
+
+    def empty_step(*args, **kwargs):
+        cfvit_deploy.demo._check_bench([])
+
+    monkeypatch.setattr(cfvit_deploy.demo, "run_demo", empty_step)
+    assert main(["demo", "--out", "x"]) == 1
+    assert capfd.readouterr().err.splitlines() == [
+        "error: demo: the bench step produced nothing: no cfvit or baseline cell was measured (no cell was planned)"
+    ]
+
+
+def test_report_inference_section_is_a_table():
+    lines = _infer_table(
+        {
+            "inputs": 30,
+            "exited": 12,
+            "fine": 17,
+            "errors": 1,
+            "seconds": 0.5,
+            "overlays": 17,
+            "output": "predictions.csv",
+            "interrupted": False,
+        }
+    )
+    assert lines[:2] == ["| | |", "|---|---|"]
+    assert "| answered at the coarse stage | 12 (41%) |" in lines and "| throughput | 58 img/s |" in lines

@@ -14,7 +14,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import CFViTError
 from ..io import atomic_write_path, check_output
+
+
+class DemoStepError(CFViTError):
+    """A demo step ran but produced nothing (e.g. no benchmark cell measured): the demo fails."""
 
 
 @dataclass(frozen=True)
@@ -26,8 +31,13 @@ class DemoResult:
 
 
 def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool = False,
-             say: Callable[[str], None] = print) -> DemoResult:
-    """Run every step into `out`; `quick` shrinks data and training to a smoke test (CI)."""
+             say: Callable[[str], None] = print, progress: bool = False) -> DemoResult:
+    """Run every step into `out`; `quick` shrinks data and training to a smoke test (CI).
+
+    `out` is resolved against the current directory first (the benchmark's cell processes run
+    elsewhere). A step that produces nothing raises :class:`DemoStepError`. `progress` shows
+    training's bars (on stderr; the CLI passes True only when stderr is a terminal).
+    """
     from exporters import export, validate
     from cfvit_deploy.app.bench import run_bench
     from runtimes.infer import infer
@@ -36,7 +46,7 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
     from ..training import DEMO_DATA, DEMO_RECIPE, train_demo
     from .sweep import sweep
 
-    out = Path(out)
+    out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     check_output(out, force)
     if out.exists():
@@ -57,22 +67,27 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
     spec, recipe = DEMO_DATA, DEMO_RECIPE
     if quick:  # a smoke test of every step: tiny data, one epoch with informative selection
         spec, recipe = SyntheticSpec(n_train_per_class=8, n_val_per_class=4), replace(recipe, epochs=1, selection_after=0)
-    trained = train_demo(out, spec=spec, recipe=recipe, progress=not quick)
+    trained = train_demo(out, spec=spec, recipe=recipe, progress=progress)
+    _produced("train", bool(trained.history) and trained.path.is_file(), "no epoch was trained")
     data, checkpoint = out / "data", trained.path
     step("generate the image set and train")
     manifest = export(checkpoint, out / "export", baseline=True, default_eta=0.7)
     step("export")
     report = validate(out / "export", images=data / "val", batch_sizes=(1, 4))
+    _produced("validate", bool(report.checks), "no check was run")
     report.save(out / "validation.json")
     step("validate")
     summary = infer(out / "export", [data / "val"], recursive=True, eta=manifest.default_eta,
-                    output=out / "predictions.csv", overlay=out / "overlays")
+                    output=out / "predictions.csv", overlay=out / "overlays", progress=None)  # False drew a bar on stdout
+    _produced("infer", summary.images > 0, f"no image of {data / 'val'} was classified ({summary.errors} errors)")
     step("infer")
     swept = sweep(out / "export", data / "val", "0:1:0.1")
+    _produced("sweep", bool(swept.rows), "no eta was measured")
     swept.save(out / "sweep")
     step("sweep")
     bench = run_bench(out / "export", batch_sizes=(1, 32), fine_fractions=(0.24, 0.52, 1.0),
                       duration=0.5 if quick else 2.0, warmup=2, out=out / "bench")
+    _check_bench(bench.rows)
     step("bench")
     info = {
         "classes": trained.class_names,
@@ -87,6 +102,20 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
     step("report")
     (out / "summary.json").write_text(json.dumps({**info, "seconds": seconds}, indent=2, default=str) + "\n")
     return DemoResult(out, path, seconds, info)
+
+
+def _produced(name: str, ok: bool, why: str) -> None:
+    if not ok:
+        raise DemoStepError(f"demo: the {name} step produced nothing: {why}")
+
+
+def _check_bench(rows: list[Any]) -> None:
+    """The short benchmark must have measured the gated model and the baseline (else its table is empty)."""
+    measured = {r.model for r in rows if r.status == "ok"}
+    missing = [m for m in ("cfvit", "baseline") if m not in measured]
+    if missing:
+        reasons = sorted({r.reason for r in rows if r.status != "ok" and r.reason}) or ["no cell was planned"]
+        _produced("bench", False, f"no {' or '.join(missing)} cell was measured ({reasons[0]})")
 
 
 def _plain(obj: Any) -> Any:
@@ -129,7 +158,7 @@ def _write_report(out: Path, info: dict[str, Any], report: Any, swept: Any, benc
         "",
         "## Inference on the held-out folder (`predictions.csv`, `overlays/`)",
         "",
-        f"`{json.dumps(info['infer'], default=str)}`",
+        *_infer_table(info["infer"]),
         "",
         "Overlays show the coarse patches the fine stage refined, for the images that went on.",
         "",
@@ -152,6 +181,25 @@ def _write_report(out: Path, info: dict[str, Any], report: Any, swept: Any, benc
     with atomic_write_path(path) as tmp:
         tmp.write_text("\n".join(lines))
     return path
+
+
+def _infer_table(s: dict[str, Any]) -> list[str]:
+    """The `cfvit infer` summary as a two-column table (counts and rates, not a raw dict)."""
+    s = {key: s.get(key) or 0 for key in ("inputs", "exited", "fine", "errors", "overlays", "seconds")}
+    images = s["exited"] + s["fine"]
+    rate = s["exited"] / images if images else 0.0
+    speed = images / s["seconds"] if s["seconds"] else 0.0
+    return [
+        "| | |",
+        "|---|---|",
+        f"| input files | {s['inputs']} |",
+        f"| classified | {images} |",
+        f"| answered at the coarse stage | {s['exited']} ({100 * rate:.0f}%) |",
+        f"| went on to the fine stage | {s['fine']} |",
+        f"| unreadable files | {s['errors']} |",
+        f"| overlays written | {s['overlays']} |",
+        f"| throughput | {speed:.0f} img/s |",
+    ]
 
 
 def _fmt(value: Any) -> str:

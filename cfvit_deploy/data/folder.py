@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .. import _torch_guard  # noqa: F401  # isort: skip  (no torch: one error line naming the extra)
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
