@@ -110,9 +110,8 @@ def test_atomic_directory_creates_a_new_folder(tmp_path):
 
 def test_atomic_directory_refuses_an_existing_folder_without_force(tmp_path):
     make_old(tmp_path / "export")
-    with pytest.raises(OutputExistsError, match="already exists; pass --force"):
-        with atomic_directory(tmp_path / "export"):
-            pytest.fail("the body must not run")
+    with pytest.raises(OutputExistsError, match="already exists; pass --force"), atomic_directory(tmp_path / "export"):
+        pytest.fail("the body must not run")
     assert (tmp_path / "export" / "old.txt").read_text() == "old"
     assert entries(tmp_path) == ["export"]
 
@@ -150,9 +149,8 @@ def test_atomic_directory_keeps_the_old_folder_when_the_body_raises(tmp_path, fo
 
 
 def test_atomic_directory_refuses_a_missing_parent(tmp_path):
-    with pytest.raises(UsageError, match="does not exist; create it first"):
-        with atomic_directory(tmp_path / "missing" / "export"):
-            pytest.fail("the body must not run")
+    with pytest.raises(UsageError, match="does not exist; create it first"), atomic_directory(tmp_path / "missing" / "export"):
+        pytest.fail("the body must not run")
     assert entries(tmp_path) == []
 
 
@@ -232,19 +230,17 @@ def test_force_replaces_a_folder_that_appeared_meanwhile(tmp_path, monkeypatch, 
 
 
 def test_a_folder_appearing_meanwhile_is_not_replaced_without_force(tmp_path):
-    with pytest.raises(OutputExistsError, match="already exists .*another run"):
-        with atomic_directory(tmp_path / "export") as tmp:
-            (tmp / "new.txt").write_text("new")
-            (tmp_path / "export").mkdir()  # an empty folder: a plain rename(2) would replace it
+    with pytest.raises(OutputExistsError, match="already exists .*another run"), atomic_directory(tmp_path / "export") as tmp:
+        (tmp / "new.txt").write_text("new")
+        (tmp_path / "export").mkdir()  # an empty folder: a plain rename(2) would replace it
     assert entries(tmp_path / "export") == []
     assert entries(tmp_path) == ["export"]
 
 
 def test_a_file_appearing_meanwhile_is_not_replaced_without_force(tmp_path):
-    with pytest.raises(OutputExistsError, match="already exists"):
-        with atomic_write_path(tmp_path / "out.csv", force=False) as tmp:
-            tmp.write_text("mine")
-            (tmp_path / "out.csv").write_text("theirs")
+    with pytest.raises(OutputExistsError, match="already exists"), atomic_write_path(tmp_path / "out.csv", force=False) as tmp:
+        tmp.write_text("mine")
+        (tmp_path / "out.csv").write_text("theirs")
     assert (tmp_path / "out.csv").read_text() == "theirs"
     assert entries(tmp_path) == ["out.csv"]
 
