@@ -63,11 +63,18 @@ def _read(path: Path) -> Any:
                 f"refusing to load {path}: it contains Python objects that would run code when unpickled "
                 f"({culprit}); only plain tensors and containers are accepted"
             ) from None
-        raise CheckpointError(f"not a PyTorch checkpoint: {path} is {describe_file(path)}") from None
+        raise _unreadable(path) from None
     except Exception:  # torch.load raises many types for garbage (KeyError, RuntimeError, ...)
-        raise CheckpointError(
-            f"not a readable PyTorch checkpoint (corrupt or truncated?): {path} is {describe_file(path)}"
-        ) from None
+        raise _unreadable(path) from None
+
+
+def _unreadable(path: Path) -> CheckpointError:
+    """The error for a file torch cannot load: text and random bytes are not checkpoints at all; an
+    empty file, a damaged zip or pickle may be a checkpoint cut short."""
+    looks = describe_file(path)
+    if looks.startswith(("a text file", "binary data")):
+        return CheckpointError(f"not a PyTorch checkpoint: {path} is {looks}")
+    return CheckpointError(f"not a readable PyTorch checkpoint (corrupt or truncated?): {path} is {looks}")
 
 
 def describe_file(path: Path) -> str:
