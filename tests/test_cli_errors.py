@@ -598,3 +598,22 @@ def test_max_pixels_raises_and_lowers_the_limit(capfd, tmp_path, export_dir, inp
     assert code == 1
     assert out == (f"{inputs['img']}\terror: image is 40x40 = 1,600 pixels, above the limit of 1,599 "
                    "(possible decompression bomb; raise it with --max-pixels)\n")
+
+
+# -- two exports to the same folder at once (issue 13 item 2) ---------------------------------------------
+@pytest.mark.slow
+def test_two_concurrent_exports_exactly_one_wins(tmp_path) -> None:
+    """Both runs pass the existence check at start; the no-clobber rename at the end lets only one win."""
+    from cfvit_deploy.manifest import Manifest
+
+    out = tmp_path / "same"
+    argv = [sys.executable, "-c", ENTRY, "export", str(FIXTURES / "deit_g7.pth"), "--out", str(out), "--num-heads", "3"]
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert re.search(rf"^error: {re.escape(str(out))} already exists", loser, re.M), loser
+    assert "exported CF-ViT" not in loser  # the loser does not claim success
+    Manifest.load(out)  # the winner's export, complete and consistent
+    assert [p.name for p in tmp_path.iterdir()] == ["same"]  # the loser left nothing behind
