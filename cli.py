@@ -122,7 +122,6 @@ def validate_cmd(
     from cfvit_deploy.checks import parse_batch_sizes, parse_etas
     from cfvit_deploy.data.reader import list_images
     from cfvit_deploy.io import check_output
-
     from runtimes.backends import check_provider
 
     sizes, eta_list = parse_batch_sizes(batch_sizes), parse_etas(etas)  # every flag before any work
