@@ -78,7 +78,7 @@ def export_cmd(
     loaded = (manifest.source.get("checkpoint") or {}).get("weights")
     if loaded:
         kind = "EMA" if loaded in ("state_dict_ema", "model_ema") else "trained"
-        console.print(f"loaded the {kind} weights ({loaded}) of {checkpoint}", markup=False)
+        console.print(f"loaded the {kind} weights ({loaded}) of {checkpoint}", markup=False, soft_wrap=True)
     console.print(f"exported CF-ViT {cfg.arch} g={cfg.coarse_grid} ({manifest.precision}"
                   f"{', optimized' if manifest.optimized else ''}) to {out}")
     for name, spec in manifest.graphs.items():
@@ -132,7 +132,7 @@ def validate_cmd(
     if report is not None:  # a --report in a missing folder is refused before the run, not after it
         check_output(report, force=True)
         if report.is_dir():
-            raise UsageError(f"--report {report} is a folder; give a file name for the report")
+            raise UsageError(f"{report} is a folder; give a file name for the output")
     if images is not None:
         list_images(images)
     from rich.table import Table

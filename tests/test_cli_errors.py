@@ -617,3 +617,19 @@ def test_two_concurrent_exports_exactly_one_wins(tmp_path) -> None:
     assert "exported CF-ViT" not in loser  # the loser does not claim success
     Manifest.load(out)  # the winner's export, complete and consistent
     assert [p.name for p in tmp_path.iterdir()] == ["same"]  # the loser left nothing behind
+
+
+def test_export_says_which_weights_it_loaded(capfd, tmp_path) -> None:
+    """timm's saver keeps trained and EMA weights: the default takes the EMA, says so and records it (item 20)."""
+    state = torch.load(FIXTURES / "deit_g7.pth", weights_only=True)["model"]
+    ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"state_dict": state, "state_dict_ema": ema, "epoch": 3}, tmp_path / "last.pth.tar")
+    code, out, err = run(capfd, "export", tmp_path / "last.pth.tar", "-o", tmp_path / "exp", "--num-heads", "3",
+                         "--no-simplify")
+    assert code == 0, err
+    assert f"loaded the EMA weights (state_dict_ema) of {tmp_path / 'last.pth.tar'}" in err
+    source = json.loads((tmp_path / "exp" / "manifest.json").read_text())["source"]
+    assert source["checkpoint"]["weights"] == "state_dict_ema"
+    code, out, err = run(capfd, "export", tmp_path / "last.pth.tar", "-o", tmp_path / "exp2", "--num-heads", "3",
+                         "--no-simplify", "--weights", "model")
+    assert code == 0 and "loaded the trained weights (state_dict)" in err
