@@ -266,14 +266,16 @@ def test_validate_checks_the_baseline_graph(tmp_path):
 
     fx = UpstreamFixture("deit_g7")
     export(fx.pth, tmp_path / "ok", num_heads=fx.num_heads, baseline=True)
-    report = validate(tmp_path / "ok", batch_sizes=(2,), etas=(0.5,))
-    base = [c for c in report.checks if c.name.startswith("baseline graph")]
+    calls = []
+    report = validate(tmp_path / "ok", batch_sizes=(2, 3), etas=(0.5,), progress=lambda *a: calls.append(a))
+    assert calls == [("validate", 0, 2), ("validate", 1, 2), ("validate", 2, 2)]  # progress while it runs
+    base = [c for c in report.checks if c.name.startswith("baseline graph") and c.batch == 2]
     assert report.passed and [c.name for c in base] == ["baseline graph: logits", "baseline graph: top-1 agreement"]
     shutil.copytree(tmp_path / "ok", tmp_path / "bad")
     _shift_head_bias(tmp_path / "bad" / "baseline.onnx", 0.5)
     _retamper_manifest(tmp_path / "bad", "baseline")
     report = validate(tmp_path / "bad", batch_sizes=(2,), etas=(0.5,))
-    assert [c.name for c in report.failed] == ["baseline graph: logits"]
+    assert [c.name for c in report.failed] == ["baseline graph: logits"]  # the other graphs are untouched
 
 
 def test_validate_says_first_when_the_checkpoint_is_not_the_exported_one(tmp_path, export_dir_factory, capfd):
