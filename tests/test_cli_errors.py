@@ -324,9 +324,11 @@ def _damage(kind: str, root: Path, export_dir: Path, g9_export: Path, img: Path)
         else:
             del data["format_version"]
         manifest.write_text(json.dumps(data))
-        version = 99 if kind == "version 99" else None
-        return d, lit(f"error: unsupported manifest format_version {version} (this cfvit-deploy reads version 1); "
-                      "re-export with this version")
+        if kind == "version 99":  # the fix is a newer cfvit-deploy, not a re-export (issue 13 item 19)
+            return d, lit("error: this export has format_version 99; this cfvit-deploy reads up to 1: upgrade "
+                          "cfvit-deploy (pip install -U cfvit-deploy)")
+        return d, lit("error: manifest.json has no format_version key (this cfvit-deploy reads format_version 1 to "
+                      "1); it was not written by `cfvit export`, or was edited: re-export it")
     if kind in ("no coarse graph", "no fine graph"):
         graph = kind.split()[1]
         (d / f"{graph}.onnx").unlink()
