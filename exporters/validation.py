@@ -360,13 +360,13 @@ def validate(
     check_provider(provider)
     files = list_images(images) if images is not None else None  # a bad --images costs nothing
     manifest = Manifest.load(export_dir)
-    warnings: list[str] = []
+    model, ckpt_name = _resolve_checkpoint(manifest, checkpoint)
+    warnings: list[str] = []  # said once the checkpoint loaded (an unusable one is just one error line)
     if checkpoint is not None and not isinstance(checkpoint, CFViT):
         note = checkpoint_warning(manifest, checkpoint)
         if note:
             warnings.append(note)
             (warn or log.warning)(note)
-    model, ckpt_name = _resolve_checkpoint(manifest, checkpoint)
     graphs = tuple(g for g in ("coarse", "fine", "baseline") if g in manifest.graphs)
     backend = create_backend(manifest, provider, SessionConfig(allow_fallback=allow_fallback), graphs=graphs)
     crit = Criteria.for_precision(manifest.precision, atol, rtol, min_top1, min_exit, max_rel_err)
