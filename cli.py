@@ -10,13 +10,14 @@ import contextlib
 import logging
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
 
+from cfvit_deploy.checks import check_fraction
 from cfvit_deploy.errors import CFViTError, UsageError
 from cfvit_deploy.extras import require
 from cfvit_deploy.progress import ProgressHook
@@ -105,7 +106,7 @@ def _logging_to_stderr() -> Iterator[None]:
 @contextlib.contextmanager
 def progress_hook() -> Iterator[Optional[ProgressHook]]:
     """A :class:`ProgressHook` that draws rich bars on stderr, or None when stderr is not a terminal."""
-    err = Console(stderr=True)
+    err = console
     if not err.is_terminal:
         yield None
         return
@@ -177,23 +178,37 @@ def _csv_list(value: str, kind: type, flag: str) -> list:
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="CF-ViT checkpoint (official or cfvit-deploy's)."),
     out: Path = typer.Option(..., "--out", "-o", help="Export folder to create."),
-    num_heads: Optional[int] = typer.Option(None, "--num-heads", help="Attention heads (official files: default 6)."),
+    num_heads: Optional[int] = typer.Option(
+        None, "--num-heads", help="Attention heads (default: what the file records or its training args say, else 6)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8."),
     optimize: bool = typer.Option(False, "--optimize", help="ONNX Runtime transformer fusions."),
     baseline: bool = typer.Option(False, "--baseline", help="Also export baseline.onnx (plain ViT, all fine tokens)."),
     eta: float = typer.Option(0.7, "--eta", help="Default confidence threshold recorded in the manifest."),
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Run onnxsim on each graph."),
+    weights: str = typer.Option(
+        "auto", "--weights",
+        help="auto | model | ema: the trained or the EMA weights of a file that holds both (auto: EMA for timm's "
+             "state_dict_ema files, the trained weights otherwise)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export folder."),
 ) -> None:
     """Export a checkpoint as coarse.onnx + fine.onnx (+ baseline.onnx) + manifest.json."""
     _needs("export", "export", "torch", "onnx", "onnxsim", "onnxconverter_common")
+    from cfvit_deploy.io import check_output
+    from exporters.onnx_export import check_export_args
+
+    check_export_args(precision, optimize, opset, eta, num_heads, weights)  # every flag before any work
+    check_output(out, force)
     from exporters import export
 
     manifest = export(checkpoint, out, num_heads=num_heads, opset=opset, precision=precision, optimize=optimize,
-                      baseline=baseline, simplify=simplify, default_eta=eta, force=force,
+                      baseline=baseline, simplify=simplify, default_eta=eta, force=force, weights=weights,
                       progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     cfg = manifest.model
+    loaded = (manifest.source.get("checkpoint") or {}).get("weights")
+    if loaded:
+        kind = "EMA" if loaded in ("state_dict_ema", "model_ema") else "trained"
+        console.print(f"loaded the {kind} weights ({loaded}) of {checkpoint}", markup=False, soft_wrap=True)
     console.print(f"exported CF-ViT {cfg.arch} g={cfg.coarse_grid} ({manifest.precision}"
                   f"{', optimized' if manifest.optimized else ''}) to {out}")
     for name, spec in manifest.graphs.items():
@@ -207,8 +222,8 @@ def validate_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="PyTorch reference (default: the manifest's)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of real images to compare on too."),
     provider: str = typer.Option("cpu", "--provider", help="cpu | cuda | tensorrt | openvino."),
-    batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Comma-separated batch sizes."),
-    etas: str = typer.Option("0.25,0.5,0.75,0.9", "--etas", help="Comma-separated eta values for the exit check."),
+    batch_sizes: str = typer.Option("1,4", "--batch-sizes", help="Batch sizes: a,b,c or start:stop:step."),
+    etas: str = typer.Option("0.25,0.5,0.75,0.9", "--etas", help="Eta values of the exit check: a,b,c or start:stop:step."),
     atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance (fp32 default 1e-4)."),
     rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance (fp32 default 1e-4)."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Top-1 agreement rate required."),
@@ -216,29 +231,43 @@ def validate_cmd(
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report (default EXPORT_DIR/validation.json)."),
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Accept a fallback to the CPU provider."),
 ) -> int:
-    """Compare the graphs with PyTorch; exit 0 only if every check PASSED."""
+    """Compare every graph with PyTorch; exit 0 only if every check PASSED."""
     _needs("export", "validate", "torch", "onnx")
     _needs_provider("validate", provider)
-    from exporters import validate
-    from rich.table import Table
-
+    from cfvit_deploy.checks import parse_batch_sizes, parse_etas
+    from cfvit_deploy.data.reader import list_images
     from cfvit_deploy.io import check_output
+    from runtimes.backends import check_provider
 
+    sizes, eta_list = parse_batch_sizes(batch_sizes), parse_etas(etas)  # every flag before any work
+    check_provider(provider)
+    for value, flag in ((min_top1, "--min-top1"), (min_exit, "--min-exit")):
+        if value is not None:
+            check_fraction(value, flag)
     if report is not None:  # a --report in a missing folder is refused before the run, not after it
         check_output(report, force=True)
-    result = validate(export_dir, checkpoint, images=images, provider=provider,
-                      batch_sizes=tuple(_csv_list(batch_sizes, int, "--batch-sizes")),
-                      etas=tuple(_csv_list(etas, float, "--etas")), atol=atol, rtol=rtol,
-                      min_top1=min_top1, min_exit=min_exit, allow_fallback=allow_fallback)
+        if report.is_dir():
+            raise UsageError(f"{report} is a folder; give a file name for the output")
+    if images is not None:
+        list_images(images)
+    from rich.table import Table
+
+    from exporters import validate
+
+    with progress_hook() as hook:
+        result = validate(export_dir, checkpoint, images=images, provider=provider, batch_sizes=tuple(sizes),
+                          etas=tuple(eta_list), atol=atol, rtol=rtol, min_top1=min_top1, min_exit=min_exit,
+                          allow_fallback=allow_fallback, progress=hook,
+                          warn=lambda msg: console.print(f"warning: {msg}", markup=False, soft_wrap=True))
     table = Table(title=f"cfvit validate {export_dir} ({result.precision}, {provider})")
-    for col in ("check", "metric", "value", "limit", "result"):
-        table.add_column(col)
+    for col in ("input", "batch", "check", "metric", "value", "limit", "result"):
+        table.add_column(col, justify="right" if col in ("batch", "value", "limit") else "left")
     for c in result.checks:
-        table.add_row(c.name, c.metric, f"{c.value:.3g}", f"{c.threshold:.3g}",
+        table.add_row(c.input, str(c.batch), c.name, c.metric, f"{c.value:.3g}", f"{c.threshold:.3g}",
                       "[green]PASSED[/green]" if c.passed else "[red]FAILED[/red]")
-    Console().print(table)
-    for c in result.checks:
-        print(c.line())
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    if result.skipped_images:
+        console.print(f"skipped {len(result.skipped_images)} unreadable images (listed in the report)")
     path = result.save(report or export_dir / "validation.json")
     n_failed = len(result.failed)
     print(f"{'PASSED' if result.passed else 'FAILED'}: {len(result.checks) - n_failed}/{len(result.checks)} checks "
@@ -352,8 +381,7 @@ def infer_cmd(
             print(f"{row.path}\t{row.stage}\tconf {row.confidence:.3f}\tpatches {row.patches}\t{top}")
 
     config = SessionConfig(threads=threads, allow_fallback=allow_fallback) if threads is not None or allow_fallback else None
-    bar, progress = _progress_bar()
-    with bar or contextlib.nullcontext(), sigterm_as_interrupt():
+    with progress_hook() as progress, sigterm_as_interrupt():
         try:
             s = infer(export_dir, inputs, engine=engine, eta=eta, batch_size=batch_size, topk=topk,
                       recursive=recursive, provider=provider, config=config, output=output, force=force,
@@ -370,24 +398,6 @@ def infer_cmd(
           + (f"  overlays: {s.overlays}" if overlay else "") + (f"  -> {s.output}" if s.output else ""),
           file=sys.stderr)
     return 1 if s.errors else 0
-
-
-def _progress_bar() -> tuple[object, object]:
-    """(a rich Progress on stderr, the ProgressHook that drives it), or (None, None) off a terminal."""
-    if not console.is_terminal:
-        return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console)
-    tasks: dict[str, object] = {}
-
-    def hook(task: str, done: int, total: int | None) -> None:
-        if task not in tasks:
-            tasks[task] = bar.add_task(task, total=total)
-        bar.update(tasks[task], completed=done, total=total)
-
-    return bar, hook
 
 
 @app.command("bench")

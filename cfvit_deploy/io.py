@@ -1,9 +1,25 @@
-"""Atomic writes and overwrite protection for every output the toolkit produces (torch-free)."""
+"""Atomic writes and overwrite protection for every output the toolkit produces (torch-free).
+
+Every output is built under a hidden temporary name beside it, ``.NAME.<pid>.<random>.tmp``, and
+put in place by one rename at the end. Without ``force`` that rename is *no-clobber*
+(``renameat2(RENAME_NOREPLACE)`` on Linux; ``link``/``mkdir`` elsewhere): when two runs write the
+same output at once, exactly one wins and the other fails with :class:`OutputExistsError`, leaving
+nothing behind. With ``force`` the replacement is atomic too (``rename`` for files,
+``RENAME_EXCHANGE`` for folders where available).
+
+The writer's pid in the temporary name lets the next run writing the same output remove what a
+killed run (SIGKILL, power loss) left behind; temporaries of live processes are left alone.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,13 +27,26 @@ from pathlib import Path
 
 from .errors import OutputExistsError, UsageError
 
+log = logging.getLogger(__name__)
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
 
 def check_output(path: Path, force: bool) -> None:
     """Refuse an existing output without --force, and an output in a missing directory."""
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:
         raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
-    if not path.parent.exists():
-        raise UsageError(f"output directory {path.parent} does not exist; create it first")
+    if not Path(path).parent.exists():
+        raise UsageError(f"output directory {Path(path).parent} does not exist; create it first")
+
+
+def _lost_race(path: Path) -> OutputExistsError:
+    return OutputExistsError(
+        f"{path} already exists (another run created it while this one was writing); "
+        "pass --force to overwrite it; nothing was written"
+    )
 
 
 def _umask_mode(base: int) -> int:
@@ -27,10 +56,150 @@ def _umask_mode(base: int) -> int:
     return base & ~mask
 
 
-@contextlib.contextmanager
-def atomic_write_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary file beside `path`; on success it replaces `path` in one rename.
+# -- renameat2 ---------------------------------------------------------------------------------------
+def _load_renameat2():
+    """libc's renameat2 (glibc >= 2.28), or None where the platform has none."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        func = ctypes.CDLL(name, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
 
+
+_renameat2 = _load_renameat2()
+#: Tests set this to False to exercise the portable fallbacks.
+USE_RENAMEAT2 = True
+
+
+def _rename2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(src, dst, flags); False where the call or the flag is not supported (then use a fallback).
+
+    Raises FileExistsError when RENAME_NOREPLACE finds `dst`; other OSErrors propagate.
+    """
+    if _renameat2 is None or not USE_RENAMEAT2:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # old kernel or a file system without the flag
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _rename_noreplace_file(tmp: Path, path: Path) -> None:
+    """Move file `tmp` to `path` only if `path` does not exist, atomically."""
+    try:
+        if _rename2(tmp, path, _RENAME_NOREPLACE):
+            return
+        os.link(tmp, path)  # link(2) never replaces: the portable no-clobber step
+    except FileExistsError:
+        raise _lost_race(path) from None
+    os.unlink(tmp)
+
+
+def _rename_noreplace_dir(tmp: Path, path: Path) -> None:
+    """Move folder `tmp` to `path` only if `path` does not exist, atomically."""
+    try:
+        if _rename2(tmp, path, _RENAME_NOREPLACE):
+            return
+        os.mkdir(path)  # claim the name: only one mkdir succeeds ...
+    except FileExistsError:
+        raise _lost_race(path) from None
+    os.replace(tmp, path)  # ... and rename(2) may replace the empty folder this run just made
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Put folder `tmp` in `path`'s place (--force); the old content is removed afterwards."""
+    try:
+        if _rename2(tmp, path, _RENAME_EXCHANGE):  # one atomic swap; `tmp` now holds the old output
+            _remove(tmp)
+            return
+    except FileNotFoundError:  # `path` vanished meanwhile: a plain no-clobber move will do
+        _rename_noreplace_dir(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.replace(old / path.name, path)  # put the previous output back
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+# -- temporaries of dead runs ---------------------------------------------------------------------------
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def clean_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries that dead runs left for `path`; returns what was removed.
+
+    A temporary ``.NAME.<pid>.<random>.tmp`` (or ``.old``) whose pid is not a live process is removed
+    with a warning. One without a pid (written by cfvit-deploy before 0.3) is only named in a warning.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\.)?[A-Za-z0-9_]+\.(tmp|old)$")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match:
+            continue
+        stale = Path(entry.path)
+        if match.group(1) is None:
+            log.warning("%s looks like a temporary file of an earlier interrupted run; remove it if no run "
+                        "is writing %s", stale, path.name)
+        elif not _pid_alive(int(match.group(1))):
+            _remove(stale)
+            removed.append(stale)
+            log.warning("removed %s, left behind by a run (pid %s) that was killed while writing %s",
+                        stale, match.group(1), path.name)
+    return removed
+
+
+# -- the context managers -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_write_path(path: Path, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary file beside `path`; on success it takes `path`'s place in one rename.
+
+    With ``force=False`` the rename is no-clobber: if `path` exists by then (another run created it),
+    :class:`OutputExistsError` is raised and the temporary is removed. The default ``force=True``
+    replaces `path` atomically (callers that checked with :func:`check_output` pass their --force).
     A `path` that is a folder, or in a missing folder, is a :class:`UsageError` before anything is written.
     """
     path = Path(path)
@@ -38,12 +207,18 @@ def atomic_write_path(path: Path) -> Iterator[Path]:
         raise UsageError(f"{path} is a folder; give a file name for the output")
     if not path.parent.is_dir():
         raise UsageError(f"output directory {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if not force and os.path.lexists(path):
+        raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
+    clean_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
+        if force:
+            os.replace(tmp, path)
+        else:
+            _rename_noreplace_file(Path(tmp), path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -54,26 +229,26 @@ def atomic_write_path(path: Path) -> Iterator[Path]:
 def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it takes `path`'s place.
 
-    An existing `path` is only replaced with `force`, and only after everything was written.
+    An existing `path` is only replaced with `force`, and only after everything was written. Without
+    `force`, a `path` that appeared meanwhile (a concurrent run) is an :class:`OutputExistsError` and
+    this run's folder is removed.
     """
     path = Path(path)
     check_output(path, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    clean_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, _umask_mode(0o777))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
+        if force and os.path.lexists(path):
+            _replace_dir(tmp, path)
+        elif force:
             try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old / path.name, path)  # put the previous output back
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
+                _rename_noreplace_dir(tmp, path)
+            except OutputExistsError:  # appeared meanwhile: --force replaces it
+                _replace_dir(tmp, path)
         else:
-            os.replace(tmp, path)
+            _rename_noreplace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

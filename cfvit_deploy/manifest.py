@@ -21,6 +21,8 @@ from .preprocessing import PreprocessConfig
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+#: The oldest manifest format this release still reads.
+MIN_FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -105,16 +107,11 @@ class Manifest:
         return path
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Manifest":
+    def from_dict(cls, data: Any) -> Manifest:
         """Parse a manifest dict; any problem is a :class:`ManifestError`."""
         if not isinstance(data, dict):
             raise ManifestError(f"manifest must be a JSON object, got {type(data).__name__}")
-        version = data.get("format_version")
-        if isinstance(version, bool) or version != FORMAT_VERSION:
-            raise ManifestError(
-                f"unsupported manifest format_version {version!r} (this cfvit-deploy reads version {FORMAT_VERSION}); "
-                "re-export with this version"
-            )
+        _check_format_version(data)
         try:
             _expect(isinstance(data["graphs"], dict), "graphs must be an object")
             _expect(isinstance(data["gmacs"], dict), "gmacs must be an object")
@@ -159,7 +156,7 @@ class Manifest:
         return manifest
 
     @classmethod
-    def load(cls, directory: str | Path, verify: bool = True) -> "Manifest":
+    def load(cls, directory: str | Path, verify: bool = True) -> Manifest:
         """Read ``DIR/manifest.json``; with `verify`, check every graph file and its sha256."""
         directory = Path(directory)
         if not directory.is_dir():
@@ -196,6 +193,27 @@ class Manifest:
                     f"checksum mismatch for {path.name}: manifest says {spec.sha256[:12]}…, file is {digest[:12]}… "
                     "(the graph was modified or comes from another export)"
                 )
+
+
+def _check_format_version(data: dict[str, Any]) -> None:
+    """The manifest's format_version must be an integer this release reads; say what to do otherwise.
+
+    Like every integer of the manifest it must be a JSON integer: "1" (a string) and 1.0 are refused alike.
+    """
+    reads = f"this cfvit-deploy reads format_version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}"
+    if "format_version" not in data:
+        raise ManifestError(f"manifest.json has no format_version key ({reads}); it was not written by "
+                            "`cfvit export`, or was edited: re-export it")
+    version = data["format_version"]
+    if not _is_int(version):
+        raise ManifestError(f"manifest format_version must be a JSON integer such as {FORMAT_VERSION}, got "
+                            f"{json.dumps(version)} ({type(version).__name__}); {reads}")
+    if version > FORMAT_VERSION:
+        raise ManifestError(f"this export has format_version {version}; this cfvit-deploy reads up to "
+                            f"{FORMAT_VERSION}: upgrade cfvit-deploy (pip install -U cfvit-deploy)")
+    if version < MIN_FORMAT_VERSION:
+        raise ManifestError(f"this export has format_version {version}, older than any this cfvit-deploy reads "
+                            f"({MIN_FORMAT_VERSION} to {FORMAT_VERSION}): re-export it with `cfvit export`")
 
 
 def _expect(ok: bool, problem: str) -> None:

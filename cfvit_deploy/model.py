@@ -17,6 +17,7 @@ from . import _torch_guard  # noqa: F401  # isort: skip  (no torch: one error li
 import torch
 from torch import Tensor, nn
 
+from .checks import check_eta
 from .config import ModelConfig
 from .layers import (
     Block,
@@ -184,8 +185,7 @@ class CFViT(nn.Module):
     @torch.no_grad()
     def predict(self, images: Tensor, eta: float) -> Prediction:
         """The paper's gate: an image exits iff max softmax(coarse) >= eta; the rest run the fine stage."""
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must lie in [0, 1], got {eta}")
+        eta = check_eta(eta)  # a UsageError (also a ValueError), worded as everywhere else
         c = self.coarse_stage(images)
         exited = confidence(c.logits) >= eta
         logits = c.logits.clone()

@@ -221,7 +221,7 @@ def _threads(n: int | None) -> Iterator[int]:
 def _init_weights(model: CFViT, path: Path) -> None:
     """Copy a checkpoint's weights; the classifier heads are kept fresh when the class count differs."""
     cfg = model.config
-    source = load_checkpoint(path, num_heads=cfg.num_heads)
+    source = load_checkpoint(path)  # heads from the file (a different count would be refused); weights only
     s = source.config
     if (s.arch, s.embed_dim, s.depth, s.coarse_grid) != (cfg.arch, cfg.embed_dim, cfg.depth, cfg.coarse_grid):
         raise UsageError(

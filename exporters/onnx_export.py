@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import cfvit_deploy
-from cfvit_deploy.checkpoints import load_checkpoint
+from cfvit_deploy.checkpoints import WEIGHTS, load_checkpoint
+from cfvit_deploy.checks import check_choice, check_eta, check_positive_int
 from cfvit_deploy.errors import ExportError, UsageError
 from cfvit_deploy.flops import baseline_gmacs, stage_gmacs
 from cfvit_deploy.io import atomic_directory
@@ -141,20 +142,41 @@ def versions() -> dict[str, str]:
     }
 
 
-def _resolve_model(model_or_checkpoint: CFViT | str | Path, num_heads: int | None) -> tuple[CFViT, dict[str, Any]]:
+def _resolve_model(
+    model_or_checkpoint: CFViT | str | Path, num_heads: int | None, weights: str = "auto"
+) -> tuple[CFViT, dict[str, Any]]:
     if isinstance(model_or_checkpoint, CFViT):
         model = model_or_checkpoint
         source: dict[str, Any] = dict(getattr(model, "metadata", {}) or {})
         path = getattr(model, "source_path", None)
     else:
-        model = load_checkpoint(model_or_checkpoint, num_heads=num_heads)
+        model = load_checkpoint(model_or_checkpoint, num_heads=num_heads, weights=weights)
         source = dict(model.metadata)  # type: ignore[attr-defined]
         path = model.source_path  # type: ignore[attr-defined]
     info: dict[str, Any] = {"class_names": source.get("class_names")}
     if path:
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else None
         info["checkpoint"] = {"path": str(path), "sha256": digest}
+        if "weights_key" in source:  # which state_dict of the file: model, state_dict, state_dict_ema, ...
+            info["checkpoint"]["weights"] = source["weights_key"]
     return model.eval(), info
+
+
+def check_export_args(precision: str, optimize: bool, opset: int, default_eta: float, num_heads: Any,
+                      weights: str = "auto") -> None:
+    """Every flag check of :func:`export`, cheap and before any work (the CLI runs it first)."""
+    check_choice(precision, PRECISIONS, "--precision")
+    if precision == "fp16" and optimize:
+        raise UsageError(
+            "fp16 cannot be combined with --optimize: ORT's float16 converter breaks the fused graph (SSA error); "
+            "export fp16 and optimized separately"
+        )
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= 21:
+        raise UsageError(f"opset {opset} is not supported; use 13..21 (default {DEFAULT_OPSET})")
+    check_eta(default_eta, "--eta")
+    if num_heads is not None:
+        check_positive_int(num_heads, "--num-heads")  # 0 must not mean "default"
+    check_choice(weights, WEIGHTS, "--weights")
 
 
 def export(
@@ -170,22 +192,17 @@ def export(
     default_eta: float = 0.7,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    weights: str = "auto",
 ) -> Manifest:
     """Export a CF-ViT (model or checkpoint path) to an export folder; returns its manifest.
 
     The folder is built in a temporary directory and renamed into place; an existing folder is
-    replaced only with `force`.
+    replaced only with `force`. `weights` picks the trained or EMA weights of a checkpoint that holds
+    both (see :func:`cfvit_deploy.checkpoints.load_checkpoint`); the manifest's source records which.
     """
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if not 13 <= opset <= 21:
-        raise UsageError(f"opset {opset} is not supported; use 13..21 (default {DEFAULT_OPSET})")
-    if not 0.0 <= default_eta <= 1.0:
-        raise UsageError(f"default eta {default_eta} must lie in [0, 1]")
-    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
-        raise UsageError(f"num_heads must be a positive integer, got {num_heads!r}")  # 0 must not mean "default"
+    check_export_args(precision, optimize, opset, default_eta, num_heads, weights)
     say = progress or (lambda msg: log.info(msg))
-    model, info = _resolve_model(model_or_checkpoint, num_heads)
+    model, info = _resolve_model(model_or_checkpoint, num_heads, weights)
     cfg = model.config
     class_names = info.pop("class_names")
     if class_names is not None and len(class_names) != cfg.num_classes:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
+import re
 
+import numpy as np
 import pytest
 import torch
 
-from cfvit_deploy import CheckpointError, ModelConfig, load_checkpoint
+from cfvit_deploy import CheckpointError, ModelConfig, UsageError, load_checkpoint
 from cfvit_deploy.checkpoints import checkpoint_metadata, save_checkpoint
 from cfvit_deploy.model import CFViT
 
@@ -133,3 +136,115 @@ def test_training_checkpoint_with_args_namespace_loads(tmp_path, micro_state):
                tmp_path / "checkpoint.pth")
     loaded = load_checkpoint(tmp_path / "checkpoint.pth", num_heads=3)
     assert torch.equal(loaded.state_dict()["head.weight"], micro_state[1]["head.weight"])
+
+
+# -- what an unloadable file looks like (issue 13 item 9) ----------------------------------------------
+@pytest.mark.parametrize("content, looks", [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 101\n", r"a text file \(\d+ bytes, starting 'version https"),
+    (b"PK\x03\x04" + bytes(range(200)), "a zip archive of 204 bytes"),
+    (bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)), "binary data of 300 bytes"),
+    (b"", r"an empty file \(0 bytes\)"),
+], ids=["text", "zip", "random", "empty"])
+def test_unloadable_file_says_what_it_looks_like(tmp_path, content, looks):
+    (tmp_path / "x.pth").write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "x.pth")
+    msg = str(err.value)
+    assert re.search(looks, msg), msg
+    assert not re.search(r": \d+$", msg) and "Unsupported operand" not in msg  # no stray number from pickle
+
+
+def test_plain_deit_says_what_to_do(tmp_path):
+    torch.save({"model": {"pos_embed": torch.zeros(1, 197, 48), "cls_token": torch.zeros(1, 1, 48),
+                          "patch_embed.proj.weight": torch.zeros(48, 3, 16, 16)}}, tmp_path / "deit.pth")
+    with pytest.raises(CheckpointError, match=r"plain ViT/DeiT .*not a CF-ViT.*train one with `cfvit train`"):
+        load_checkpoint(tmp_path / "deit.pth", num_heads=5)  # the heads are not what is wrong here
+
+
+# -- the number of heads, checked against everything the file says (issue 13 item 6) -----------------
+@pytest.fixture(scope="module")
+def small_width_state():
+    """A 384-wide CF-ViT (the official DeiT-S width; four blocks keep it light)."""
+    torch.manual_seed(0)
+    return CFViT(ModelConfig(embed_dim=384, depth=4, num_heads=6, num_classes=10)).state_dict()
+
+
+@pytest.mark.parametrize("bad", [0, -6, True, 2.0, "6"])
+def test_non_positive_or_non_integer_heads_are_refused(tmp_path, micro_state, bad):
+    torch.save({"model": micro_state[1]}, tmp_path / "c.pth")
+    with pytest.raises(UsageError, match="num_heads must be a positive integer"):
+        load_checkpoint(tmp_path / "c.pth", num_heads=bad)
+
+
+def test_heads_that_do_not_divide_the_width_are_a_usage_error(tmp_path, micro_state):
+    torch.save({"model": micro_state[1]}, tmp_path / "c.pth")
+    with pytest.raises(UsageError, match=r"num_heads 5 does not divide .*embed_dim 48"):
+        load_checkpoint(tmp_path / "c.pth", num_heads=5)
+
+
+@pytest.mark.parametrize("name", ["cf_deit_small", "cf_lvvit_small", "deit_small_patch16_224"])
+def test_training_args_model_name_sets_and_checks_the_heads(tmp_path, small_width_state, name):
+    torch.save({"model": small_width_state, "args": argparse.Namespace(model=name)}, tmp_path / "ckpt.pth")
+    assert load_checkpoint(tmp_path / "ckpt.pth").config.num_heads == 6
+    assert load_checkpoint(tmp_path / "ckpt.pth", num_heads=6).config.num_heads == 6
+    with pytest.raises(UsageError, match=rf"num_heads 8 contradicts .*args.model '{name}' says 6 heads"):
+        load_checkpoint(tmp_path / "ckpt.pth", num_heads=8)  # 8 divides 384: only the args can tell
+
+
+def test_timm_saver_arch_names_the_heads(tmp_path, small_width_state):
+    torch.save({"state_dict": small_width_state, "arch": "cf_deit_small"}, tmp_path / "last.pth.tar")
+    with pytest.raises(UsageError, match="num_heads 12 contradicts .*arch 'cf_deit_small' says 6"):
+        load_checkpoint(tmp_path / "last.pth.tar", num_heads=12)
+
+
+def test_recorded_heads_are_not_silently_overridden(tmp_path, micro_state):
+    model, _ = micro_state  # micro: 3 heads, recorded by save_checkpoint
+    save_checkpoint(model, tmp_path / "own.pth")
+    with pytest.raises(UsageError, match=r"num_heads 6 contradicts .*recorded .* says 3 heads"):
+        load_checkpoint(tmp_path / "own.pth", num_heads=6)
+    assert load_checkpoint(tmp_path / "own.pth", num_heads=3).config.num_heads == 3
+
+
+def test_a_forced_config_is_checked_against_the_file(tmp_path, small_width_state):
+    """validate rebuilds the reference with the export's config: a wrong head count there is caught."""
+    torch.save({"model": small_width_state, "args": argparse.Namespace(model="cf_deit_small")}, tmp_path / "c.pth")
+    wrong = ModelConfig(embed_dim=384, depth=4, num_heads=8, num_classes=10)
+    with pytest.raises(CheckpointError, match="config says 8 heads but its training args.model 'cf_deit_small' says 6"):
+        load_checkpoint(tmp_path / "c.pth", config=wrong)
+
+
+# -- trained vs EMA weights (issue 13 item 20) ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ema_state(micro_state):
+    return {k: v + 1.0 if v.is_floating_point() else v for k, v in micro_state[1].items()}
+
+
+def _head(model):
+    return model.state_dict()["head.weight"]
+
+
+def test_timm_saver_file_loads_the_ema_by_default_and_the_model_on_request(tmp_path, micro_state, ema_state):
+    state = micro_state[1]
+    torch.save({"state_dict": state, "state_dict_ema": ema_state, "epoch": 9}, tmp_path / "t.pth.tar")
+    auto = load_checkpoint(tmp_path / "t.pth.tar", num_heads=3)
+    assert torch.equal(_head(auto), ema_state["head.weight"]) and auto.metadata["weights_key"] == "state_dict_ema"
+    ema = load_checkpoint(tmp_path / "t.pth.tar", num_heads=3, weights="ema")
+    assert torch.equal(_head(ema), ema_state["head.weight"])
+    trained = load_checkpoint(tmp_path / "t.pth.tar", num_heads=3, weights="model")
+    assert torch.equal(_head(trained), state["head.weight"]) and trained.metadata["weights_key"] == "state_dict"
+
+
+def test_deit_file_loads_the_trained_weights_by_default(tmp_path, micro_state, ema_state):
+    state = micro_state[1]
+    torch.save({"model": state, "model_ema": ema_state}, tmp_path / "checkpoint.pth")
+    assert torch.equal(_head(load_checkpoint(tmp_path / "checkpoint.pth", num_heads=3)), state["head.weight"])
+    ema = load_checkpoint(tmp_path / "checkpoint.pth", num_heads=3, weights="ema")
+    assert torch.equal(_head(ema), ema_state["head.weight"]) and ema.metadata["weights_key"] == "model_ema"
+
+
+def test_asking_for_weights_the_file_does_not_hold(tmp_path, micro_state):
+    torch.save({"model": micro_state[1]}, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
+        load_checkpoint(tmp_path / "m.pth", num_heads=3, weights="ema")
+    with pytest.raises(UsageError, match="weights must be one of auto, model, ema"):
+        load_checkpoint(tmp_path / "m.pth", num_heads=3, weights="best")

@@ -109,27 +109,39 @@ FLAG_CASES = [
      "error: Invalid value for '--batch-size': Input should be a valid integer, unable to parse string as an integer"),
     (["infer", "{export}"], "error: Missing argument 'inputs'."),
     (["frobnicate"], "error: No such command 'frobnicate'."),
-    # validate
-    (["validate", "{export}", "--etas=-0.5"], "error: every eta must lie in [0, 1], got [-0.5]"),
-    (["validate", "{export}", "--etas", "0.5,1.5"], "error: every eta must lie in [0, 1], got [0.5, 1.5]"),
-    (["validate", "{export}", "--etas", "nan"], "error: every eta must lie in [0, 1], got [nan]"),
-    (["validate", "{export}", "--batch-sizes", "0"], "error: batch sizes must be positive integers, got [0]"),
-    (["validate", "{export}", "--batch-sizes=-2"], "error: batch sizes must be positive integers, got [-2]"),
+    # validate: the shared checks' wording; every flag is checked before any work (issue 13 item 7)
+    (["validate", "{export}", "--etas=-0.5"], "error: --etas must lie in [0, 1], got -0.5"),
+    (["validate", "{export}", "--etas", "0.5,1.5"], "error: --etas must lie in [0, 1], got 1.5"),
+    (["validate", "{export}", "--etas", "nan"], "error: --etas must lie in [0, 1], got nan"),
+    (["validate", "{export}", "--etas", "0:1"],
+     "error: --etas expects comma-separated float values (a,b,c) or start:stop:step, got '0:1'"),
+    (["validate", "{export}", "--batch-sizes", "0"], "error: --batch-sizes must be a positive integer, got 0"),
+    (["validate", "{export}", "--batch-sizes=-2"], "error: --batch-sizes must be a positive integer, got -2"),
+    (["validate", "{export}", "--min-top1", "1.5"], "error: --min-top1 must lie in [0, 1], got 1.5"),
     (["validate", "{export}", "--provider", "tpu"],
      "error: unknown provider 'tpu'; available: cpu, cuda, tensorrt, openvino"),
     (["validate", "{export}", "--report", "{tmp}/missing/r.json"],
      "error: output directory {tmp}/missing does not exist; create it first"),
-    # export
+    (["validate", "{export}", "--images", "{tmp}/nope"], "error: --images must be a folder of images, got {tmp}/nope"),
+    (["validate", "{tmp}/no-export", "--etas", "2"], "error: --etas must lie in [0, 1], got 2.0"),  # flags first
+    # export: flag checks before the checkpoint is even read (a missing one is not reported first)
     (["export", "{ckpt}", "-o", "{tmp}/exp", "--num-heads", "3", "--eta", "1.5"],
-     "error: default eta 1.5 must lie in [0, 1]"),
+     "error: --eta must lie in [0, 1], got 1.5"),
     (["export", "{ckpt}", "-o", "{tmp}/exp", "--num-heads", "3", "--eta", "nan"],
-     "error: default eta nan must lie in [0, 1]"),
+     "error: --eta must lie in [0, 1], got nan"),
     (["export", "{ckpt}", "-o", "{tmp}/exp", "--num-heads", "3", "--eta=-1"],
-     "error: default eta -1.0 must lie in [0, 1]"),
-    (["export", "{ckpt}", "-o", "{tmp}/exp", "--num-heads", "0"], "error: num_heads must be a positive integer, got 0"),
-    (["export", "{ckpt}", "-o", "{tmp}/exp", "--num-heads=-3"], "error: num_heads must be a positive integer, got -3"),
+     "error: --eta must lie in [0, 1], got -1.0"),
+    (["export", "{ckpt}", "-o", "{tmp}/exp", "--num-heads", "0"], "error: --num-heads must be a positive integer, got 0"),
+    (["export", "{ckpt}", "-o", "{tmp}/exp", "--num-heads=-3"], "error: --num-heads must be a positive integer, got -3"),
     (["export", "{ckpt}", "-o", "{tmp}/exp", "--precision", "fp8"],
-     "error: unknown precision 'fp8'; choose one of fp32, fp16, int8"),
+     "error: --precision must be one of fp32, fp16, int8, got 'fp8'"),
+    (["export", "{tmp}/no.pth", "-o", "{tmp}/exp", "--precision", "fp16", "--optimize"],
+     "error: fp16 cannot be combined with --optimize: ORT's float16 converter breaks the fused graph (SSA error); "
+     "export fp16 and optimized separately"),
+    (["export", "{tmp}/no.pth", "-o", "{tmp}/exp", "--weights", "best"],
+     "error: --weights must be one of auto, model, ema, got 'best'"),
+    (["export", "{tmp}/no.pth", "-o", "{tmp}/exp", "--opset", "9"],
+     "error: opset 9 is not supported; use 13..21 (default 17)"),
     (["export", "{ckpt}", "-o", "{tmp}/missing/exp", "--num-heads", "3"],
      "error: output directory {tmp}/missing does not exist; create it first"),
     # bench
@@ -314,9 +326,11 @@ def _damage(kind: str, root: Path, export_dir: Path, g9_export: Path, img: Path)
         else:
             del data["format_version"]
         manifest.write_text(json.dumps(data))
-        version = 99 if kind == "version 99" else None
-        return d, lit(f"error: unsupported manifest format_version {version} (this cfvit-deploy reads version 1); "
-                      "re-export with this version")
+        if kind == "version 99":  # the fix is a newer cfvit-deploy, not a re-export (issue 13 item 19)
+            return d, lit("error: this export has format_version 99; this cfvit-deploy reads up to 1: upgrade "
+                          "cfvit-deploy (pip install -U cfvit-deploy)")
+        return d, lit("error: manifest.json has no format_version key (this cfvit-deploy reads format_version 1 to "
+                      "1); it was not written by `cfvit export`, or was edited: re-export it")
     if kind in ("no coarse graph", "no fine graph"):
         graph = kind.split()[1]
         (d / f"{graph}.onnx").unlink()
@@ -377,18 +391,20 @@ def _checkpoint(kind: str, d: Path) -> tuple[Path, list[str], str]:
         return p, [], lit(f"error: checkpoint path is a directory, not a file: {p}")
     if kind == "empty file":
         p.write_bytes(b"")
-        return p, [], lit(f"error: not a readable PyTorch checkpoint (corrupt or truncated?): {p}: EOFError")
+        return p, [], lit(f"error: not a readable PyTorch checkpoint (corrupt or truncated?): {p} is an empty file (0 bytes)")
     if kind == "text file":
-        p.write_text("hello, I am a text file\n")
-        return p, [], lit(f"error: not a readable PyTorch checkpoint (corrupt or truncated?): {p}: ") + ".+"
+        p.write_text("hello, I am a text file\n")  # no stray pickle opcode number (issue 13 item 9)
+        return p, [], lit(f"error: not a PyTorch checkpoint: {p} is a text file (24 bytes, starting "
+                          "'hello, I am a text file')")
     if kind == "random bytes":
         p.write_bytes(b"\x0f" + np.random.default_rng(0).bytes(4095))
-        return p, [], lit(f"error: not a PyTorch checkpoint (unpickling failed): {p}: Unsupported operand 15")
+        return p, [], lit(f"error: not a PyTorch checkpoint: {p} is binary data of 4,096 bytes that is not a "
+                          "PyTorch checkpoint (random or damaged bytes)")
     if kind == "truncated":
         data = (FIXTURES / "deit_g7.pth").read_bytes()
         p.write_bytes(data[: len(data) // 2])
-        return p, [], lit(f"error: not a readable PyTorch checkpoint (corrupt or truncated?): {p}: ") + \
-            "PytorchStreamReader failed .+"
+        return p, [], lit(f"error: not a readable PyTorch checkpoint (corrupt or truncated?): {p} is a zip archive of "
+                          f"{len(data) // 2:,} bytes that torch cannot read (truncated, or not made by torch.save)")
     if kind == "a bare tensor":
         torch.save(torch.zeros(3), p)
         return p, [], lit("error: checkpoint holds a Tensor, not a dict of tensors")
@@ -399,11 +415,12 @@ def _checkpoint(kind: str, d: Path) -> tuple[Path, list[str], str]:
     if kind == "plain DeiT keys":
         torch.save({"model": {"pos_embed": torch.zeros(1, 197, 48),
                               "patch_embed.proj.weight": torch.zeros(48, 3, 16, 16)}}, p)
-        return p, [], lit("error: checkpoint is a plain ViT/DeiT (single pos_embed): missing pos_embed_list.0, "
-                          "pos_embed_list.1")
+        return p, [], lit("error: checkpoint is a plain ViT/DeiT (single pos_embed, no pos_embed_list.0/1), not a "
+                          "CF-ViT: cfvit-deploy exports CF-ViT models only; train one with `cfvit train` (or fine-tune "
+                          "these weights into a CF-ViT with the original CF-ViT code) and export that")
     if kind == "g=9 weights, --num-heads 5":
         return FIXTURES / "deit_g9.pth", ["--num-heads", "5"], \
-            lit("error: inferred an invalid config (deit, embed_dim 48): embed_dim 48 is not divisible by num_heads 5")
+            lit("error: num_heads 5 does not divide the checkpoint's width (embed_dim 48)")
     if kind == "g=9 weights, metadata claims g=7":
         state = torch.load(FIXTURES / "deit_g9.pth", weights_only=True)["model"]
         g7 = json.loads((FIXTURES / "deit_g7.json").read_text())
@@ -423,7 +440,7 @@ CHECKPOINTS = ["missing file", "directory", "empty file", "text file", "random b
 def test_bad_checkpoint_is_one_line_exit_1(capfd, tmp_path, kind) -> None:
     path, flags, pattern = _checkpoint(kind, tmp_path)
     code, out, err = run(capfd, "export", path, "-o", tmp_path / "exp", *flags)
-    assert code == 1
+    assert code == (2 if "--num-heads" in kind else 1)  # a flag that does not fit is a usage error
     assert_one_error(err, pattern)
     assert out == "" and not (tmp_path / "exp").exists()
 
@@ -585,3 +602,53 @@ def test_max_pixels_raises_and_lowers_the_limit(capfd, tmp_path, export_dir, inp
     assert code == 1
     assert out == (f"{inputs['img']}\terror: image is 40x40 = 1,600 pixels, above the limit of 1,599 "
                    "(possible decompression bomb; raise it with --max-pixels)\n")
+
+
+# -- two exports to the same folder at once (issue 13 item 2) ---------------------------------------------
+@pytest.mark.slow
+def test_two_concurrent_exports_exactly_one_wins(tmp_path) -> None:
+    """Both runs pass the existence check at start; the no-clobber rename at the end lets only one win."""
+    from cfvit_deploy.manifest import Manifest
+
+    out = tmp_path / "same"
+    argv = [sys.executable, "-c", ENTRY, "export", str(FIXTURES / "deit_g7.pth"), "--out", str(out), "--num-heads", "3"]
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert re.search(rf"^error: {re.escape(str(out))} already exists", loser, re.M), loser
+    assert "exported CF-ViT" not in loser  # the loser does not claim success
+    Manifest.load(out)  # the winner's export, complete and consistent
+    assert [p.name for p in tmp_path.iterdir()] == ["same"]  # the loser left nothing behind
+
+
+def test_export_says_which_weights_it_loaded(capfd, tmp_path) -> None:
+    """timm's saver keeps trained and EMA weights: the default takes the EMA, says so and records it (item 20)."""
+    state = torch.load(FIXTURES / "deit_g7.pth", weights_only=True)["model"]
+    ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"state_dict": state, "state_dict_ema": ema, "epoch": 3}, tmp_path / "last.pth.tar")
+    code, out, err = run(capfd, "export", tmp_path / "last.pth.tar", "-o", tmp_path / "exp", "--num-heads", "3",
+                         "--no-simplify")
+    assert code == 0, err
+    assert f"loaded the EMA weights (state_dict_ema) of {tmp_path / 'last.pth.tar'}" in err
+    source = json.loads((tmp_path / "exp" / "manifest.json").read_text())["source"]
+    assert source["checkpoint"]["weights"] == "state_dict_ema"
+    code, out, err = run(capfd, "export", tmp_path / "last.pth.tar", "-o", tmp_path / "exp2", "--num-heads", "3",
+                         "--no-simplify", "--weights", "model")
+    assert code == 0 and "loaded the trained weights (state_dict)" in err
+
+
+def test_validate_prints_each_result_once_with_its_input_and_batch(capfd, tmp_path, export_dir) -> None:
+    """One table with input/batch columns (no second list of PASSED lines), the summary last (item 10)."""
+    code, out, err = run(capfd, "validate", export_dir, "--batch-sizes", "1:3:2", "--etas", "0.25:0.75:0.5",
+                         "--report", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["batch_sizes"] == [1, 3] and report["etas"] == [0.25, 0.75]  # start:stop:step grammar
+    lines = out.strip().splitlines()
+    assert re.search(r"\binput\b.*\bbatch\b.*\bcheck\b", out)
+    assert not any(line.startswith("PASSED |") for line in lines)  # the old duplicate presentation
+    rows = [line for line in lines if "PASSED" in line and "│" in line]
+    assert len(rows) == len(report["checks"]) == 2 * 12  # 10 checks + one per eta, per input
+    assert lines[-1] == f"PASSED: 24/24 checks passed (report: {tmp_path / 'r.json'})"

@@ -175,10 +175,10 @@ def mutate(path: tuple, value: Any = None, delete: bool = False) -> dict:
 @pytest.mark.parametrize(
     "path, value, reason",
     [
-        (("format_version",), 2, "unsupported manifest format_version 2"),
-        (("format_version",), "1", "unsupported manifest format_version '1'"),
-        (("format_version",), True, "unsupported manifest format_version True"),
-        (("format_version",), None, "unsupported manifest format_version None"),
+        (("format_version",), 2, "this export has format_version 2; this cfvit-deploy reads up to 1: upgrade"),
+        (("format_version",), "1", "format_version must be a JSON integer such as 1, got \"1\" (str)"),
+        (("format_version",), True, "format_version must be a JSON integer such as 1, got true (bool)"),
+        (("format_version",), None, "format_version must be a JSON integer such as 1, got null (NoneType)"),
         (("model", "num_heads"), 0, "num_heads must be a positive integer"),
         (("model", "embed_dim"), "%c", "model.embed_dim must be int"),
         (("model", "coarse_grid"), 7.5, "model.coarse_grid must be int"),
@@ -296,15 +296,43 @@ def test_manifest_not_utf8(tmp_path):
         Manifest.load(tmp_path / "exp")
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
-def test_unknown_format_version(tmp_path, version):
+def _load_with_version(tmp_path, version=None, delete=False):
     write_export(tmp_path / "exp")
     path = tmp_path / "exp" / MANIFEST_NAME
     data = json.loads(path.read_text())
-    data["format_version"] = version
+    if delete:
+        del data["format_version"]
+    else:
+        data["format_version"] = version
     path.write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=rf"unsupported manifest format_version {re.escape(repr(version))} .*re-export"):
-        Manifest.load(tmp_path / "exp")
+    return Manifest.load(tmp_path / "exp")
+
+
+@pytest.mark.parametrize("version", [2, 99])
+def test_newer_format_version_says_upgrade(tmp_path, version):
+    """The fix for a newer export is a newer cfvit-deploy, not a re-export (issue 13 item 19)."""
+    with pytest.raises(ManifestError, match=rf"^this export has format_version {version}; this cfvit-deploy reads up "
+                                            r"to 1: upgrade cfvit-deploy \(pip install -U cfvit-deploy\)$"):
+        _load_with_version(tmp_path, version)
+
+
+@pytest.mark.parametrize("version", [0, -1])
+def test_older_format_version_says_re_export(tmp_path, version):
+    with pytest.raises(ManifestError, match=rf"this export has format_version {version}, older than .* re-export it"):
+        _load_with_version(tmp_path, version)
+
+
+def test_missing_format_version_says_it_is_missing(tmp_path):
+    with pytest.raises(ManifestError, match="manifest.json has no format_version key") as err:
+        _load_with_version(tmp_path, delete=True)
+    assert "None" not in str(err.value)
+
+
+@pytest.mark.parametrize("version, shown", [("1", '"1" (str)'), (1.0, "1.0 (float)"), ("one", '"one" (str)')])
+def test_integer_valued_non_integers_are_refused_alike(tmp_path, version, shown):
+    """"1" and 1.0 get the same answer (before: 1.0 was accepted and "1" refused)."""
+    with pytest.raises(ManifestError, match=re.escape(f"format_version must be a JSON integer such as 1, got {shown}")):
+        _load_with_version(tmp_path, version)
 
 
 @pytest.mark.parametrize("name", ["coarse", "fine"])
