@@ -94,14 +94,6 @@ class ParquetSink:
         self.w.close()
 
 
-def _atomic(path: Path, force: bool) -> contextlib.AbstractContextManager[Path]:
-    """io's atomic writer; without `force` its final rename is no-clobber (a racing run loses with exit 2)."""
-    try:
-        return atomic_write_path(path, force=force)
-    except TypeError:  # MERGE: io.atomic_write_path without `force` (before the no-clobber rename); drop then
-        return atomic_write_path(path)
-
-
 @contextlib.contextmanager
 def open_sink(output: Path, topk: int, force: bool = False) -> Iterator[CsvSink | JsonlSink | ParquetSink]:
     """A sink writing `output` (by its suffix) through a temporary file renamed into place at the end.
@@ -110,7 +102,7 @@ def open_sink(output: Path, topk: int, force: bool = False) -> Iterator[CsvSink 
     catches the ``KeyboardInterrupt`` inside the block so the rows done so far form a complete file.
     """
     suffix = output.suffix.lower()
-    with _atomic(output, force) as tmp:
+    with atomic_write_path(output, force=force) as tmp:  # no-clobber unless force
         if suffix == ".parquet":
             sink = ParquetSink(tmp)
             try:
@@ -125,6 +117,6 @@ def open_sink(output: Path, topk: int, force: bool = False) -> Iterator[CsvSink 
 def write_summary(output: Path, summary: InferSummary, force: bool = False) -> Path:
     """Write ``<output>.summary.json`` atomically (after the output itself is in place)."""
     target = summary_path(output)
-    with _atomic(target, force) as tmp:
+    with atomic_write_path(target, force=force) as tmp:
         tmp.write_text(json.dumps(summary.to_json(), indent=2) + "\n", encoding="utf-8")
     return target
