@@ -546,7 +546,8 @@ def serve_cmd(
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (width x height); beyond it: 413."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
     shared_threads: bool = typer.Option(
-        True, "--shared-threads/--per-session-threads", help="One ONNX Runtime thread pool for both graphs (default), or one per session."),
+        False, "--shared-threads/--per-session-threads",
+        help="One process-wide ONNX Runtime pool for both graphs, or one sleeping pool per session (default, as infer)."),
     engine: str = typer.Option("local", "--engine", help="local | ray (Ray Serve deployments; pip install 'cfvit-deploy[ray]')."),
     coarse_replicas: int = typer.Option(1, "--coarse-replicas", help="Ray: replicas of the coarse deployment."),
     fine_replicas: int = typer.Option(1, "--fine-replicas", help="Ray: replicas of the fine deployment."),

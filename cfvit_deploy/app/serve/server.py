@@ -43,9 +43,9 @@ class ServeOptions:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int | None = 40_000_000
     threads: int | None = None  #: intra-op threads per session, or of the shared pool (None: the runtime's default)
-    #: both sessions use ONNX Runtime's one process-wide pool (as bench does: two per-session pools spin
-    #: against each other on few cores); process-wide, so the Python twin lets an embedding process opt out
-    shared_threads: bool = True
+    #: ONNX Runtime's one process-wide pool for both sessions instead of SessionConfig()'s default
+    #: (per-session pools whose idle threads sleep: the measured-fastest threading, the same as infer/bench)
+    shared_threads: bool = False
     engine: str = "local"
     replicas: dict[str, int] = field(default_factory=lambda: {"coarse": 1, "fine": 1})  #: Ray Serve only
     log_level: str = "info"
