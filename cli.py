@@ -9,19 +9,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import traceback
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 
+from cfvit_deploy.app.cli_support import (
+    LIBRARY_LOGGERS,
+    bench_needs,
+    needs,
+    needs_infer,
+    needs_provider,
+    progress_bars,
+    run_app,
+    use_plain_commands,
+    version,
+)
 from cfvit_deploy.checks import check_fraction
-from cfvit_deploy.errors import CFViTError, UsageError
-from cfvit_deploy.extras import require
+from cfvit_deploy.errors import UsageError
 from cfvit_deploy.progress import ProgressHook
-from cfvit_deploy.signals import EXIT_SIGTERM, exit_code_for, sigterm_as_interrupt
+from cfvit_deploy.signals import exit_code_for, sigterm_as_interrupt
 
 # rich_markup_mode=None: help is plain text, so "pip install 'cfvit-deploy[ray]'" keeps its brackets
 # (rich markup would eat them) and flags get no "<bool>" placeholder.
@@ -35,20 +43,6 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 _state = {"debug": False}
-LIBRARY_LOGGERS = ("cfvit_deploy", "exporters", "runtimes")
-
-
-def version() -> str:
-    """The installed distribution's version (the source tree's when run from a checkout)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("cfvit-deploy")
-    except PackageNotFoundError:
-        from cfvit_deploy import __version__
-
-        return __version__
 
 
 def _print_version(value: bool) -> None:
@@ -67,100 +61,6 @@ def _root(
     if debug:
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).setLevel(logging.DEBUG)
-
-
-class _LibraryOrWarning(logging.Filter):
-    """Pass the toolkit's own records, and third-party records only from WARNING up."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name.split(".")[0] in LIBRARY_LOGGERS
-
-
-@contextlib.contextmanager
-def _logging_to_stderr() -> Iterator[None]:
-    """One rich handler on stderr for the duration of a command, removed afterwards.
-
-    It sits on the root logger (pytest's caplog still sees every record) and passes the toolkit's
-    loggers from INFO (DEBUG with --debug, set by the root callback) and other libraries from WARNING.
-    """
-    from rich.logging import RichHandler
-
-    root = logging.getLogger()
-    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
-    handler._cfvit = True  # type: ignore[attr-defined]
-    handler.addFilter(_LibraryOrWarning())
-    levels = {name: logging.getLogger(name).level for name in ("", *LIBRARY_LOGGERS)}
-    root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
-@contextlib.contextmanager
-def progress_hook() -> Iterator[Optional[ProgressHook]]:
-    """A :class:`ProgressHook` that draws rich bars on stderr, or None when stderr is not a terminal."""
-    err = console
-    if not err.is_terminal:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bars:
-        tasks: dict[str, Any] = {}
-
-        def hook(task: str, done: int, total: Optional[int]) -> None:
-            if task not in tasks:
-                tasks[task] = bars.add_task(task, total=total)
-            bars.update(tasks[task], completed=done, total=total)
-
-        yield hook
-
-
-def _needs(extra: str, command: str, *modules: str) -> None:
-    """Preflight: one `error:` line naming the extra, before the command does any work."""
-    for module in modules:
-        require(module, extra, f"cfvit {command}")
-
-
-def _needs_provider(command: str, *providers: str) -> None:
-    if "openvino" in providers:
-        require("openvino", "openvino", f"cfvit {command} --provider openvino")
-
-
-def _needs_infer(output: Optional[Path], engine: str, provider: str) -> None:
-    if engine == "ray":
-        require("ray", "ray", "cfvit infer --engine ray")
-    if output is not None and output.suffix.lower() == ".parquet":
-        require("pyarrow", "parquet", "cfvit infer -o *.parquet")
-    _needs_provider("infer", provider)
-
-
-def _bench_needs(export_dir: Path, precisions: Optional[str], torch: bool) -> None:
-    """bench: psutil and matplotlib always; onnx only when a precision variant must be built; torch with --torch."""
-    _needs("bench", "bench", "psutil", "matplotlib")
-    if torch:
-        require("torch", "export", "cfvit bench --torch")
-    if precisions:
-        from cfvit_deploy.errors import ManifestError
-        from cfvit_deploy.manifest import Manifest
-
-        try:
-            manifest = Manifest.load(export_dir, verify=False)
-        except ManifestError:
-            return  # bench reports the unusable export itself
-        label = manifest.precision
-        if manifest.optimized:
-            label = "optimized" if label == "fp32" else f"{label}-optimized"
-        if any(p.strip() and p.strip() != label for p in precisions.split(",")):
-            require("onnx", "bench", "cfvit bench --precisions (building a variant)")
 
 
 def _csv_list(value: str, kind: type, flag: str) -> list:
@@ -193,7 +93,7 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing export folder."),
 ) -> None:
     """Export a checkpoint as coarse.onnx + fine.onnx (+ baseline.onnx) + manifest.json."""
-    _needs("export", "export", "torch", "onnx", "onnxsim", "onnxconverter_common")
+    needs("export", "export", "torch", "onnx", "onnxsim", "onnxconverter_common")
     from cfvit_deploy.io import check_output
     from exporters.onnx_export import check_export_args
 
@@ -232,8 +132,8 @@ def validate_cmd(
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Accept a fallback to the CPU provider."),
 ) -> int:
     """Compare every graph with PyTorch; exit 0 only if every check PASSED."""
-    _needs("export", "validate", "torch", "onnx")
-    _needs_provider("validate", provider)
+    needs("export", "validate", "torch", "onnx")
+    needs_provider("validate", provider)
     from cfvit_deploy.checks import parse_batch_sizes, parse_etas
     from cfvit_deploy.data.reader import list_images
     from cfvit_deploy.io import check_output
@@ -298,7 +198,7 @@ def train_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch intra-op threads (default: the idle cores)."),
 ) -> None:
     """Train a CF-ViT (CE on fine + KL(fine || coarse); all fine tokens, then informative selection)."""
-    _needs("train", "train", "torch")
+    needs("train", "train", "torch")
     from dataclasses import replace
 
     from cfvit_deploy.data.synthetic import ensure_synthetic_dataset
@@ -365,11 +265,9 @@ def infer_cmd(
 
     Exit codes: 0 every file classified; 1 some files failed (or the export or provider is unusable); 2 usage error; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM): the output keeps the rows done so far.
     """
-    _needs_infer(output, engine, provider)
-    import contextlib
+    needs_infer(output, engine, provider)
 
     from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS
-    from cfvit_deploy.signals import exit_code_for, sigterm_as_interrupt
     from runtimes.backends import SessionConfig
     from runtimes.infer import InferInterrupted, InferRow, infer
 
@@ -431,7 +329,7 @@ def bench_cmd(
     Pipelines are built as users build them (CFViTPipeline with the default SessionConfig); each cell runs in its own process.
     Exit codes: 0 every requested runtime measured (single skipped cells are listed with their reason); 1 every cell of a runtime was skipped, or the export is unusable; 2 usage error.
     """
-    _bench_needs(export_dir, precisions, torch)  # a missing runtime (openvino) is a skipped cell, as documented
+    bench_needs(export_dir, precisions, torch)  # a missing runtime (openvino) is a skipped cell, as documented
     from cfvit_deploy.app.bench import NothingMeasuredError, render_table, run_bench
 
     def show(result) -> None:
@@ -477,8 +375,8 @@ def sweep_cmd(
 
     With --max-drop or --max-latency-ms it also chooses eta for that budget (and with --write-eta makes it the export's default).
     """
-    _needs("bench", "sweep", "matplotlib")
-    _needs_provider("sweep", provider)
+    needs("bench", "sweep", "matplotlib")
+    needs_provider("sweep", provider)
     from rich.table import Table
 
     from cfvit_deploy.app.sweep import check_plotting, sweep, write_default_eta
@@ -518,8 +416,8 @@ def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="Tiny data and one epoch: a smoke test of every step."),
 ) -> None:
     """Generate data, train, export, validate, infer, sweep and bench; write OUT/report.md."""
-    _needs("export", "demo", "torch", "onnx", "onnxsim", "onnxconverter_common")
-    _needs("bench", "demo", "psutil", "matplotlib")
+    needs("export", "demo", "torch", "onnx", "onnxsim", "onnxconverter_common")
+    needs("bench", "demo", "psutil", "matplotlib")
     from cfvit_deploy.app.demo import run_demo
 
     result = run_demo(out, force=force, quick=quick, say=lambda msg: console.print(msg, markup=False),
@@ -556,10 +454,10 @@ def serve_cmd(
 
     SIGTERM stops accepting, answers every queued request and exits 0. See docs/serve.md.
     """
-    _needs("serve", "serve", "starlette", "uvicorn", "prometheus_client", "multipart")
+    needs("serve", "serve", "starlette", "uvicorn", "prometheus_client", "multipart")
     if engine == "ray":
-        _needs("ray", "serve --engine ray", "ray")
-    _needs_provider("serve", provider)
+        needs("ray", "serve --engine ray", "ray")
+    needs_provider("serve", provider)
     from cfvit_deploy.app.serve import ServeOptions, serve
 
     options = ServeOptions(host=host, port=port, provider=provider, eta=eta, max_batch=max_batch,
@@ -569,92 +467,17 @@ def serve_cmd(
     return serve(export_dir, options)
 
 
-class _Interrupted(Exception):
-    """Carries a Ctrl-C / SIGTERM out of typer, which would turn it into a silent exit code 130."""
-
-    def __init__(self, interrupt: KeyboardInterrupt) -> None:
-        super().__init__(str(interrupt))
-        self.interrupt = interrupt
-
-
-class _Command(typer.core.TyperCommand):
-    """Every command: interrupts reach main(); usage lines read EXPORT_DIR INPUTS..., not {export_dir}."""
-
-    def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt as exc:
-            raise _Interrupted(exc) from exc
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if isinstance(param, typer.core.TyperArgument):
-                name = (param.name or "").upper() + ("..." if param.nargs != 1 else "")
-                pieces.append(name if param.required else f"[{name}]")
-            else:
-                pieces.extend(param.get_usage_pieces(ctx))
-        return pieces
-
-
-for _info in app.registered_commands:
-    if _info.cls in (None, typer.core.TyperCommand):  # commands added with their own class keep it
-        _info.cls = _Command
-
-
-def _interrupt_line(exc: BaseException) -> tuple[str, int]:
-    """(message, exit code) for Ctrl-C (130) or SIGTERM (143); a command may attach its own summary."""
-    code = exit_code_for(exc)
-    message = str(exc) or ("terminated (SIGTERM)" if code == EXIT_SIGTERM else "interrupted")
-    return message, code
+use_plain_commands(app)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Console-script entry point; returns the exit code.
-
-    Every command runs with SIGTERM handled like Ctrl-C (what is done is kept), then one line on
-    stderr: ``error: interrupted`` and exit 130, or ``error: terminated (SIGTERM)`` and exit 143.
-    """
-    with sigterm_as_interrupt(), _logging_to_stderr():
-        try:
-            return _run(argv)
-        except KeyboardInterrupt as exc:  # also a SIGTERM arriving while an error is being reported
-            message, code = _interrupt_line(exc)
-            print(f"error: {message}", file=sys.stderr)
-            return code
+    """Console-script entry point; returns the exit code (errors as one line, SIGTERM like Ctrl-C)."""
+    return run_app(app, argv, _state)
 
 
-def _run(argv: Optional[list[str]]) -> int:
-    try:
-        result = app(args=argv, prog_name="cfvit", standalone_mode=False)
-    except CFViTError as exc:
-        if _state["debug"] or "--debug" in (argv if argv is not None else sys.argv):
-            traceback.print_exc()  # then the same line and exit code as without --debug
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt as exc:
-        message, code = _interrupt_line(exc)
-        print(f"error: {message}", file=sys.stderr)
-        return code
-    except _Interrupted as exc:
-        message, code = _interrupt_line(exc.interrupt)
-        print(f"error: {message}", file=sys.stderr)
-        return code
-    except typer.Exit as exc:
-        return exc.exit_code
-    except typer.Abort:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # click's usage errors (typer vendors click): duck-typed
-        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
-            message = exc.format_message()
-            if type(exc).__name__ == "NoArgsIsHelpError":  # `cfvit` (or a command) alone: the help, no error
-                print(message)
-            elif message:
-                print(f"error: {message}", file=sys.stderr)
-            return exc.exit_code
-        raise
-    return result if isinstance(result, int) else 0
+def progress_hook() -> contextlib.AbstractContextManager[Optional[ProgressHook]]:
+    """Rich progress bars on stderr as a :class:`ProgressHook` (None when stderr is not a terminal)."""
+    return progress_bars(console)
 
 
 if __name__ == "__main__":

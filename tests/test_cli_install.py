@@ -71,14 +71,14 @@ def test_bench_needs_onnx_only_to_build_a_variant(capfd, monkeypatch, tmp_path, 
         "error: onnx is not installed (needed for cfvit bench --precisions (building a variant)): "
         "pip install 'cfvit-deploy[bench]'"
     ], err
-    cli._bench_needs(export, "fp32", torch=False)  # the export's own precision needs no onnx: no raise
+    cli.bench_needs(export, "fp32", torch=False)  # the export's own precision needs no onnx: no raise
 
 
 def test_sweep_checks_matplotlib_before_it_computes(capfd, monkeypatch, tmp_path) -> None:
     computed = []
-    import runtimes.sweep
+    import cfvit_deploy.app.sweep
 
-    monkeypatch.setattr(runtimes.sweep, "sweep", lambda *a, **k: computed.append(1))
+    monkeypatch.setattr(cfvit_deploy.app.sweep, "sweep", lambda *a, **k: computed.append(1))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, _, err = run(capfd, "sweep", tmp_path / "exp", tmp_path, "-o", tmp_path / "out")
     assert code == 1 and "cfvit-deploy[bench]" in err and computed == []
@@ -113,7 +113,7 @@ HOLD = {  # command line, and the library function the CLI calls (replaced by "s
     "make-data": (["make-data", "{tmp}/data"], "cfvit_deploy.data.synthetic", "make_synthetic_dataset"),
     "train": (["train", "{tmp}/data", "--out", "{tmp}/m.pth"], "cfvit_deploy.training", "train"),
     "validate": (["validate", "{tmp}/exp"], "exporters", "validate"),
-    "demo": (["demo", "--out", "{tmp}/demo"], "cfvit_deploy.demo", "run_demo"),
+    "demo": (["demo", "--out", "{tmp}/demo"], "cfvit_deploy.app.demo", "run_demo"),
 }
 
 

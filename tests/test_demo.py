@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cfvit_deploy.demo import DemoStepError, _check_bench, _infer_table
+from cfvit_deploy.app.demo import DemoStepError, _check_bench, _infer_table
 
 
 @pytest.mark.slow
@@ -75,13 +75,13 @@ def test_demo_fails_when_the_benchmark_measured_nothing():
 
 
 def test_demo_step_error_is_one_line_exit_1(capfd, monkeypatch):
-    import cfvit_deploy.demo
+    import cfvit_deploy.app.demo
     from cli import main
 
     def empty_step(*args, **kwargs):
-        cfvit_deploy.demo._check_bench([])
+        cfvit_deploy.app.demo._check_bench([])
 
-    monkeypatch.setattr(cfvit_deploy.demo, "run_demo", empty_step)
+    monkeypatch.setattr(cfvit_deploy.app.demo, "run_demo", empty_step)
     assert main(["demo", "--out", "x"]) == 1
     assert capfd.readouterr().err.splitlines() == [
         "error: demo: the bench step produced nothing: no cfvit or baseline cell was measured (no cell was planned)"
