@@ -53,16 +53,18 @@ def export_cmd(
     baseline: bool = typer.Option(False, "--baseline", help="Also export baseline.onnx (plain ViT, all fine tokens)."),
     eta: float = typer.Option(0.7, "--eta", help="Default confidence threshold recorded in the manifest."),
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Run onnxsim on each graph."),
+    attention: str = typer.Option("fused", "--attention",
+                                  help="fused (one ONNX Runtime MultiHeadAttention node per block) | plain."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export folder."),
 ) -> None:
     """Export a checkpoint as coarse.onnx + fine.onnx (+ baseline.onnx) + manifest.json."""
     from exporters import export
 
     manifest = export(checkpoint, out, num_heads=num_heads, opset=opset, precision=precision, optimize=optimize,
-                      baseline=baseline, simplify=simplify, default_eta=eta, force=force,
+                      baseline=baseline, simplify=simplify, default_eta=eta, attention=attention, force=force,
                       progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     cfg = manifest.model
-    console.print(f"exported CF-ViT {cfg.arch} g={cfg.coarse_grid} ({manifest.precision}"
+    console.print(f"exported CF-ViT {cfg.arch} g={cfg.coarse_grid} ({manifest.precision}, {manifest.attention} attention"
                   f"{', optimized' if manifest.optimized else ''}) to {out}")
     for name, spec in manifest.graphs.items():
         size = (out / spec.file).stat().st_size / 1e6

@@ -22,6 +22,8 @@ from .preprocessing import PreprocessConfig
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
+#: How the graphs compute attention: one contrib MultiHeadAttention node per block, or explicit ops.
+ATTENTION_KINDS = ("fused", "plain")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Manifest:
     gmacs: dict[str, float]
     precision: str = "fp32"
     optimized: bool = False
+    attention: str = "plain"  #: "fused" | "plain" (manifests written before the field existed: plain)
     opset: int = 17
     default_eta: float = 0.7
     class_names: list[str] | None = None
@@ -132,6 +135,7 @@ class Manifest:
                 gmacs={str(k): float(v) for k, v in data["gmacs"].items()},
                 precision=str(data.get("precision", "fp32")),
                 optimized=optimized,
+                attention=str(data.get("attention", "plain")),
                 opset=opset,
                 default_eta=float(data.get("default_eta", 0.7)),
                 class_names=None if class_names is None else [str(c) for c in class_names],
@@ -147,6 +151,8 @@ class Manifest:
                 raise ManifestError(f"invalid manifest: no {name!r} graph listed")
         if manifest.precision not in PRECISIONS:
             raise ManifestError(f"invalid manifest: unknown precision {manifest.precision!r}")
+        if manifest.attention not in ATTENTION_KINDS:
+            raise ManifestError(f"invalid manifest: unknown attention {manifest.attention!r}")
         if not (0.0 <= manifest.default_eta <= 1.0) or math.isnan(manifest.default_eta):
             raise ManifestError(f"invalid manifest: default_eta {manifest.default_eta} outside [0, 1]")
         if manifest.class_names is not None and len(manifest.class_names) != manifest.num_classes:

@@ -16,6 +16,7 @@ from torch import nn
 
 import cfvit_deploy
 from cfvit_deploy.checkpoints import load_checkpoint
+from cfvit_deploy.checks import check_choice
 from cfvit_deploy.errors import ExportError, UsageError
 from cfvit_deploy.flops import baseline_gmacs, stage_gmacs
 from cfvit_deploy.io import atomic_directory
@@ -23,6 +24,7 @@ from cfvit_deploy.manifest import GRAPH_IO_DOC, PRECISIONS, GraphSpec, Manifest,
 from cfvit_deploy.model import CFViT
 from cfvit_deploy.preprocessing import PreprocessConfig
 
+from .attention import ATTENTION_MODES, CONTRIB_OPSET, DEFAULT_ATTENTION
 from .graphs import (
     BASELINE_INPUTS,
     BASELINE_OUTPUTS,
@@ -78,6 +80,7 @@ def _trace_inputs(model: CFViT, graph: str) -> tuple[torch.Tensor, ...]:
 def _export_graph(
     module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str], opset: int
 ) -> None:
+    fused = getattr(module, "attention", "plain") == "fused"
     dynamic = {name: {0: "batch"} for name in inputs + outputs}
     module.eval()  # the exporter restores the wrapper's mode recursively afterwards: keep it eval
     try:
@@ -93,6 +96,7 @@ def _export_graph(
                 output_names=outputs,
                 dynamic_axes=dynamic,
                 do_constant_folding=True,
+                custom_opsets=CONTRIB_OPSET if fused else None,
             )
     except Exception as exc:  # torch.onnx raises many types; keep the first line
         raise ExportError(f"torch.onnx.export failed for {path.name}: {str(exc).splitlines()[0][:300]}") from exc
@@ -167,10 +171,15 @@ def export(
     baseline: bool = False,
     simplify: bool = True,
     default_eta: float = 0.7,
+    attention: str = DEFAULT_ATTENTION,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export a CF-ViT (model or checkpoint path) to an export folder; returns its manifest.
+
+    `attention="fused"` exports each block's attention as one ONNX Runtime ``MultiHeadAttention``
+    contrib node (see :mod:`exporters.attention`; OpenVINO reads it too); "plain" keeps the explicit
+    MatMul/Softmax chain.
 
     The folder is built in a temporary directory and renamed into place; an existing folder is
     replaced only with `force`.
@@ -181,6 +190,7 @@ def export(
         raise UsageError(f"opset {opset} is not supported; use 13..21 (default {DEFAULT_OPSET})")
     if not 0.0 <= default_eta <= 1.0:
         raise UsageError(f"default eta {default_eta} must lie in [0, 1]")
+    check_choice(attention, ATTENTION_MODES, "attention")
     if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
         raise UsageError(f"num_heads must be a positive integer, got {num_heads!r}")  # 0 must not mean "default"
     say = progress or (lambda msg: log.info(msg))
@@ -192,11 +202,11 @@ def export(
     gm = stage_gmacs(cfg)
     gmacs = {"coarse": gm.coarse, "fine": gm.fine}
     wrappers: dict[str, tuple[nn.Module, list[str], list[str]]] = {
-        "coarse": (CoarseGraph(model), COARSE_INPUTS, COARSE_OUTPUTS),
-        "fine": (FineGraph(model), FINE_INPUTS, FINE_OUTPUTS),
+        "coarse": (CoarseGraph(model, attention), COARSE_INPUTS, COARSE_OUTPUTS),
+        "fine": (FineGraph(model, attention), FINE_INPUTS, FINE_OUTPUTS),
     }
     if baseline:
-        wrappers["baseline"] = (BaselineGraph(model), BASELINE_INPUTS, BASELINE_OUTPUTS)
+        wrappers["baseline"] = (BaselineGraph(model, attention), BASELINE_INPUTS, BASELINE_OUTPUTS)
         gmacs["baseline"] = baseline_gmacs(cfg)
     notes: dict[str, str] = {}
     out_dir = Path(out_dir)
@@ -204,7 +214,7 @@ def export(
         graphs: dict[str, GraphSpec] = {}
         for name, (module, inputs, outputs) in wrappers.items():
             path = tmp / f"{name}.onnx"
-            say(f"exporting {name}.onnx (opset {opset}, traced at batch {TRACE_BATCH})")
+            say(f"exporting {name}.onnx (opset {opset}, {attention} attention, traced at batch {TRACE_BATCH})")
             _export_graph(module, _trace_inputs(model, name), path, inputs, outputs, opset)
             notes[name] = _simplify(path) if simplify else "not simplified (--no-simplify)"
             if precision != "fp32" or optimize:
@@ -219,6 +229,7 @@ def export(
                 "cfvit.num_classes": str(cfg.num_classes),
                 "cfvit.precision": precision,
                 "cfvit.optimized": str(optimize),
+                "cfvit.attention": attention,
                 "cfvit.model_config": json.dumps(cfg.to_dict()),
                 "cfvit.version": cfvit_deploy.__version__,
             }
@@ -236,6 +247,7 @@ def export(
             gmacs=gmacs,
             precision=precision,
             optimized=optimize,
+            attention=attention,
             opset=opset,
             default_eta=default_eta,
             class_names=class_names,

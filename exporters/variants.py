@@ -25,7 +25,9 @@ from cfvit_deploy.manifest import PRECISIONS, GraphSpec, Manifest, sha256_file
 log = logging.getLogger(__name__)
 
 #: Ops kept in fp32 in the fp16 variant (numerically sensitive, or selection-critical).
-FP16_KEEP_OPS = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "TopK", "ReduceMean", "Resize"]
+#: MultiHeadAttention: ONNX Runtime's CPU kernel of the contrib op is float32 only.
+FP16_KEEP_OPS = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "TopK", "ReduceMean", "Resize",
+                 "MultiHeadAttention"]
 
 
 def _ancestors(graph: onnx.GraphProto, outputs: set[str]) -> set[str]:
@@ -75,6 +77,31 @@ def _isolate_outputs(model: onnx.ModelProto) -> None:
         graph.node.append(onnx.helper.make_node("Identity", [internal], [out.name], name=f"{out.name}__output"))
 
 
+def _split_shared_fp32_inputs(model: onnx.ModelProto, keep_ops: list[str], keep_nodes: list[str]) -> None:
+    """Give each kept-fp32 consumer of a shared tensor after the first its own Identity copy of it.
+
+    The float16 converter names the fp16->fp32 Cast it puts before a kept node after the input tensor
+    alone, so two kept consumers of one tensor (the fused attention and the class-row path both read q)
+    would get two Casts with the same output name (an SSA error).
+    """
+    kept = set(keep_nodes)
+    weights = {init.name for init in model.graph.initializer}  # converted in place, never cast: not copied
+    seen: set[str] = set()
+    extra = []
+    for node in model.graph.node:
+        if node.op_type not in keep_ops and node.name not in kept:
+            continue
+        for i, name in enumerate(node.input):
+            if not name or name in weights:
+                continue
+            if name in seen:
+                copy = f"{name}__for_{node.name}_{i}"
+                extra.append(onnx.helper.make_node("Identity", [name], [copy], name=f"{copy}__identity"))
+                node.input[i] = copy
+            seen.add(name)
+    model.graph.node.extend(extra)
+
+
 def _restore_fp32_outputs(model: onnx.ModelProto) -> None:
     """keep_io_types casts a graph output that a kept-fp32 node produces back to fp16: undo that cast."""
     producer = {o: node for node in model.graph.node for o in node.output}
@@ -107,6 +134,7 @@ def _fp16(path: Path) -> str:
     _isolate_outputs(model)
     _name_nodes(model)
     keep = score_path_nodes(model)
+    _split_shared_fp32_inputs(model, float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_OPS, keep)
     wrapped = OnnxModel(model)
     wrapped.convert_float_to_float16(
         keep_io_types=True,
@@ -182,6 +210,7 @@ def make_variant(
             gmacs=src.gmacs,
             precision=precision,
             optimized=optimize,
+            attention=src.attention,
             opset=src.opset,
             default_eta=src.default_eta,
             class_names=src.class_names,
