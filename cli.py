@@ -55,13 +55,16 @@ def export_cmd(
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Run onnxsim on each graph."),
     attention: str = typer.Option("fused", "--attention",
                                   help="fused (one ONNX Runtime MultiHeadAttention node per block) | plain."),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="Image folder: makes --precision int8 static (calibrated QDQ), not dynamic."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export folder."),
 ) -> None:
     """Export a checkpoint as coarse.onnx + fine.onnx (+ baseline.onnx) + manifest.json."""
     from exporters import export
 
     manifest = export(checkpoint, out, num_heads=num_heads, opset=opset, precision=precision, optimize=optimize,
-                      baseline=baseline, simplify=simplify, default_eta=eta, attention=attention, force=force,
+                      baseline=baseline, simplify=simplify, default_eta=eta, attention=attention,
+                      calibration=calibration, force=force,
                       progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     cfg = manifest.model
     console.print(f"exported CF-ViT {cfg.arch} g={cfg.coarse_grid} ({manifest.precision}, {manifest.attention} attention"

@@ -63,6 +63,8 @@ class Manifest:
     precision: str = "fp32"
     optimized: bool = False
     attention: str = "plain"  #: "fused" | "plain" (manifests written before the field existed: plain)
+    quantization: str | None = None  #: int8 only: "dynamic" | "static"
+    calibration: dict[str, Any] | None = None  #: static int8: calibration folder, image count, method
     opset: int = 17
     default_eta: float = 0.7
     class_names: list[str] | None = None
@@ -136,6 +138,8 @@ class Manifest:
                 precision=str(data.get("precision", "fp32")),
                 optimized=optimized,
                 attention=str(data.get("attention", "plain")),
+                quantization=None if data.get("quantization") is None else str(data["quantization"]),
+                calibration=None if data.get("calibration") is None else dict(data["calibration"]),
                 opset=opset,
                 default_eta=float(data.get("default_eta", 0.7)),
                 class_names=None if class_names is None else [str(c) for c in class_names],
@@ -151,6 +155,8 @@ class Manifest:
                 raise ManifestError(f"invalid manifest: no {name!r} graph listed")
         if manifest.precision not in PRECISIONS:
             raise ManifestError(f"invalid manifest: unknown precision {manifest.precision!r}")
+        if manifest.quantization not in (None, "dynamic", "static"):
+            raise ManifestError(f"invalid manifest: unknown quantization {manifest.quantization!r}")
         if manifest.attention not in ATTENTION_KINDS:
             raise ManifestError(f"invalid manifest: unknown attention {manifest.attention!r}")
         if not (0.0 <= manifest.default_eta <= 1.0) or math.isnan(manifest.default_eta):

@@ -36,7 +36,7 @@ from .graphs import (
     CoarseGraph,
     FineGraph,
 )
-from .variants import apply_variant
+from .variants import apply_variant, calibration_for, quantization_info
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ def export(
     simplify: bool = True,
     default_eta: float = 0.7,
     attention: str = DEFAULT_ATTENTION,
+    calibration: str | Path | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
@@ -179,7 +180,8 @@ def export(
 
     `attention="fused"` exports each block's attention as one ONNX Runtime ``MultiHeadAttention``
     contrib node (see :mod:`exporters.attention`; OpenVINO reads it too); "plain" keeps the explicit
-    MatMul/Softmax chain.
+    MatMul/Softmax chain. `calibration` (an image folder, int8 only) makes int8 static (calibrated QDQ
+    with per-channel weights) instead of dynamic.
 
     The folder is built in a temporary directory and renamed into place; an existing folder is
     replaced only with `force`.
@@ -196,6 +198,7 @@ def export(
     say = progress or (lambda msg: log.info(msg))
     model, info = _resolve_model(model_or_checkpoint, num_heads)
     cfg = model.config
+    calib = calibration_for(precision, calibration, PreprocessConfig.for_model(cfg))
     class_names = info.pop("class_names")
     if class_names is not None and len(class_names) != cfg.num_classes:
         class_names = None
@@ -219,7 +222,8 @@ def export(
             notes[name] = _simplify(path) if simplify else "not simplified (--no-simplify)"
             if precision != "fp32" or optimize:
                 say(f"building the {precision}{' optimized' if optimize else ''} variant of {name}.onnx")
-                notes[name] += "; " + apply_variant(path, cfg, precision=precision, optimize=optimize)
+                notes[name] += "; " + apply_variant(path, cfg, precision=precision, optimize=optimize,
+                                                    calibration=calib)
             meta = {
                 "cfvit.graph": name,
                 "cfvit.arch": cfg.arch,
@@ -240,6 +244,7 @@ def export(
                 inputs=_specs(model, name, inputs),
                 outputs=_specs(model, name, outputs),
             )
+        quantization, calib_info = quantization_info(precision, calib)
         manifest = Manifest(
             model=cfg,
             preprocessing=PreprocessConfig.for_model(cfg),
@@ -248,6 +253,8 @@ def export(
             precision=precision,
             optimized=optimize,
             attention=attention,
+            quantization=quantization,
+            calibration=calib_info,
             opset=opset,
             default_eta=default_eta,
             class_names=class_names,
