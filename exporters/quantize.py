@@ -9,7 +9,8 @@ images, ``fine`` gets the images plus the **fp32** coarse graph's outputs for th
 coarse graph passes through, before it is quantized itself).
 
 What stays float32 in static int8: the nodes that only feed ``global_attention`` (the EMA class
-attention that selects the patches: TopK on it must keep its order), Softmax, LayerNormalization and
+attention that selects the patches: TopK on it must keep its order), the classifier heads (the gate
+thresholds the softmax of their logits), Softmax, LayerNormalization and
 the fused MultiHeadAttention (only Conv, MatMul and Gemm are quantized), and every MatMul whose inputs
 are both activations (q·kᵀ and attention·v of plain graphs): only weight GEMMs are quantized.
 """
@@ -85,6 +86,31 @@ def _activation_matmuls(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
 
 
+LOGIT_OUTPUTS = ("coarse_logits", "fine_logits", "logits")
+
+
+def _head_gemms(model: onnx.ModelProto) -> list[str]:
+    """The classifier GEMMs: the first MatMul/Gemm met walking back from each logits output.
+
+    The gate thresholds max softmax(coarse_logits), which is sensitive to the logits' scale; the heads
+    cost one (classes x C) product per image, so they stay fp32.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found: set[str] = set()
+    stack = [producer[o.name] for o in model.graph.output if o.name in LOGIT_OUTPUTS and o.name in producer]
+    seen: set[str] = set()
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("MatMul", "Gemm"):
+            found.add(node.name)
+            continue
+        stack.extend(producer[i] for i in node.input if i in producer)
+    return sorted(found)
+
+
 def quantize_dynamic_graph(path: Path) -> str:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -118,7 +144,7 @@ def quantize_static_graph(path: Path, calibration: Calibration, keep_fp32: list[
     model = onnx.load(str(path))
     for i, node in enumerate(model.graph.node):  # the quantizer addresses nodes by name
         node.name = node.name or f"{node.op_type}_{i}"
-    exclude = sorted(set(keep_fp32) | set(_activation_matmuls(model)))
+    exclude = sorted(set(keep_fp32) | set(_activation_matmuls(model)) | set(_head_gemms(model)))
     with tempfile.TemporaryDirectory() as tmp:
         named, out = Path(tmp) / "named.onnx", Path(tmp) / path.name
         onnx.save(model, str(named))
@@ -130,4 +156,4 @@ def quantize_static_graph(path: Path, calibration: Calibration, keep_fp32: list[
         )
         shutil.copyfile(out, path)
     return (f"int8 static QDQ (per-channel int8 weights, uint8 activations, MinMax on {len(calibration.images)} "
-            f"images; {len(exclude)} score-path / activation-product nodes kept in fp32)")
+            f"images; {len(exclude)} score-path, classifier-head and activation-product nodes kept in fp32)")
