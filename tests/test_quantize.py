@@ -72,6 +72,13 @@ def test_score_path_stays_fp32(small):
         chain.append(node.op_type)
         node = producer.get(node.input[0])
     assert node is not None and "QuantizeLinear" not in chain and "DequantizeLinear" not in chain
+    # the classifier head stays fp32 (quantized, it moved the demo's exit rate by 13 points): its GEMM
+    # reads an fp32 weight initializer, not a DequantizeLinear output
+    inits = {i.name: i for i in coarse.graph.initializer}
+    node = producer["coarse_logits"]
+    while node.op_type not in ("MatMul", "Gemm"):
+        node = producer[node.input[0]]
+    assert node.input[1] in inits and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
 
 
 def test_export_flag_and_dynamic_record(small, tmp_path):
