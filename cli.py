@@ -53,8 +53,9 @@ def export_cmd(
     baseline: bool = typer.Option(False, "--baseline", help="Also export baseline.onnx (plain ViT, all fine tokens)."),
     eta: float = typer.Option(0.7, "--eta", help="Default confidence threshold recorded in the manifest."),
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Run onnxsim on each graph."),
-    attention: str = typer.Option("fused", "--attention",
-                                  help="fused (one ONNX Runtime MultiHeadAttention node per block) | plain."),
+    attention: Optional[str] = typer.Option(
+        None, "--attention", help="fused (one ONNX Runtime MultiHeadAttention node per block) | plain "
+        "(default: exporters.attention.DEFAULT_ATTENTION, the one measured faster)."),
     calibration: Optional[Path] = typer.Option(
         None, "--calibration", help="Image folder: makes --precision int8 static (calibrated QDQ), not dynamic."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export folder."),

@@ -171,17 +171,17 @@ def export(
     baseline: bool = False,
     simplify: bool = True,
     default_eta: float = 0.7,
-    attention: str = DEFAULT_ATTENTION,
+    attention: str | None = None,
     calibration: str | Path | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Export a CF-ViT (model or checkpoint path) to an export folder; returns its manifest.
 
-    `attention="fused"` exports each block's attention as one ONNX Runtime ``MultiHeadAttention``
-    contrib node (see :mod:`exporters.attention`; OpenVINO reads it too); "plain" keeps the explicit
-    MatMul/Softmax chain. `calibration` (an image folder, int8 only) makes int8 static (calibrated QDQ
-    with per-channel weights) instead of dynamic.
+    `attention="fused"` exports each block's attention as one ONNX Runtime ``MultiHeadAttention`` contrib
+    node (see :mod:`exporters.attention`; OpenVINO reads it too); "plain" keeps the explicit
+    MatMul/Softmax chain; None means :data:`~exporters.attention.DEFAULT_ATTENTION`. `calibration` (an
+    image folder, int8 only) makes int8 static (calibrated QDQ with per-channel weights) instead of dynamic.
 
     The folder is built in a temporary directory and renamed into place; an existing folder is
     replaced only with `force`.
@@ -192,7 +192,7 @@ def export(
         raise UsageError(f"opset {opset} is not supported; use 13..21 (default {DEFAULT_OPSET})")
     if not 0.0 <= default_eta <= 1.0:
         raise UsageError(f"default eta {default_eta} must lie in [0, 1]")
-    check_choice(attention, ATTENTION_MODES, "attention")
+    attention = check_choice(attention or DEFAULT_ATTENTION, ATTENTION_MODES, "attention")
     if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
         raise UsageError(f"num_heads must be a positive integer, got {num_heads!r}")  # 0 must not mean "default"
     say = progress or (lambda msg: log.info(msg))

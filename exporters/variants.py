@@ -81,28 +81,37 @@ def _isolate_outputs(model: onnx.ModelProto) -> None:
 
 
 def _split_shared_fp32_inputs(model: onnx.ModelProto, keep_ops: list[str], keep_nodes: list[str]) -> None:
-    """Give each kept-fp32 consumer of a shared tensor after the first its own Identity copy of it.
+    """Give each kept-fp32 consumer of a shared tensor after the first its own copy of it.
 
     The float16 converter names the fp16->fp32 Cast it puts before a kept node after the input tensor
-    alone, so two kept consumers of one tensor (the fused attention and the class-row path both read q)
-    would get two Casts with the same output name (an SSA error).
+    alone, so two kept consumers of one tensor would get two Casts of the same name (invalid graph): the
+    fused attention and the class-row path both read q; onnxsim merges equal weights (the zero biases
+    and unit LayerNorm scales of a freshly initialised model) into one initializer. Activations get an
+    Identity copy, weights a copied initializer (so a weight read only by kept nodes stays fp32).
     """
     kept = set(keep_nodes)
-    weights = {init.name for init in model.graph.initializer}  # converted in place, never cast: not copied
+    weights = {init.name: init for init in model.graph.initializer}
     seen: set[str] = set()
-    extra = []
+    extra_nodes, extra_weights = [], []
     for node in model.graph.node:
         if node.op_type not in keep_ops and node.name not in kept:
             continue
         for i, name in enumerate(node.input):
-            if not name or name in weights:
+            if not name:
                 continue
             if name in seen:
                 copy = f"{name}__for_{node.name}_{i}"
-                extra.append(onnx.helper.make_node("Identity", [name], [copy], name=f"{copy}__identity"))
+                if name in weights:
+                    clone = onnx.TensorProto()
+                    clone.CopyFrom(weights[name])
+                    clone.name = copy
+                    extra_weights.append(clone)
+                else:
+                    extra_nodes.append(onnx.helper.make_node("Identity", [name], [copy], name=f"{copy}__identity"))
                 node.input[i] = copy
             seen.add(name)
-    model.graph.node.extend(extra)
+    model.graph.node.extend(extra_nodes)
+    model.graph.initializer.extend(extra_weights)
 
 
 def _restore_fp32_outputs(model: onnx.ModelProto) -> None:

@@ -86,3 +86,38 @@ def test_fused_graph_runs_in_openvino(tmp_path):
         ref = model.coarse_stage(torch.from_numpy(x))
     np.testing.assert_allclose(got["coarse_logits"], ref.logits.numpy(), atol=1e-4)
     np.testing.assert_allclose(got["global_attention"], ref.score.numpy(), atol=1e-6)
+
+
+def test_fused_export_reproduces_upstream_outputs(upstream, export_dir_factory):
+    """The fused graphs against the original code's outputs (same tolerances as the plain export's test)."""
+    import onnxruntime as ort
+
+    export_dir = export_dir_factory(upstream.name, attention="fused")
+    assert Manifest.load(export_dir).attention == "fused"
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    coarse, fine = (ort.InferenceSession(str(export_dir / f"{g}.onnx"), so, providers=["CPUExecutionProvider"])
+                    for g in ("coarse", "fine"))
+    ref, x = upstream.ref, upstream.images
+    co = dict(zip([o.name for o in coarse.get_outputs()], coarse.run(None, {"images": x}), strict=True))
+    feeds = {"images": x, **{k: co[k] for k in ("global_attention", "reuse_tokens", "coarse_embedding")}}
+    fo = dict(zip([o.name for o in fine.get_outputs()], fine.run(None, feeds), strict=True))
+    np.testing.assert_allclose(co["coarse_logits"], ref["coarse_logits"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(co["global_attention"], ref["score"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(fo["fine_logits"], ref["fine_logits"], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(fo["informative_idx"], ref["informative_idx"])
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_variants_of_a_fused_export_validate(tmp_path, precision):
+    """fp16 (the converter once wrote two Casts of one name for q, read by the fused node and the class
+    row) and dynamic int8, built from a fused fp32 export."""
+    from exporters import make_variant
+
+    torch.manual_seed(0)
+    model = CFViT(ModelConfig.named("deit", "small", coarse_grid=3, embed_dim=48, num_heads=3, num_classes=10)).eval()
+    export(model, tmp_path / "fp32", attention="fused")
+    manifest = make_variant(tmp_path / "fp32", tmp_path / precision, precision)
+    assert manifest.attention == "fused" and _ops(tmp_path / precision / "fine.onnx")["MultiHeadAttention"] == 12
+    report = validate(tmp_path / precision, model, batch_sizes=(8,), min_top1=0.75, min_exit=0.75)
+    assert report.passed, [c.line() for c in report.failed]
