@@ -12,7 +12,11 @@ What stays float32 in static int8: the nodes that only feed ``global_attention``
 attention that selects the patches: TopK on it must keep its order), the classifier heads (the gate
 thresholds the softmax of their logits), Softmax, LayerNormalization and
 the fused MultiHeadAttention (only Conv, MatMul and Gemm are quantized), and every MatMul whose inputs
-are both activations (q·kᵀ and attention·v of plain graphs): only weight GEMMs are quantized.
+are both activations (q·kᵀ and attention·v of plain graphs): only weight GEMMs are quantized. Their
+outputs stay float (``OpTypesToExcludeOutputQuantization``): ONNX Runtime then runs QGemm /
+MatMulIntegerToFloat with float outputs instead of re-quantizing every GEMM result for the float ops
+after it (single-thread CPU time of the DeiT-S-size fine graph at batch 8, fp32 / static int8: 2.0x with
+quantized outputs, 2.7x without; dynamic int8 2.6x).
 """
 
 from __future__ import annotations
@@ -152,7 +156,8 @@ def quantize_static_graph(path: Path, calibration: Calibration, keep_fp32: list[
             str(named), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=STATIC_OP_TYPES,
             nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"CalibTensorRangeSymmetric": False, "WeightSymmetric": True},
+            extra_options={"CalibTensorRangeSymmetric": False, "WeightSymmetric": True,
+                           "OpTypesToExcludeOutputQuantization": STATIC_OP_TYPES},
         )
         shutil.copyfile(out, path)
     return (f"int8 static QDQ (per-channel int8 weights, uint8 activations, MinMax on {len(calibration.images)} "
