@@ -90,6 +90,11 @@ def export_cmd(
         "auto", "--weights",
         help="auto | model | ema: the trained or the EMA weights of a file that holds both (auto: EMA for timm's "
              "state_dict_ema files, the trained weights otherwise)."),
+    attention: Optional[str] = typer.Option(
+        None, "--attention", help="fused (one ONNX Runtime MultiHeadAttention node per block) | plain "
+        "(default: exporters.attention.DEFAULT_ATTENTION, the one measured faster)."),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="Image folder: makes --precision int8 static (calibrated QDQ), not dynamic."),
     force: bool = typer.Option(False, "--force", help="Replace an existing export folder."),
 ) -> None:
     """Export a checkpoint as coarse.onnx + fine.onnx (+ baseline.onnx) + manifest.json."""
@@ -97,19 +102,20 @@ def export_cmd(
     from cfvit_deploy.io import check_output
     from exporters.onnx_export import check_export_args
 
-    check_export_args(precision, optimize, opset, eta, num_heads, weights)  # every flag before any work
+    check_export_args(precision, optimize, opset, eta, num_heads, weights, attention, calibration)  # before any work
     check_output(out, force)
     from exporters import export
 
     manifest = export(checkpoint, out, num_heads=num_heads, opset=opset, precision=precision, optimize=optimize,
-                      baseline=baseline, simplify=simplify, default_eta=eta, force=force, weights=weights,
+                      baseline=baseline, simplify=simplify, default_eta=eta, attention=attention,
+                      calibration=calibration, force=force, weights=weights,
                       progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     cfg = manifest.model
     loaded = (manifest.source.get("checkpoint") or {}).get("weights")
     if loaded:
         kind = "EMA" if loaded in ("state_dict_ema", "model_ema") else "trained"
         console.print(f"loaded the {kind} weights ({loaded}) of {checkpoint}", markup=False, soft_wrap=True)
-    console.print(f"exported CF-ViT {cfg.arch} g={cfg.coarse_grid} ({manifest.precision}"
+    console.print(f"exported CF-ViT {cfg.arch} g={cfg.coarse_grid} ({manifest.precision}, {manifest.attention} attention"
                   f"{', optimized' if manifest.optimized else ''}) to {out}")
     for name, spec in manifest.graphs.items():
         size = (out / spec.file).stat().st_size / 1e6

@@ -24,6 +24,8 @@ FORMAT_VERSION = 1
 #: The oldest manifest format this release still reads.
 MIN_FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
+#: How the graphs compute attention: one contrib MultiHeadAttention node per block, or explicit ops.
+ATTENTION_KINDS = ("fused", "plain")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class Manifest:
     gmacs: dict[str, float]
     precision: str = "fp32"
     optimized: bool = False
+    attention: str = "plain"  #: "fused" | "plain" (manifests written before the field existed: plain)
+    quantization: str | None = None  #: int8 only: "dynamic" | "static"
+    calibration: dict[str, Any] | None = None  #: static int8: calibration folder, image count, method
     opset: int = 17
     default_eta: float = 0.7
     class_names: list[str] | None = None
@@ -129,6 +134,9 @@ class Manifest:
                 gmacs={str(k): float(v) for k, v in data["gmacs"].items()},
                 precision=str(data.get("precision", "fp32")),
                 optimized=optimized,
+                attention=str(data.get("attention", "plain")),
+                quantization=None if data.get("quantization") is None else str(data["quantization"]),
+                calibration=None if data.get("calibration") is None else dict(data["calibration"]),
                 opset=opset,
                 default_eta=float(data.get("default_eta", 0.7)),
                 class_names=None if class_names is None else [str(c) for c in class_names],
@@ -144,6 +152,10 @@ class Manifest:
                 raise ManifestError(f"invalid manifest: no {name!r} graph listed")
         if manifest.precision not in PRECISIONS:
             raise ManifestError(f"invalid manifest: unknown precision {manifest.precision!r}")
+        if manifest.quantization not in (None, "dynamic", "static"):
+            raise ManifestError(f"invalid manifest: unknown quantization {manifest.quantization!r}")
+        if manifest.attention not in ATTENTION_KINDS:
+            raise ManifestError(f"invalid manifest: unknown attention {manifest.attention!r}")
         if not (0.0 <= manifest.default_eta <= 1.0) or math.isnan(manifest.default_eta):
             raise ManifestError(f"invalid manifest: default_eta {manifest.default_eta} outside [0, 1]")
         if manifest.class_names is not None and len(manifest.class_names) != manifest.num_classes:

@@ -6,6 +6,8 @@ from torch import Tensor, nn
 
 from cfvit_deploy.model import CFViT
 
+from .attention import attention_mode
+
 COARSE_INPUTS = ["images"]
 COARSE_OUTPUTS = ["coarse_logits", "global_attention", "reuse_tokens", "coarse_embedding"]
 FINE_INPUTS = ["images", "global_attention", "reuse_tokens", "coarse_embedding"]
@@ -14,39 +16,39 @@ BASELINE_INPUTS = ["images"]
 BASELINE_OUTPUTS = ["logits"]
 
 
-class CoarseGraph(nn.Module):
-    """images -> coarse logits, global class attention, reuse tokens, coarse input embedding."""
+class _StageGraph(nn.Module):
+    """A graph wrapper: the model's stage methods, traced with `attention` ("fused" or "plain")."""
 
-    def __init__(self, model: CFViT) -> None:
+    def __init__(self, model: CFViT, attention: str = "plain") -> None:
         super().__init__()
         self.model = model
+        self.attention = attention
+
+
+class CoarseGraph(_StageGraph):
+    """images -> coarse logits, global class attention, reuse tokens, coarse input embedding."""
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        c = self.model.coarse_stage(images)
+        with attention_mode(self.model, self.attention):
+            c = self.model.coarse_stage(images)
         return c.logits, c.score, c.features, c.embedding
 
 
-class FineGraph(nn.Module):
+class FineGraph(_StageGraph):
     """images + coarse products -> fine logits and the informative indices (TopK with constant k)."""
-
-    def __init__(self, model: CFViT) -> None:
-        super().__init__()
-        self.model = model
 
     def forward(
         self, images: Tensor, global_attention: Tensor, reuse_tokens: Tensor, coarse_embedding: Tensor
     ) -> tuple[Tensor, Tensor]:
         informative, uninformative = self.model.select(global_attention)
-        logits = self.model.fine_stage(images, reuse_tokens, coarse_embedding, informative, uninformative)
+        with attention_mode(self.model, self.attention):
+            logits = self.model.fine_stage(images, reuse_tokens, coarse_embedding, informative, uninformative)
         return logits, informative
 
 
-class BaselineGraph(nn.Module):
+class BaselineGraph(_StageGraph):
     """The plain-ViT reference: all (2g)² fine patches with the fine position embedding, no reuse."""
 
-    def __init__(self, model: CFViT) -> None:
-        super().__init__()
-        self.model = model
-
     def forward(self, images: Tensor) -> Tensor:
-        return self.model.fine_stage_dense(images, None)
+        with attention_mode(self.model, self.attention):
+            return self.model.fine_stage_dense(images, None)

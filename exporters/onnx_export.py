@@ -18,6 +18,7 @@ from torch import nn
 import cfvit_deploy
 from cfvit_deploy.checkpoints import WEIGHTS, load_checkpoint
 from cfvit_deploy.checks import check_choice, check_eta, check_positive_int
+from cfvit_deploy.data.reader import list_images
 from cfvit_deploy.errors import ExportError, UsageError
 from cfvit_deploy.flops import baseline_gmacs, stage_gmacs
 from cfvit_deploy.io import atomic_directory
@@ -25,6 +26,7 @@ from cfvit_deploy.manifest import GRAPH_IO_DOC, PRECISIONS, GraphSpec, Manifest,
 from cfvit_deploy.model import CFViT
 from cfvit_deploy.preprocessing import PreprocessConfig
 
+from .attention import ATTENTION_MODES, CONTRIB_OPSET, DEFAULT_ATTENTION
 from .graphs import (
     BASELINE_INPUTS,
     BASELINE_OUTPUTS,
@@ -36,7 +38,7 @@ from .graphs import (
     CoarseGraph,
     FineGraph,
 )
-from .variants import apply_variant
+from .variants import apply_variant, calibration_for, quantization_info
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ def _trace_inputs(model: CFViT, graph: str) -> tuple[torch.Tensor, ...]:
 def _export_graph(
     module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str], opset: int
 ) -> None:
+    fused = getattr(module, "attention", "plain") == "fused"
     dynamic = {name: {0: "batch"} for name in inputs + outputs}
     module.eval()  # the exporter restores the wrapper's mode recursively afterwards: keep it eval
     try:
@@ -95,6 +98,7 @@ def _export_graph(
                 output_names=outputs,
                 dynamic_axes=dynamic,
                 do_constant_folding=True,
+                custom_opsets=CONTRIB_OPSET if fused else None,
             )
     except Exception as exc:  # torch.onnx raises many types; keep the first line
         raise ExportError(f"torch.onnx.export failed for {path.name}: {str(exc).splitlines()[0][:300]}") from exc
@@ -163,8 +167,12 @@ def _resolve_model(
 
 
 def check_export_args(precision: str, optimize: bool, opset: int, default_eta: float, num_heads: Any,
-                      weights: str = "auto") -> None:
-    """Every flag check of :func:`export`, cheap and before any work (the CLI runs it first)."""
+                      weights: str = "auto", attention: str | None = None,
+                      calibration: str | Path | None = None) -> str:
+    """Every flag check of :func:`export`, cheap and before any work (the CLI runs it first).
+
+    Returns the attention mode to export (`attention`, or the default when None).
+    """
     check_choice(precision, PRECISIONS, "--precision")
     if precision == "fp16" and optimize:
         raise UsageError(
@@ -177,6 +185,11 @@ def check_export_args(precision: str, optimize: bool, opset: int, default_eta: f
     if num_heads is not None:
         check_positive_int(num_heads, "--num-heads")  # 0 must not mean "default"
     check_choice(weights, WEIGHTS, "--weights")
+    if calibration is not None:
+        if precision != "int8":
+            raise UsageError(f"--calibration is for --precision int8 (static quantization), not {precision}")
+        list_images(calibration, "--calibration")
+    return check_choice(attention or DEFAULT_ATTENTION, ATTENTION_MODES, "--attention")
 
 
 def export(
@@ -190,31 +203,39 @@ def export(
     baseline: bool = False,
     simplify: bool = True,
     default_eta: float = 0.7,
+    attention: str | None = None,
+    calibration: str | Path | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
     weights: str = "auto",
 ) -> Manifest:
     """Export a CF-ViT (model or checkpoint path) to an export folder; returns its manifest.
 
+    `attention="fused"` exports each block's attention as one ONNX Runtime ``MultiHeadAttention`` contrib
+    node (see :mod:`exporters.attention`; OpenVINO reads it too); "plain" keeps the explicit
+    MatMul/Softmax chain; None means :data:`~exporters.attention.DEFAULT_ATTENTION`. `calibration` (an
+    image folder, int8 only) makes int8 static (calibrated QDQ with per-channel weights) instead of dynamic.
+
     The folder is built in a temporary directory and renamed into place; an existing folder is
     replaced only with `force`. `weights` picks the trained or EMA weights of a checkpoint that holds
     both (see :func:`cfvit_deploy.checkpoints.load_checkpoint`); the manifest's source records which.
     """
-    check_export_args(precision, optimize, opset, default_eta, num_heads, weights)
+    attention = check_export_args(precision, optimize, opset, default_eta, num_heads, weights, attention, calibration)
     say = progress or (lambda msg: log.info(msg))
     model, info = _resolve_model(model_or_checkpoint, num_heads, weights)
     cfg = model.config
+    calib = calibration_for(precision, calibration, PreprocessConfig.for_model(cfg))
     class_names = info.pop("class_names")
     if class_names is not None and len(class_names) != cfg.num_classes:
         class_names = None
     gm = stage_gmacs(cfg)
     gmacs = {"coarse": gm.coarse, "fine": gm.fine}
     wrappers: dict[str, tuple[nn.Module, list[str], list[str]]] = {
-        "coarse": (CoarseGraph(model), COARSE_INPUTS, COARSE_OUTPUTS),
-        "fine": (FineGraph(model), FINE_INPUTS, FINE_OUTPUTS),
+        "coarse": (CoarseGraph(model, attention), COARSE_INPUTS, COARSE_OUTPUTS),
+        "fine": (FineGraph(model, attention), FINE_INPUTS, FINE_OUTPUTS),
     }
     if baseline:
-        wrappers["baseline"] = (BaselineGraph(model), BASELINE_INPUTS, BASELINE_OUTPUTS)
+        wrappers["baseline"] = (BaselineGraph(model, attention), BASELINE_INPUTS, BASELINE_OUTPUTS)
         gmacs["baseline"] = baseline_gmacs(cfg)
     notes: dict[str, str] = {}
     out_dir = Path(out_dir)
@@ -222,12 +243,13 @@ def export(
         graphs: dict[str, GraphSpec] = {}
         for name, (module, inputs, outputs) in wrappers.items():
             path = tmp / f"{name}.onnx"
-            say(f"exporting {name}.onnx (opset {opset}, traced at batch {TRACE_BATCH})")
+            say(f"exporting {name}.onnx (opset {opset}, {attention} attention, traced at batch {TRACE_BATCH})")
             _export_graph(module, _trace_inputs(model, name), path, inputs, outputs, opset)
             notes[name] = _simplify(path) if simplify else "not simplified (--no-simplify)"
             if precision != "fp32" or optimize:
                 say(f"building the {precision}{' optimized' if optimize else ''} variant of {name}.onnx")
-                notes[name] += "; " + apply_variant(path, cfg, precision=precision, optimize=optimize)
+                notes[name] += "; " + apply_variant(path, cfg, precision=precision, optimize=optimize,
+                                                    calibration=calib)
             meta = {
                 "cfvit.graph": name,
                 "cfvit.arch": cfg.arch,
@@ -237,6 +259,7 @@ def export(
                 "cfvit.num_classes": str(cfg.num_classes),
                 "cfvit.precision": precision,
                 "cfvit.optimized": str(optimize),
+                "cfvit.attention": attention,
                 "cfvit.model_config": json.dumps(cfg.to_dict()),
                 "cfvit.version": cfvit_deploy.__version__,
             }
@@ -247,6 +270,7 @@ def export(
                 inputs=_specs(model, name, inputs),
                 outputs=_specs(model, name, outputs),
             )
+        quantization, calib_info = quantization_info(precision, calib)
         manifest = Manifest(
             model=cfg,
             preprocessing=PreprocessConfig.for_model(cfg),
@@ -254,6 +278,9 @@ def export(
             gmacs=gmacs,
             precision=precision,
             optimized=optimize,
+            attention=attention,
+            quantization=quantization,
+            calibration=calib_info,
             opset=opset,
             default_eta=default_eta,
             class_names=class_names,

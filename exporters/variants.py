@@ -3,7 +3,8 @@
 * optimize: ``onnxruntime.transformers.optimizer`` (attention, LayerNorm, GELU fusions; model_type vit)
 * fp16: ``onnxruntime.transformers`` float16 conversion with fp32 inputs/outputs; LayerNorm, Softmax, TopK and the
   selection-score path stay in fp32
-* int8: ``onnxruntime.quantization.quantize_dynamic`` of the MatMul weights (signed int8)
+* int8: ``onnxruntime.quantization.quantize_dynamic`` of the MatMul weights (signed int8), or with a
+  calibration folder ``quantize_static`` (QDQ, per-channel weights; see :mod:`exporters.quantize`)
 
 These need no torch, so they also turn an existing fp32 export into a variant (:func:`make_variant`).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -21,11 +21,16 @@ from cfvit_deploy.config import ModelConfig
 from cfvit_deploy.errors import ExportError, UsageError
 from cfvit_deploy.io import atomic_directory
 from cfvit_deploy.manifest import PRECISIONS, GraphSpec, Manifest, sha256_file
+from cfvit_deploy.preprocessing import PreprocessConfig
+
+from .quantize import Calibration, quantize_dynamic_graph, quantize_static_graph
 
 log = logging.getLogger(__name__)
 
 #: Ops kept in fp32 in the fp16 variant (numerically sensitive, or selection-critical).
-FP16_KEEP_OPS = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "TopK", "ReduceMean", "Resize"]
+#: MultiHeadAttention: ONNX Runtime's CPU kernel of the contrib op is float32 only.
+FP16_KEEP_OPS = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "TopK", "ReduceMean", "Resize",
+                 "MultiHeadAttention"]
 
 
 def _ancestors(graph: onnx.GraphProto, outputs: set[str]) -> set[str]:
@@ -75,6 +80,40 @@ def _isolate_outputs(model: onnx.ModelProto) -> None:
         graph.node.append(onnx.helper.make_node("Identity", [internal], [out.name], name=f"{out.name}__output"))
 
 
+def _split_shared_fp32_inputs(model: onnx.ModelProto, keep_ops: list[str], keep_nodes: list[str]) -> None:
+    """Give each kept-fp32 consumer of a shared tensor after the first its own copy of it.
+
+    The float16 converter names the fp16->fp32 Cast it puts before a kept node after the input tensor
+    alone, so two kept consumers of one tensor would get two Casts of the same name (invalid graph): the
+    fused attention and the class-row path both read q; onnxsim merges equal weights (the zero biases
+    and unit LayerNorm scales of a freshly initialised model) into one initializer. Activations get an
+    Identity copy, weights a copied initializer (so a weight read only by kept nodes stays fp32).
+    """
+    kept = set(keep_nodes)
+    weights = {init.name: init for init in model.graph.initializer}
+    seen: set[str] = set()
+    extra_nodes, extra_weights = [], []
+    for node in model.graph.node:
+        if node.op_type not in keep_ops and node.name not in kept:
+            continue
+        for i, name in enumerate(node.input):
+            if not name:
+                continue
+            if name in seen:
+                copy = f"{name}__for_{node.name}_{i}"
+                if name in weights:
+                    clone = onnx.TensorProto()
+                    clone.CopyFrom(weights[name])
+                    clone.name = copy
+                    extra_weights.append(clone)
+                else:
+                    extra_nodes.append(onnx.helper.make_node("Identity", [name], [copy], name=f"{copy}__identity"))
+                node.input[i] = copy
+            seen.add(name)
+    model.graph.node.extend(extra_nodes)
+    model.graph.initializer.extend(extra_weights)
+
+
 def _restore_fp32_outputs(model: onnx.ModelProto) -> None:
     """keep_io_types casts a graph output that a kept-fp32 node produces back to fp16: undo that cast."""
     producer = {o: node for node in model.graph.node for o in node.output}
@@ -107,6 +146,7 @@ def _fp16(path: Path) -> str:
     _isolate_outputs(model)
     _name_nodes(model)
     keep = score_path_nodes(model)
+    _split_shared_fp32_inputs(model, float16.DEFAULT_OP_BLOCK_LIST + FP16_KEEP_OPS, keep)
     wrapped = OnnxModel(model)
     wrapped.convert_float_to_float16(
         keep_io_types=True,
@@ -119,18 +159,12 @@ def _fp16(path: Path) -> str:
     return f"fp16 (kept in fp32: {', '.join(FP16_KEEP_OPS)}, {len(keep)} score-path nodes)"
 
 
-def _int8(path: Path) -> str:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def apply_variant(path: Path, cfg: ModelConfig, precision: str = "fp32", optimize: bool = False,
+                  calibration: Calibration | None = None) -> str:
+    """Turn the fp32 graph at `path` into the requested variant, in place; returns a note.
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / path.name
-        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
-        shutil.copyfile(out, path)
-    return "int8 dynamic quantization of MatMul weights (signed int8 weights, uint8 activations)"
-
-
-def apply_variant(path: Path, cfg: ModelConfig, precision: str = "fp32", optimize: bool = False) -> str:
-    """Turn the fp32 graph at `path` into the requested variant, in place; returns a note."""
+    int8 with `calibration` is static (the coarse graph must come before the fine graph), else dynamic.
+    """
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and optimize:
@@ -144,8 +178,10 @@ def apply_variant(path: Path, cfg: ModelConfig, precision: str = "fp32", optimiz
             notes.append(_optimize(path, cfg))
         if precision == "fp16":
             notes.append(_fp16(path))
+        elif precision == "int8" and calibration is not None:
+            notes.append(quantize_static_graph(path, calibration, score_path_nodes(onnx.load(str(path)))))
         elif precision == "int8":
-            notes.append(_int8(path))
+            notes.append(quantize_dynamic_graph(path))
     except (UsageError, ExportError):
         raise
     except Exception as exc:  # the converters raise assorted types
@@ -153,20 +189,43 @@ def apply_variant(path: Path, cfg: ModelConfig, precision: str = "fp32", optimiz
     return "; ".join(notes) or "fp32"
 
 
+def calibration_for(precision: str, calibration: str | Path | None, pp: PreprocessConfig) -> Calibration | None:
+    """The calibration set for static int8 (None: dynamic int8, or not int8)."""
+    if calibration is None:
+        return None
+    if precision != "int8":
+        raise UsageError(f"--calibration is for --precision int8 (static quantization), not {precision}")
+    return Calibration.from_folder(calibration, pp)
+
+
+def quantization_info(precision: str, calibration: Calibration | None) -> tuple[str | None, dict | None]:
+    """The manifest's ``quantization`` ("dynamic" | "static" | None) and ``calibration`` entries."""
+    if precision != "int8":
+        return None, None
+    return ("static", calibration.info()) if calibration is not None else ("dynamic", None)
+
+
 def make_variant(
-    src_dir: str | Path, out_dir: str | Path, precision: str = "fp32", optimize: bool = False, force: bool = False
+    src_dir: str | Path, out_dir: str | Path, precision: str = "fp32", optimize: bool = False, force: bool = False,
+    calibration: str | Path | None = None,
 ) -> Manifest:
-    """Build a variant folder from an existing fp32 export (torch-free)."""
+    """Build a variant folder from an existing fp32 export (torch-free).
+
+    `calibration` (an image folder) makes int8 static: calibrated QDQ instead of dynamic quantization.
+    """
     src = Manifest.load(src_dir)
     if src.precision != "fp32" or src.optimized:
         raise UsageError(f"variants are built from a plain fp32 export; {src_dir} is {src.precision}")
+    calib = calibration_for(precision, calibration, src.preprocessing)
     graphs: dict[str, GraphSpec] = {}
     notes: dict[str, str] = {}
+    order = sorted(src.graphs, key=lambda g: g != "coarse")  # the fine graph is calibrated on coarse outputs
     with atomic_directory(Path(out_dir), force=force) as tmp:
-        for name, spec in src.graphs.items():
+        for name in order:
+            spec = src.graphs[name]
             path = tmp / spec.file
             shutil.copyfile(src.graph_path(name), path)
-            notes[name] = apply_variant(path, src.model, precision, optimize)
+            notes[name] = apply_variant(path, src.model, precision, optimize, calib)
             model = onnx.load(str(path))
             for prop in model.metadata_props:
                 if prop.key == "cfvit.precision":
@@ -175,13 +234,17 @@ def make_variant(
                     prop.value = str(optimize)
             onnx.save(model, str(path))
             graphs[name] = GraphSpec(spec.file, sha256_file(path), spec.inputs, spec.outputs)
+        quantization, calib_info = quantization_info(precision, calib)
         manifest = Manifest(
             model=src.model,
             preprocessing=src.preprocessing,
-            graphs=graphs,
+            graphs={name: graphs[name] for name in src.graphs},
             gmacs=src.gmacs,
             precision=precision,
             optimized=optimize,
+            attention=src.attention,
+            quantization=quantization,
+            calibration=calib_info,
             opset=src.opset,
             default_eta=src.default_eta,
             class_names=src.class_names,
