@@ -189,17 +189,35 @@ def test_variants_validate_with_their_criteria(tmp_path, precision, optimize):
     if precision == "int8":
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
         # the fixture's random weights (std 1.4/sqrt(d)) are adversarial for int8: judge the machinery
-        report = validate(tmp_path / "v", batch_sizes=(8,), min_top1=0.6, min_exit=0.6)
+        kwargs: dict = {"batch_sizes": (8,), "min_top1": 0.6, "min_exit": 0.6}
     else:
-        report = validate(tmp_path / "v", batch_sizes=(1, 8))
+        kwargs = {"batch_sizes": (1, 8)}
+    report = validate(tmp_path / "v", **kwargs)
     if optimize:
         assert "SkipLayerNormalization" in ops
     if precision == "fp16":
         kinds = {init.data_type for init in graph.graph.initializer}
         assert onnx.TensorProto.FLOAT16 in kinds
     assert report.passed, [c.line() for c in report.failed]
-    if precision != "fp32":  # reduced precision is judged by rates, not a tight atol
-        assert all(c.passed for c in report.checks if "max |err|" in c.metric)
+    # the same criteria must reject a broken graph of this precision: fine logits negated, checksum updated
+    _negate_output(tmp_path / "v" / "fine.onnx", "fine_logits")
+    manifest_json = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    manifest_json["graphs"]["fine"]["sha256"] = sha256_file(tmp_path / "v" / "fine.onnx")
+    (tmp_path / "v" / "manifest.json").write_text(json.dumps(manifest_json))
+    broken = validate(tmp_path / "v", **kwargs)
+    assert not broken.passed
+    assert any("fine" in c.name for c in broken.failed), [c.line() for c in broken.failed]
+    assert not any(c.name.startswith("coarse graph") for c in broken.failed)
+
+
+def _negate_output(path, name: str) -> None:
+    """Rewire graph output `name` through a Neg node (any precision: the logits stay floating point)."""
+    model = onnx.load(str(path))
+    raw = f"{name}_before_neg"
+    for node in model.graph.node:
+        node.output[:] = [raw if o == name else o for o in node.output]
+    model.graph.node.append(onnx.helper.make_node("Neg", [raw], [name]))
+    onnx.save(model, str(path))
 
 
 def test_fp16_with_optimize_is_refused(tmp_path, upstream):
