@@ -124,14 +124,16 @@ def train_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: 64)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, cosine) (default: 1e-3)."),
     selection_after: Optional[int] = typer.Option(
-        None, "--selection-after", help="Warm-up epochs on all fine tokens before informative selection (default: 2/3)."),
+        None, "--selection-after",
+        help="Warm-up epochs on all fine tokens before informative selection (default: 2/3, at least one selection epoch)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, order and augmentation (default: 0)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Split flat class folders by this fraction."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint's weights."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run saved in this checkpoint."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint to write (default: cfvit.pth, or RESUME)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per epoch."),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Show a progress bar per epoch (the per-epoch summary lines stay)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch intra-op threads (default: the idle cores)."),
 ) -> None:
     """Train a CF-ViT (CE on fine + KL(fine || coarse); all fine tokens, then informative selection)."""
