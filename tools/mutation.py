@@ -29,16 +29,16 @@ MUTMUT = [sys.executable, "-m", "mutmut"]
 
 #: module -> mutmut function-name globs in scope ("x_<function>" or "xǁ<Class>ǁ<method>")
 SCOPE: dict[str, list[str]] = {
-    "runtimes.pipeline": ["x_softmax", "x_max_softmax", "x_check_eta", "xǁCFViTPipelineǁrun", "xǁStageTimingsǁ*",
-                          "xǁPipelineResultǁ*"],
-    "cfvit_deploy.model": ["xǁCFViTǁselect", "xǁCFViTǁcoarse_stage", "xǁCFViTǁpredict", "x_confidence",
-                           "x_fine_indices"],
-    "exporters.validation": ["xǁ_Checkerǁclose", "xǁ_Checkerǁrate", "xǁ_Checkerǁpatches", "xǁCriteriaǁ*", "x_*close*",
-                             "x_*agree*", "x_*criteria*"],
+    "runtimes.pipeline": ["x_softmax", "x_max_softmax", "x_check_eta", "xǁCFViTPipelineǁrun"],
+    "cfvit_deploy.model": ["xǁCFViTǁselect", "xǁCFViTǁcoarse_stage", "x_confidence", "x_fine_indices"],
+    "exporters.validation": ["xǁ_Checkerǁclose", "xǁ_Checkerǁrate", "xǁ_Checkerǁpatches", "xǁCriteriaǁ*",
+                             "x__softmax_conf", "x_*close*", "x_*agree*", "x_*criteri*", "x_*bound*"],
     "cfvit_deploy.manifest": ["*"],
     "cfvit_deploy.io": ["*"],
     "cfvit_deploy.preprocessing": ["*"],
 }
+# mutmut 3 does not mutate decorated functions (properties, CFViT.predict under torch.no_grad): the gate in
+# CFViT.predict and PipelineResult.exit_rate are covered by the planted-bug tests of issue 16 instead.
 KILLED = {1, 3, 36, -24, 24, 152, 255}  # test failure, pytest internal error, timeouts (mutmut's mapping)
 SURVIVED = {0}
 
