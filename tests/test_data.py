@@ -39,7 +39,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_synthetic_layout_labels_and_difficulties(synthetic: Path) -> None:
     for split, n in (("train", 4), ("val", 2)):
         assert sorted(p.name for p in (synthetic / split).iterdir() if p.is_dir()) == sorted(CLASSES)
-        rows = list(csv.DictReader(open(synthetic / split / "labels.csv")))
+        rows = list(csv.DictReader((synthetic / split / "labels.csv").read_text().splitlines()))
         assert len(rows) == n * len(CLASSES)
         assert {r["difficulty"] for r in rows} == {"easy", "hard"}
         for r in rows:
