@@ -37,7 +37,9 @@ clean:
 CFVIT_FIXTURES ?= $(abspath $(CURDIR)/../shared/fixtures/upstream)
 .PHONY: mutation mutation-report
 mutation: $(STAMP)
-	CFVIT_FIXTURES=$(CFVIT_FIXTURES) PYTHONPATH=. $(BIN)/python tools/mutation.py all
+	rm -rf mutants  # a fresh copy of the code and tests: no stale mutants or test stats
+	CFVIT_FIXTURES=$(CFVIT_FIXTURES) CFVIT_EXPORT_CACHE=$(CURDIR)/.mutation-exports PYTHONPATH=. \
+		$(BIN)/python tools/mutation.py all
 
 mutation-report: $(STAMP)
 	$(BIN)/python tools/mutation.py report

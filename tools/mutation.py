@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -49,7 +51,24 @@ def _in_scope(key: str) -> bool:
     return any(fnmatch.fnmatchcase(function, pattern) for pattern in SCOPE.get(module, []))
 
 
+def prepare_exports() -> None:
+    """With CFVIT_EXPORT_CACHE set (the Makefile does), export the fixtures once with the unmutated code:
+    tests/conftest.py then reuses them in every mutant's test run instead of exporting again."""
+    cache = os.environ.get("CFVIT_EXPORT_CACHE")
+    if not cache:
+        return
+    sys.path.insert(0, str(ROOT))
+    from exporters import export
+    from tests.conftest import FIXTURE_NAMES, UpstreamFixture
+
+    shutil.rmtree(cache, ignore_errors=True)
+    for name in FIXTURE_NAMES:
+        fx = UpstreamFixture(name)
+        export(fx.pth, Path(cache) / name / "export", num_heads=fx.num_heads)
+
+
 def run(extra: list[str]) -> int:
+    prepare_exports()
     patterns = [f"{module}.{pattern}__mutmut_*" for module, globs in SCOPE.items() for pattern in globs]
     return subprocess.call([*MUTMUT, "run", *extra, *patterns], cwd=ROOT)
 
