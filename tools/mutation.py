@@ -64,6 +64,7 @@ def prepare_exports() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     for name in FIXTURE_NAMES:
         fx = UpstreamFixture(name)
+        (Path(cache) / name).mkdir(parents=True)
         export(fx.pth, Path(cache) / name / "export", num_heads=fx.num_heads)
 
 
