@@ -344,3 +344,12 @@ def test_softmax_is_stable(logits):
     assert conf.dtype == np.float32 and np.isfinite(conf).all()
     np.testing.assert_allclose(conf, p.max(axis=1), atol=1e-6)
     assert ((conf >= 1.0 / logits.shape[1] - 1e-6) & (conf <= 1.0)).all()
+
+
+def test_softmax_is_over_the_last_axis_of_any_rank():
+    """Kills the axis=+1 mutants, identical to axis=-1 on (B, classes) only."""
+    logits = np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32)
+    z = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    want = z / z.sum(-1, keepdims=True)
+    np.testing.assert_allclose(softmax(logits.copy()), want, rtol=1e-5)
+    np.testing.assert_allclose(max_softmax(logits), want.max(-1), rtol=1e-5)
