@@ -353,3 +353,18 @@ def test_softmax_is_over_the_last_axis_of_any_rank():
     want = z / z.sum(-1, keepdims=True)
     np.testing.assert_allclose(softmax(logits.copy()), want, rtol=1e-5)
     np.testing.assert_allclose(max_softmax(logits), want.max(-1), rtol=1e-5)
+
+
+def test_no_gather_copy_when_every_image_goes_to_fine(export_dir_factory):
+    """With no exit, the fine graph gets the coarse outputs themselves (no gather copy of the batch)."""
+    seen: list[dict] = []
+
+    class Recording(CountingBackend):
+        def run(self, graph, inputs):
+            seen.append((graph, dict(inputs)))
+            return self.inner.run(graph, inputs)
+
+    pipe = CFViTPipeline(Recording(OrtBackend(Manifest.load(export_dir_factory("deit_g7")))))
+    images = np.ascontiguousarray(_deit_images())
+    pipe.run(images, 1.0)
+    assert [g for g, _ in seen] == ["coarse", "fine"] and seen[1][1]["images"] is images
