@@ -40,3 +40,16 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# -- mutation testing (not in CI; about 30 min on 2 cores): mutmut on the gate/merge, selection/EMA,
+# validation criteria, manifest verification, atomic writes and preprocessing; see docs/mutation.md.
+# Writes benchmarks/results/mutation/report.md (score + survivors, with the reasons in accepted.json).
+CFVIT_FIXTURES ?= $(abspath $(CURDIR)/../shared/fixtures/upstream)
+.PHONY: mutation mutation-report
+mutation: $(STAMP)
+	rm -rf mutants  # a fresh copy of the code and tests: no stale mutants or test stats
+	CFVIT_FIXTURES=$(CFVIT_FIXTURES) CFVIT_EXPORT_CACHE=$(CURDIR)/.mutation-exports PYTHONPATH=. \
+		$(BIN)/python tools/mutation.py all
+
+mutation-report: $(STAMP)
+	$(BIN)/python tools/mutation.py report

@@ -193,14 +193,16 @@ def train_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: 64)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, cosine) (default: 1e-3)."),
     selection_after: Optional[int] = typer.Option(
-        None, "--selection-after", help="Warm-up epochs on all fine tokens before informative selection (default: 2/3)."),
+        None, "--selection-after",
+        help="Warm-up epochs on all fine tokens before informative selection (default: 2/3, at least one selection epoch)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of initialisation, order and augmentation (default: 0)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Split flat class folders by this fraction."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint's weights."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run saved in this checkpoint."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Checkpoint to write (default: cfvit.pth, or RESUME)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per epoch."),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Show a progress bar per epoch (the per-epoch summary lines stay)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch intra-op threads (default: the idle cores)."),
 ) -> None:
     """Train a CF-ViT (CE on fine + KL(fine || coarse); all fine tokens, then informative selection)."""
@@ -226,7 +228,8 @@ def train_cmd(
 
 @app.command("make-data")
 def make_data_cmd(
-    out: Path = typer.Argument(..., help="Folder to create (train/, val/, labels.csv, meta.json)."),
+    out: Path = typer.Argument(
+        ..., help="Folder to create: train/ and val/ (class folders + labels.csv each) and meta.json."),
     per_class: int = typer.Option(250, "--per-class", help="Training images per class."),
     val_per_class: Optional[int] = typer.Option(
         None, "--val-per-class", help="Validation images per class (default: per-class / 5)."),
@@ -236,12 +239,18 @@ def make_data_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same bytes."),
     force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
 ) -> None:
-    """Generate the built-in synthetic image set (6 classes of patterned objects, easy and hard)."""
-    from cfvit_deploy.data.synthetic import make_synthetic_dataset
+    """Generate the built-in synthetic image set (6 classes of patterned objects, easy and hard).
+
+    Run again with the same options it writes nothing; a set with files missing is regenerated."""
+    from cfvit_deploy.data.synthetic import SyntheticSpec, generate_synthetic
 
     n_val = val_per_class if val_per_class is not None else max(1, per_class // 5)
-    root = make_synthetic_dataset(out, per_class, n_val, seed, image_size, hard_fraction, force)
-    print(f"wrote {per_class} training and {n_val} validation images per class to {root}")
+    done = generate_synthetic(out, SyntheticSpec(per_class, n_val, seed, image_size, hard_fraction), force)
+    images = f"{per_class} training and {n_val} validation images per class"
+    print({"reused": f"{done.root} already holds this set ({images}): nothing written",
+           "repaired": f"{done.root} had {done.missing} file(s) of this set missing: regenerated it ({images})",
+           "replaced": f"replaced {done.root}: wrote {images}",
+           "written": f"wrote {images} to {done.root}"}[done.action])
 
 
 @app.command("infer")

@@ -11,6 +11,7 @@ The fine stage sees all 4g² fine tokens (with the fine position embedding) for 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -38,6 +39,8 @@ from .flops import stage_gmacs
 from .io import atomic_write_path, check_output
 from .model import CFViT, confidence
 from .preprocessing import PreprocessConfig
+
+log = logging.getLogger(__name__)
 
 #: Top-level checkpoint key of the optimizer/epoch state that `--resume` needs (plain tensors/types).
 TRAIN_STATE_KEY = "train_state"
@@ -87,8 +90,18 @@ class TrainRecipe:
 
     @property
     def dense_epochs(self) -> int:
-        """Epochs whose fine stage runs on all fine tokens before informative selection starts."""
-        return math.ceil(2 * self.epochs / 3) if self.selection_after is None else self.selection_after
+        """Epochs whose fine stage runs on all fine tokens before informative selection starts.
+
+        By default two thirds of the run, but always leaving at least one selection epoch (with
+        ``epochs=2`` the second one), so a short run still trains the model that is deployed."""
+        if self.selection_after is None:
+            return min(math.ceil(2 * self.epochs / 3), self.epochs - 1)
+        return self.selection_after
+
+    @property
+    def selection_epochs(self) -> int:
+        """Epochs trained with the informative selection (0 if ``selection_after >= epochs``)."""
+        return max(0, self.epochs - self.dense_epochs)
 
     def model_config(self, num_classes: int) -> ModelConfig:
         return ModelConfig.named(self.arch, self.size, num_classes=num_classes, coarse_grid=self.coarse_grid)
@@ -97,7 +110,7 @@ class TrainRecipe:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainRecipe":
+    def from_dict(cls, data: dict[str, Any]) -> TrainRecipe:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -322,10 +335,16 @@ def train(
     steps_per_epoch = math.ceil(len(train_set) / recipe.batch_size)
     step, start = int(state["step"]), time.perf_counter()
     val = None
+    if recipe.selection_epochs == 0:
+        log.warning("no informative-selection epoch: --selection-after %d >= --epochs %d, so the fine stage is "
+                    "trained only on all fine tokens; pass --selection-after below --epochs",
+                    recipe.dense_epochs, recipe.epochs)
+    # the bars obey `progress`; the header and the per-epoch summary lines are always printed (stderr)
     with _threads(threads) as n_threads, _progress(progress) as bar:
-        if progress:
-            bar.console.print(f"training on {len(train_set)} images ({len(splits.classes)} classes), "
-                              f"validating on {len(val_set)}; {n_threads} torch thread(s)", soft_wrap=True)
+        bar.console.print(f"training on {len(train_set)} images ({len(splits.classes)} classes), "
+                          f"validating on {len(val_set)}; {n_threads} torch thread(s); "
+                          f"{recipe.dense_epochs} warm-up + {recipe.selection_epochs} selection epoch(s)",
+                          soft_wrap=True)
         for epoch in range(int(state["epoch"]), recipe.epochs):
             selection = epoch >= recipe.dense_epochs
             stats = _train_epoch(model, train_set, optimizer, recipe, epoch, step, steps_per_epoch, selection, bar)
@@ -333,8 +352,7 @@ def train(
             val = evaluate(model, val_set, 2 * recipe.batch_size)
             stats.update(val_coarse_acc=val.coarse_acc, val_fine_acc=val.fine_acc)
             history.append(stats)
-            if progress:
-                bar.console.print(_epoch_line(stats, recipe.epochs), soft_wrap=True)
+            bar.console.print(_epoch_line(stats, recipe.epochs), soft_wrap=True)
             meta = _metadata(recipe, splits.classes, pp, cfg, val, history, data_dir, len(train_set))
             _save(out, model, meta, {"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict()})
     assert val is not None

@@ -49,8 +49,20 @@ def export_dir_factory(tmp_path_factory: pytest.TempPathFactory):
             from exporters import export
 
             fx = UpstreamFixture(name)
-            out = tmp_path_factory.mktemp(f"export-{name}") / "export"
-            export(fx.pth, out, num_heads=fx.num_heads, **kwargs)
+            shared = os.environ.get("CFVIT_EXPORT_CACHE")  # `make mutation`: export once, not once per mutant
+            if shared:
+                tag = "-".join(f"{k}={v}" for k, v in key[1])
+                out = Path(shared) / f"{name}{'-' + tag if tag else ''}" / "export"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                if not (out / "manifest.json").exists():
+                    try:
+                        export(fx.pth, out, num_heads=fx.num_heads, **kwargs)
+                    except Exception:  # a concurrent worker wrote it first
+                        if not (out / "manifest.json").exists():
+                            raise
+            else:
+                out = tmp_path_factory.mktemp(f"export-{name}") / "export"
+                export(fx.pth, out, num_heads=fx.num_heads, **kwargs)
             cache[key] = out
         return cache[key]
 

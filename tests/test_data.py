@@ -14,9 +14,13 @@ from PIL import Image
 
 from cfvit_deploy import ModelConfig
 from cfvit_deploy.data.folder import (
-    ImageFolderDataset, find_splits, normalize, random_crop, random_resized_crop,
+    ImageFolderDataset,
+    find_splits,
+    normalize,
+    random_crop,
+    random_resized_crop,
 )
-from cfvit_deploy.data.synthetic import CLASSES, _texels, make_synthetic_dataset, read_meta
+from cfvit_deploy.data.synthetic import CLASSES, _texels, ensure_synthetic_dataset, make_synthetic_dataset, read_meta
 from cfvit_deploy.errors import OutputExistsError, UsageError
 from cfvit_deploy.preprocessing import PreprocessConfig, load_image, preprocess
 
@@ -35,7 +39,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_synthetic_layout_labels_and_difficulties(synthetic: Path) -> None:
     for split, n in (("train", 4), ("val", 2)):
         assert sorted(p.name for p in (synthetic / split).iterdir() if p.is_dir()) == sorted(CLASSES)
-        rows = list(csv.DictReader(open(synthetic / split / "labels.csv")))
+        rows = list(csv.DictReader((synthetic / split / "labels.csv").read_text().splitlines()))
         assert len(rows) == n * len(CLASSES)
         assert {r["difficulty"] for r in rows} == {"easy", "hard"}
         for r in rows:
@@ -166,3 +170,45 @@ def test_random_crop_keeps_pixels_at_the_resize_size() -> None:
 def test_random_resized_crop_size(w: int, h: int, seed: int) -> None:
     out = random_resized_crop(Image.new("RGB", (w, h)), 24, np.random.default_rng(seed))
     assert out.size == (24, 24)
+
+
+def test_make_data_again_says_nothing_was_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 13 item 15: a second `cfvit make-data` printed "wrote N images" though it wrote nothing."""
+    import cli
+
+    args = ["make-data", str(tmp_path / "d"), "--per-class", "1", "--val-per-class", "1", "--image-size", "64"]
+    assert cli.main(args) == 0
+    assert "wrote 1 training and 1 validation images per class" in capsys.readouterr().out
+    stamp = (tmp_path / "d" / "meta.json").stat().st_mtime_ns
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "nothing written" in out and "wrote" not in out
+    assert (tmp_path / "d" / "meta.json").stat().st_mtime_ns == stamp
+
+
+def test_make_data_repairs_a_deleted_class_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import cli
+
+    args = ["make-data", str(tmp_path / "d"), "--per-class", "2", "--val-per-class", "1", "--image-size", "64"]
+    assert cli.main(args) == 0
+    want = _bytes(tmp_path / "d")
+    shutil.rmtree(tmp_path / "d" / "train" / CLASSES[2])
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "2 file(s) of this set missing: regenerated" in capsys.readouterr().out
+    assert _bytes(tmp_path / "d") == want  # the same bytes as the first run, class folder included
+    # the Python twin, and train --synthetic's path, repair too
+    shutil.rmtree(tmp_path / "d" / "val" / CLASSES[0])
+    assert ensure_synthetic_dataset(tmp_path / "d") == tmp_path / "d" and _bytes(tmp_path / "d") == want
+
+
+def test_make_data_help_places_labels_csv_in_the_splits() -> None:
+    """The help said labels.csv is at the top level; it is in train/ and val/ (what the generator writes)."""
+    import inspect
+
+    import cli
+
+    help_text = inspect.signature(cli.make_data_cmd).parameters["out"].default.help
+    assert "train/ and val/ (class folders + labels.csv each) and meta.json" in help_text

@@ -194,7 +194,8 @@ def test_variants_validate_with_their_criteria(tmp_path, precision, optimize):
     if precision == "int8":
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
     # the default criteria, for the fixture's random weights too (issue 13 item 6: they used to fail int8)
-    report = validate(tmp_path / "v", batch_sizes=(1, 8, 32))
+    kwargs: dict = {"batch_sizes": (1, 8, 32)}
+    report = validate(tmp_path / "v", **kwargs)
     if optimize:
         assert "SkipLayerNormalization" in ops
     if precision == "fp16":
@@ -206,6 +207,25 @@ def test_variants_validate_with_their_criteria(tmp_path, precision, optimize):
         assert len(rel) == 3 * 3 and all(c.threshold == MAX_REL_ERR[precision] for c in rel)
         assert all(0 < c.value < c.threshold for c in rel)
         assert "fp32 margin (top-1 minus top-2 logit)" in report.criteria
+    # the same criteria must reject a broken graph of this precision: fine logits negated, checksum updated
+    _negate_output(tmp_path / "v" / "fine.onnx", "fine_logits")
+    manifest_json = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    manifest_json["graphs"]["fine"]["sha256"] = sha256_file(tmp_path / "v" / "fine.onnx")
+    (tmp_path / "v" / "manifest.json").write_text(json.dumps(manifest_json))
+    broken = validate(tmp_path / "v", **kwargs)
+    assert not broken.passed
+    assert any("fine" in c.name for c in broken.failed), [c.line() for c in broken.failed]
+    assert not any(c.name.startswith("coarse graph") for c in broken.failed)
+
+
+def _negate_output(path, name: str) -> None:
+    """Rewire graph output `name` through a Neg node (any precision: the logits stay floating point)."""
+    model = onnx.load(str(path))
+    raw = f"{name}_before_neg"
+    for node in model.graph.node:
+        node.output[:] = [raw if o == name else o for o in node.output]
+    model.graph.node.append(onnx.helper.make_node("Neg", [raw], [name]))
+    onnx.save(model, str(path))
 
 
 def test_fp16_with_optimize_is_refused(tmp_path, upstream):

@@ -115,11 +115,26 @@ def test_predict_gate_semantics(upstream):
 
 
 def test_eval_is_deterministic_and_device_agnostic():
+    """Eval disables stochastic depth: a model built with drop_path_rate 0.5 gives, in eval mode, exactly
+    the outputs of the same weights built without it (in train mode two calls differ, so the rate is live).
+    Device-agnostic: the forward runs on the "meta" device, so any tensor created on a fixed device fails."""
     cfg = ModelConfig.named("lvvit", "micro", num_classes=4)
-    model = CFViT(cfg).eval()
-    x = torch.randn(1, 3, 224, 224)
+    torch.manual_seed(0)
+    dropping = CFViT(cfg, drop_path_rate=0.5)
+    x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        a, b = model(x), model(x)
-    assert torch.equal(a.fine_logits, b.fine_logits)
-    src = __import__("inspect").getsource(__import__("cfvit_deploy.model", fromlist=["x"]))
-    assert ".cuda(" not in src and "squeeze(" not in src.replace(".squeeze(1)", "")
+        dropping.train()
+        assert not torch.equal(dropping(x).fine_logits, dropping(x).fine_logits)
+        plain = CFViT(cfg, drop_path_rate=0.0)
+        plain.load_state_dict(dropping.state_dict())  # after the train calls (they update BatchNorm stats)
+        dropping.eval()
+        got, want = dropping(x), plain.eval()(x)
+    for field in ("coarse_logits", "fine_logits", "score"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert torch.equal(got.informative_idx, want.informative_idx)
+
+    meta = CFViT(cfg).eval().to("meta")
+    with torch.no_grad():
+        out = meta(torch.empty(2, 3, 224, 224, device="meta"))
+    assert out.fine_logits.device.type == "meta" and out.fine_logits.shape == (2, 4)
+    assert out.informative_idx.device.type == "meta"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -136,16 +137,45 @@ def test_fine_graph_runs_only_on_the_sub_batch(upstream_export):
     assert backend.calls[1][1]["images"].shape[0] == len(fx.images)
 
 
+class SleepingBackend:
+    """Wraps a backend; each coarse call sleeps COARSE_SLEEP s and each fine call FINE_SLEEP s."""
+
+    COARSE_SLEEP, FINE_SLEEP = 0.05, 0.1
+
+    def __init__(self, inner: OrtBackend) -> None:
+        self.inner, self.manifest = inner, inner.manifest
+
+    def run(self, graph: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(self.COARSE_SLEEP if graph == "coarse" else self.FINE_SLEEP)
+        return self.inner.run(graph, inputs)
+
+
 def test_result_fields(deit_pipe):
-    res = deit_pipe.run(_deit_images(), 0.5)
+    images = _deit_images()
+    eta = _mid_eta(deit_pipe.run(images, 0.0).confidence)
+    res = deit_pipe.run(images, eta)
     b, k = len(res.logits), deit_pipe.manifest.model.k
     assert res.logits.dtype == np.float32 and res.logits.shape == (b, deit_pipe.manifest.num_classes)
     assert res.exited.dtype == bool and res.confidence.dtype == np.float32
     assert res.informative_idx.dtype == np.int64 and res.informative_idx.shape == (b, k)
-    assert res.eta == 0.5 and 0.0 <= res.exit_rate <= 1.0
-    t = res.timings
-    assert min(t.coarse_s, t.gate_s, t.fine_s) >= 0 and t.total_s == pytest.approx(t.coarse_s + t.gate_s + t.fine_s)
-    assert deit_pipe.run(_deit_images(), 0.0).timings.fine_s == 0.0
+    n_exit = int(res.exited.sum())
+    assert 0 < n_exit < b and res.eta == eta
+    assert res.exit_rate == n_exit / b  # the share that exited (not the share refined)
+
+
+def test_timings_are_the_stages_wall_clock(export_dir_factory):
+    """Each stage's time is the wall clock of its own graph call: a backend that sleeps a known time per
+    graph shows up in the right field, and the three fields cover the whole call."""
+    images = _deit_images()
+    pipe = CFViTPipeline(SleepingBackend(OrtBackend(Manifest.load(export_dir_factory("deit_g7")))))
+    t0 = time.perf_counter()
+    t = pipe.run(images, 1.0).timings
+    wall = time.perf_counter() - t0
+    assert t.coarse_s >= SleepingBackend.COARSE_SLEEP and t.fine_s >= SleepingBackend.FINE_SLEEP
+    assert 0 <= t.gate_s < SleepingBackend.COARSE_SLEEP  # host work only: neither graph's time
+    assert t.coarse_s + t.gate_s + t.fine_s <= wall and t.total_s == pytest.approx(wall, abs=0.05)
+    t = pipe.run(images, 0.0).timings  # everything exits: no fine call, no fine time
+    assert t.fine_s == 0.0 and t.coarse_s >= SleepingBackend.COARSE_SLEEP and t.gate_s < SleepingBackend.COARSE_SLEEP
 
 
 def _deit_images() -> np.ndarray:
@@ -162,11 +192,19 @@ def test_default_eta_is_the_manifest_one(export_dir_factory):
     assert not CFViTPipeline(manifest).run(_deit_images()).exited.any()
 
 
-@pytest.mark.parametrize("eta", [1.5, -0.1, float("nan"), float("inf"), True, "0.5", None])
+def test_eta_none_means_the_manifests_default(export_dir_factory):
+    manifest = Manifest.load(export_dir_factory("deit_g7"))
+    images = _deit_images()
+    conf = CFViTPipeline(manifest).run(images, 0.0).confidence
+    manifest.default_eta = _mid_eta(conf)  # neither 0, 0.5 nor 1: a mixed batch only at this value
+    res = CFViTPipeline(manifest).run(images, None)
+    assert res.eta == manifest.default_eta
+    np.testing.assert_array_equal(res.exited, conf >= manifest.default_eta)
+    assert res.exited.any() and not res.exited.all()
+
+
+@pytest.mark.parametrize("eta", [1.5, -0.1, float("nan"), float("inf"), True, "0.5"])
 def test_bad_eta_is_a_usage_error(deit_pipe, eta):
-    if eta is None:  # None means the manifest's default: valid
-        deit_pipe.run(_deit_images(), eta)
-        return
     with pytest.raises(UsageError, match="eta"):
         deit_pipe.run(_deit_images(), eta)
 
@@ -333,3 +371,27 @@ def test_softmax_is_stable(logits):
     assert conf.dtype == np.float32 and np.isfinite(conf).all()
     np.testing.assert_allclose(conf, p.max(axis=1), atol=1e-6)
     assert ((conf >= 1.0 / logits.shape[1] - 1e-6) & (conf <= 1.0)).all()
+
+
+def test_softmax_is_over_the_last_axis_of_any_rank():
+    """Kills the axis=+1 mutants, identical to axis=-1 on (B, classes) only."""
+    logits = np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32)
+    z = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    want = z / z.sum(-1, keepdims=True)
+    np.testing.assert_allclose(softmax(logits.copy()), want, rtol=1e-5)
+    np.testing.assert_allclose(max_softmax(logits), want.max(-1), rtol=1e-5)
+
+
+def test_no_gather_copy_when_every_image_goes_to_fine(export_dir_factory):
+    """With no exit, the fine graph gets the coarse outputs themselves (no gather copy of the batch)."""
+    seen: list[dict] = []
+
+    class Recording(CountingBackend):
+        def run(self, graph, inputs):
+            seen.append((graph, dict(inputs)))
+            return self.inner.run(graph, inputs)
+
+    pipe = CFViTPipeline(Recording(OrtBackend(Manifest.load(export_dir_factory("deit_g7")))))
+    images = np.ascontiguousarray(_deit_images())
+    pipe.run(images, 1.0)
+    assert [g for g, _ in seen] == ["coarse", "fine"] and seen[1][1]["images"] is images

@@ -236,7 +236,7 @@ def test_pixel_limit_is_restored_and_never_left_lifted_by_concurrent_decodes(tmp
     release_second.set()
     second.join(10)
     assert calls == [None, None]  # PIL's check was lifted while decoding with max_pixels=None
-    assert Image.MAX_IMAGE_PIXELS == original
+    assert original == Image.MAX_IMAGE_PIXELS
 
 
 def test_default_limit_leaves_pil_global_alone(tmp_path, monkeypatch):

@@ -14,7 +14,6 @@ from cfvit_deploy.app.sweep import SweepResult, SweepRow, choose_eta, parse_etas
 from cfvit_deploy.errors import CFViTError
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import load_and_preprocess
-from runtimes import CFViTPipeline
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +39,37 @@ def test_parse_etas():
 
 
 def test_sweep_matches_an_independent_computation(labelled, export_dir_factory):
+    # the reference is the PyTorch model's predict on the fixture checkpoint, not the ONNX pipeline
+    torch = pytest.importorskip("torch")
+    from cfvit_deploy import load_checkpoint
+    from cfvit_deploy.model import confidence
+    from tests.conftest import UpstreamFixture
+
+    fx = UpstreamFixture("deit_g7")
+    model = load_checkpoint(fx.pth, num_heads=fx.num_heads).eval()
     export_dir = export_dir_factory("deit_g7")
-    result = sweep(export_dir, labelled, "0,0.5,1", batch_size=5)
-    assert result.n_images == 12 and len(result.skipped_files) == 1 and "broken.png" in result.skipped_files[0]
     manifest = Manifest.load(export_dir)
     files = sorted(p for p in labelled.rglob("*.png") if p.name != "broken.png")
     x = np.stack([load_and_preprocess(p, manifest.preprocessing) for p in files])
     y = np.array([int(p.parent.name[1]) for p in files])
-    pipe = CFViTPipeline(export_dir)
+    with torch.no_grad():
+        conf = np.sort(confidence(model.coarse_stage(torch.from_numpy(x)).logits).double().numpy())
+    mid = float(np.round((conf[0] + conf[1]) / 2, 6))  # some exit, some do not: far from float ties
+    assert conf[0] < mid < conf[1]
+
+    result = sweep(export_dir, labelled, f"0,{mid},1", batch_size=5)
+    assert result.n_images == 12 and len(result.skipped_files) == 1 and "broken.png" in result.skipped_files[0]
     by_eta = {r.eta: r for r in result.rows}
-    for eta in (0.0, 0.5, 1.0):
-        res = pipe.run(x, eta)
+    for eta in (0.0, mid, 1.0):
+        with torch.no_grad():
+            pred = model.predict(torch.from_numpy(x), eta)
         row = by_eta[eta]
-        assert row.accuracy == pytest.approx(float((res.logits.argmax(1) == y).mean()))
-        assert row.exit_rate == pytest.approx(float(res.exited.mean()))
+        assert row.accuracy == pytest.approx(float((pred.logits.argmax(1).numpy() == y).mean()))
+        assert row.exit_rate == pytest.approx(float(pred.exited.float().mean()))
         g = manifest.gmacs
         assert row.expected_gmacs == pytest.approx(g["coarse"] + (1 - row.exit_rate) * (g["fine"] - g["coarse"]))
         assert row.img_per_s > 0 and row.ms_per_image == pytest.approx(1000 / row.img_per_s)
-    assert by_eta[0.0].exit_rate == 1.0 and by_eta[1.0].exit_rate == 0.0
+    assert by_eta[0.0].exit_rate == 1.0 and by_eta[1.0].exit_rate == 0.0 and 0 < by_eta[mid].exit_rate < 1
 
 
 def test_cli_writes_files_and_refuses_overwrite(labelled, export_dir_factory, tmp_path):

@@ -18,7 +18,14 @@ from cfvit_deploy.errors import CheckpointError, UsageError
 from cfvit_deploy.flops import stage_gmacs
 from cfvit_deploy.model import CFViT
 from cfvit_deploy.training import (
-    TrainRecipe, cfvit_loss, lr_at, make_optimizer, resume_recipe, train, train_demo, train_forward,
+    TrainRecipe,
+    cfvit_loss,
+    lr_at,
+    make_optimizer,
+    resume_recipe,
+    train,
+    train_demo,
+    train_forward,
 )
 
 #: g=2 keeps the real depth and width but makes the input 64 px (fast on 2 cores).
@@ -108,7 +115,7 @@ def test_lr_schedule_warms_up_then_decays_to_min() -> None:
     recipe = TrainRecipe(epochs=4, lr=1e-3, min_lr=1e-5, warmup_epochs=1)
     lrs = [lr_at(recipe, s, 10) for s in range(40)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     assert lrs[-1] == pytest.approx(1e-5)
 
 
@@ -221,3 +228,29 @@ def test_cli_synthetic_refuses_a_foreign_folder(tmp_path: Path, capsys: pytest.C
     (tmp_path / "mine").mkdir()
     assert cli.main(["train", str(tmp_path / "mine"), "--synthetic", "--out", str(tmp_path / "m.pth")]) == 2
     assert "not a built-in synthetic set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("epochs, dense", [(1, 0), (2, 1), (3, 2), (30, 20)])
+def test_default_recipe_keeps_at_least_one_selection_epoch(epochs: int, dense: int) -> None:
+    """issue 13 item 14: `--epochs 2` used to run two warm-up epochs and never the informative selection."""
+    recipe = TrainRecipe(epochs=epochs)
+    assert recipe.dense_epochs == dense and recipe.selection_epochs == epochs - dense >= 1
+
+
+def test_short_run_trains_the_selection_and_no_progress_keeps_epoch_lines(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--epochs 2` ends with a selection epoch; `--no-progress` hides bars only, not the per-epoch lines."""
+    out = tmp_path / "m.pth"
+    assert cli.main(["train", str(data), "--epochs", "2", "--batch-size", "10", "--coarse-grid", "2", "--no-progress",
+                     "--threads", "1", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "epoch 1/2 warm-up" in err and "epoch 2/2 selection" in err
+    assert "1 warm-up + 1 selection epoch(s)" in err
+    history = checkpoint_metadata(out)["history"]
+    assert [h["selection"] for h in history] == [False, True]
+
+
+def test_no_selection_epoch_is_said(data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="cfvit_deploy.training"):
+        train(data, tmp_path / "m.pth", replace(TINY, epochs=1, selection_after=1), progress=False)
+    assert "no informative-selection epoch" in caplog.text and "--selection-after 1 >= --epochs 1" in caplog.text

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ from PIL import Image, ImageDraw
 
 from ..errors import UsageError
 from ..io import atomic_directory
+
+log = logging.getLogger(__name__)
 
 #: Class names in their label order: the 2x2 tile that the object's pattern repeats.
 CLASSES: tuple[str, ...] = ("solid", "dots", "hstripes", "vstripes", "checker", "grid")
@@ -191,25 +194,62 @@ def make_synthetic_dataset(
 ) -> Path:
     """Generate the built-in set at `root` (atomically); an identical existing set is reused.
 
-    An existing `root` that is not this exact set is refused unless `force` replaces it.
+    An existing `root` that is not this exact set is refused unless `force` replaces it; the exact set
+    with files missing (a deleted class folder) is regenerated. :func:`generate_synthetic` also says
+    which of these happened.
     """
-    root = Path(root)
     spec = SyntheticSpec(n_train_per_class, n_val_per_class, seed, image_size, hard_fraction)
+    return generate_synthetic(root, spec, force).root
+
+
+@dataclass(frozen=True)
+class SyntheticResult:
+    """What :func:`generate_synthetic` did at `root`."""
+
+    root: Path
+    action: str  #: "written" (new), "replaced" (force), "reused" (nothing written), "repaired" (regenerated)
+    missing: int = 0  #: files of the set that were missing ("repaired")
+
+
+def expected_files(spec: SyntheticSpec) -> list[str]:
+    """Relative paths of every file of the set `spec` describes (meta.json, labels.csv, images)."""
+    files = ["meta.json"]
+    for split, n in enumerate((spec.n_train_per_class, spec.n_val_per_class)):
+        files.append(f"{SPLITS[split]}/labels.csv")
+        files += [f"{SPLITS[split]}/{name}/{name}_{j:05d}.png" for name in CLASSES for j in range(n)]
+    return files
+
+
+def generate_synthetic(root: str | Path, spec: SyntheticSpec, force: bool = False) -> SyntheticResult:
+    """The set `spec` at `root`: reused when complete, regenerated when it is this set with files missing,
+    written when `root` is absent, replaced with `force`; any other existing `root` is an OutputExistsError."""
+    root = Path(root)
+    missing = 0
     if root.exists() and read_meta(root) == spec.to_meta():
-        return root
+        missing = sum(not (root / rel).is_file() for rel in expected_files(spec))
+        if not missing:
+            return SyntheticResult(root, "reused")
+        log.warning("%s is the requested set with %d file(s) missing: regenerating it", root, missing)
+    existed = root.exists()
     root.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(root, force) as tmp:
+    with atomic_directory(root, force or missing > 0) as tmp:
         for split, n in enumerate((spec.n_train_per_class, spec.n_val_per_class)):
             _write_split(tmp / SPLITS[split], split, n, spec)
         (tmp / "meta.json").write_text(json.dumps(spec.to_meta(), indent=2) + "\n")
-    return root
+    action = "repaired" if missing else "replaced" if existed else "written"
+    return SyntheticResult(root, action, missing)
 
 
 def ensure_synthetic_dataset(root: str | Path) -> Path:
     """The built-in set at `root`: reused if `root` holds one (of any size), else generated there (defaults)."""
     root = Path(root)
-    if read_meta(root) is not None:
-        return root
+    meta = read_meta(root)
+    if meta is not None:
+        try:  # a set of any size: repaired if files are missing
+            spec = SyntheticSpec(**{f.name: meta[f.name] for f in fields(SyntheticSpec)})
+        except (KeyError, TypeError, UsageError):
+            return root
+        return generate_synthetic(root, spec).root
     if root.exists():
         raise UsageError(f"{root} exists but is not a built-in synthetic set (no generator meta.json); "
                          "choose a new folder for --synthetic")
