@@ -500,14 +500,14 @@ def test_debug_adds_the_traceback_and_keeps_the_exit_code(capfd, tmp_path, expor
     code, out, err = run(capfd, "--debug", "infer", export_dir, inputs["img"], "--eta", "2")
     assert code == 2
     assert err.splitlines()[0] == "Traceback (most recent call last):"
-    assert err.splitlines()[-2:] == ["cfvit_deploy.errors.UsageError: eta must lie in [0, 1], got 2.0",
-                                     "error: eta must lie in [0, 1], got 2.0"]
+    assert err.splitlines()[-2:] == ["cfvit_deploy.errors.UsageError: --eta must lie in [0, 1], got 2.0",
+                                     "error: --eta must lie in [0, 1], got 2.0"]
 
 
 # -- what reaches a terminal (fresh interpreter) -----------------------------------------------------------
 def test_subprocess_usage_error_is_one_line(export_dir, inputs) -> None:
     proc = run_subprocess("infer", export_dir, inputs["img"], "--eta", "nan")
-    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: eta must lie in [0, 1], got nan\n")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", "error: --eta must lie in [0, 1], got nan\n")
 
 
 def test_subprocess_unusable_export_is_one_line(tmp_path, export_dir, g9_export, inputs) -> None:
@@ -540,8 +540,8 @@ def test_subprocess_debug_shows_the_traceback(export_dir, inputs) -> None:
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert lines[0] == "Traceback (most recent call last):"
-    assert lines[-2:] == ["cfvit_deploy.errors.UsageError: batch size must be a positive integer, got 0",
-                          "error: batch size must be a positive integer, got 0"]
+    assert lines[-2:] == ["cfvit_deploy.errors.UsageError: --batch-size must be a positive integer, got 0",
+                          "error: --batch-size must be a positive integer, got 0"]
 
 
 # -- huge images -------------------------------------------------------------------------------------------

@@ -593,5 +593,5 @@ def test_parquet_without_pyarrow_names_the_extra(export_dir, folder, tmp_path, m
         infer(export_dir, [folder], output=out)
     assert cli.main(["infer", str(export_dir), str(folder), "-o", str(out)]) == 1
     assert capsys.readouterr().err.splitlines() == [
-        "error: pyarrow is not installed (needed for Parquet output): pip install 'cfvit-deploy[parquet]'"]
+        "error: pyarrow is not installed (needed for cfvit infer -o *.parquet): pip install 'cfvit-deploy[parquet]'"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
