@@ -39,36 +39,14 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
     training's bars (on stderr; the CLI passes True only when stderr is a terminal).
     """
     from exporters import export, validate
-    from cfvit_deploy.app.bench import run_bench
     from runtimes.infer import infer
 
-    from ..data.synthetic import SyntheticSpec
-    from ..training import DEMO_DATA, DEMO_RECIPE, train_demo
+    from .bench import run_bench
     from .sweep import sweep
 
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_output(out, force)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def step(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        seconds[name] = round(now - t, 1)
-        say(f"[demo] {name}: {seconds[name]:.1f} s")
-        t = now
-
-    spec, recipe = DEMO_DATA, DEMO_RECIPE
-    if quick:  # a smoke test of every step: tiny data, one epoch with informative selection
-        spec, recipe = SyntheticSpec(n_train_per_class=8, n_val_per_class=4), replace(recipe, epochs=1, selection_after=0)
-    trained = train_demo(out, spec=spec, recipe=recipe, progress=progress)
-    _produced("train", bool(trained.history) and trained.path.is_file(), "no epoch was trained")
+    out = _fresh_folder(out, force)
+    step = _StepTimer(say)
+    trained = _train(out, quick, progress)
     data, checkpoint = out / "data", trained.path
     step("generate the image set and train")
     manifest = export(checkpoint, out / "export", baseline=True, default_eta=0.7)
@@ -98,10 +76,51 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
         "infer": _plain(summary),
         "gmacs": manifest.gmacs,
     }
-    path = _write_report(out, info, report, swept, bench, seconds)
+    path = _write_report(out, info, report, swept, bench, step.seconds)
     step("report")
-    (out / "summary.json").write_text(json.dumps({**info, "seconds": seconds}, indent=2, default=str) + "\n")
-    return DemoResult(out, path, seconds, info)
+    (out / "summary.json").write_text(json.dumps({**info, "seconds": step.seconds}, indent=2, default=str) + "\n")
+    return DemoResult(out, path, step.seconds, info)
+
+
+def _fresh_folder(out: str | Path, force: bool) -> Path:
+    """`out` resolved and empty: an existing folder is replaced only with `force`."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, force)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+class _StepTimer:
+    """``step(name)`` records (and says) the seconds since the previous step ended."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.seconds: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.t, 1)
+        self.say(f"[demo] {name}: {self.seconds[name]:.1f} s")
+        self.t = now
+
+
+def _train(out: Path, quick: bool, progress: bool) -> Any:
+    """Generate the image set under ``out/data`` and train the demo model (tiny data and one epoch if `quick`)."""
+    from ..data.synthetic import SyntheticSpec
+    from ..training import DEMO_DATA, DEMO_RECIPE, train_demo
+
+    spec, recipe = DEMO_DATA, DEMO_RECIPE
+    if quick:  # a smoke test of every step: tiny data, one epoch with informative selection
+        spec, recipe = SyntheticSpec(n_train_per_class=8, n_val_per_class=4), replace(recipe, epochs=1, selection_after=0)
+    trained = train_demo(out, spec=spec, recipe=recipe, progress=progress)
+    _produced("train", bool(trained.history) and trained.path.is_file(), "no epoch was trained")
+    return trained
 
 
 def _produced(name: str, ok: bool, why: str) -> None:
