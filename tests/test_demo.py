@@ -124,7 +124,13 @@ def test_report_names_the_eta_chosen_for_the_budget(tmp_path):
     rows = [SimpleNamespace(eta=e, accuracy=a, exit_rate=x, expected_gmacs=0.05, img_per_s=600.0)
             for e, a, x in ((0.4, 0.68, 0.69), (1.0, 0.717, 0.0))]
     validation = SimpleNamespace(passed=True, checks=[1, 2], failed=[])
-    report = _write_report(tmp_path, info, validation, SimpleNamespace(rows=rows), SimpleNamespace(rows=[]), {})
+    cell = dict(runtime="onnxruntime", provider="cpu", model="cfvit", precision="fp32", batch_size=32, gate="forced",
+                fine_fraction=0.24, p50_ms=12.5, img_per_s=2560.0, speedup_vs_baseline=2.5, status="ok")
+    bench = SimpleNamespace(rows=[SimpleNamespace(**cell), SimpleNamespace(**{**cell, "status": "skipped"})])
+    report = _write_report(tmp_path, info, validation, SimpleNamespace(rows=rows), bench, {})
+    benchmark = report.read_text().split("## Short benchmark")[1].split("\n## ")[0]
+    assert [line for line in benchmark.splitlines() if line.startswith("| onnxruntime")] == [
+        "| onnxruntime/cpu | cfvit | fp32 | 32 | forced | 0.24 | 12.50 | 2560 | 2.50 |"]  # the measured cell only
     section = report.read_text().split("## η trade-off")[1].split("\n## ")[0]
     chosen = next(line for line in section.splitlines() if line.startswith("**Chosen η"))
     assert chosen.startswith("**Chosen η = 0.4**: the cheapest η whose top-1 is at most 1 point(s) below η = 1 (71.7%)")

@@ -196,16 +196,8 @@ def _write_report(out: Path, info: dict[str, Any], report: Any, swept: Any, benc
         "",
         "## Short benchmark (`bench/`)",
         "",
-        "| runtime | model | precision | batch | gate | fine fraction | p50 ms | img/s | speed-up vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *_bench_table(bench.rows),
     ]
-    for r in bench.rows:
-        if r.status != "ok":
-            continue
-        lines.append(
-            f"| {r.runtime}/{r.provider} | {r.model} | {r.precision} | {r.batch_size} | {r.gate} | "
-            f"{_fmt(r.fine_fraction)} | {_fmt(r.p50_ms)} | {_fmt(r.img_per_s)} | {_fmt(r.speedup_vs_baseline)} |"
-        )
     lines += ["", *[f"![{p.stem}](bench/{p.name})" for p in sorted((out / "bench").glob("*.png"))], "",
               "## Time per step (s)", "", "| step | s |", "|---|---|",
               *[f"| {k} | {v} |" for k, v in seconds.items()], ""]
@@ -213,6 +205,17 @@ def _write_report(out: Path, info: dict[str, Any], report: Any, swept: Any, benc
     with atomic_write_path(path) as tmp:
         tmp.write_text("\n".join(lines))
     return path
+
+
+def _bench_table(rows: list[Any]) -> list[str]:
+    """The measured benchmark cells as a Markdown table."""
+    return [
+        "| runtime | model | precision | batch | gate | fine fraction | p50 ms | img/s | speed-up vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {r.runtime}/{r.provider} | {r.model} | {r.precision} | {r.batch_size} | {r.gate} | "
+          f"{_fmt(r.fine_fraction)} | {_fmt(r.p50_ms)} | {_fmt(r.img_per_s)} | {_fmt(r.speedup_vs_baseline)} |"
+          for r in rows if r.status == "ok"],
+    ]
 
 
 def _eta_choice_section(choice: dict[str, Any]) -> list[str]:
