@@ -441,6 +441,11 @@ def demo_cmd(
     console.print(f"coarse top-1 {100 * s['val_coarse_acc']:.1f}%, fine top-1 {100 * s['val_fine_acc']:.1f}%, "
                   f"export validation {'PASSED' if s['validation_passed'] else 'FAILED'}; "
                   f"total {sum(result.seconds.values()):.0f} s")
+    if choice := s.get("eta_choice"):
+        console.print(f"chosen eta {choice['eta']:g} (top-1 at most {choice['budget']['max_drop']:g} point below eta = 1, "
+                      f"now the export's default): top-1 {100 * choice['accuracy']:.1f}%, exit at coarse "
+                      f"{100 * choice['exit_rate']:.0f}%, {choice['ms_per_image']:.2f} ms/image "
+                      f"(batch {choice['batch_size']})", markup=False)
     console.print(f"report: {result.report}\nexport: {out / 'export'}\npredictions: {out / 'predictions.csv'} "
                   f"(overlays in {out / 'overlays'})\nsweep: {out / 'sweep'}\nbench: {out / 'bench'}")
 

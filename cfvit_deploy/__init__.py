@@ -7,11 +7,9 @@ stays cheap and works on an inference-only install.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
 from .config import ModelConfig
 from .errors import CFViTError, CheckpointError, ManifestError, UsageError
+from .lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -29,8 +27,4 @@ _LAZY = {
 
 __all__ = ["ModelConfig", "CFViTError", "CheckpointError", "ManifestError", "UsageError", "__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

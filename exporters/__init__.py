@@ -6,8 +6,7 @@ ONNX Runtime tooling only) does not pull in torch through the export driver.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from cfvit_deploy.lazy import lazy_getattr
 
 _LAZY = {
     "export": "onnx_export",
@@ -18,8 +17,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

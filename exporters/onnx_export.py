@@ -18,6 +18,7 @@ from torch import nn
 import cfvit_deploy
 from cfvit_deploy.checkpoints import WEIGHTS, load_checkpoint
 from cfvit_deploy.checks import check_choice, check_eta, check_positive_int
+from cfvit_deploy.config import ModelConfig
 from cfvit_deploy.data.reader import list_images
 from cfvit_deploy.errors import ExportError, UsageError
 from cfvit_deploy.flops import baseline_gmacs, stage_gmacs
@@ -228,65 +229,80 @@ def export(
     class_names = info.pop("class_names")
     if class_names is not None and len(class_names) != cfg.num_classes:
         class_names = None
+    wrappers, gmacs = _graph_wrappers(model, attention, baseline)
+    notes: dict[str, str] = {}
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, force=force) as tmp:
+        graphs: dict[str, GraphSpec] = {}
+        for name, wrapper in wrappers.items():
+            graphs[name], notes[name] = _write_graph(
+                tmp, name, wrapper, model, opset=opset, attention=attention, precision=precision,
+                optimize=optimize, simplify=simplify, calibration=calib, say=say)
+        quantization, calib_info = quantization_info(precision, calib)
+        manifest = Manifest(
+            model=cfg, preprocessing=PreprocessConfig.for_model(cfg), graphs=graphs, gmacs=gmacs,
+            precision=precision, optimized=optimize, attention=attention, quantization=quantization,
+            calibration=calib_info, opset=opset, default_eta=default_eta, class_names=class_names,
+            versions=versions(), source={**info, "notes": notes},
+        )
+        manifest.save(tmp)
+    manifest.directory = out_dir
+    return manifest
+
+
+_Wrapper = tuple[nn.Module, list[str], list[str]]  # the graph's module, input names, output names
+
+
+def _graph_wrappers(model: CFViT, attention: str, baseline: bool) -> tuple[dict[str, _Wrapper], dict[str, float]]:
+    """The graphs to export (coarse, fine, and the plain-ViT baseline if asked) and their GMACs per image."""
+    cfg = model.config
     gm = stage_gmacs(cfg)
     gmacs = {"coarse": gm.coarse, "fine": gm.fine}
-    wrappers: dict[str, tuple[nn.Module, list[str], list[str]]] = {
+    wrappers: dict[str, _Wrapper] = {
         "coarse": (CoarseGraph(model, attention), COARSE_INPUTS, COARSE_OUTPUTS),
         "fine": (FineGraph(model, attention), FINE_INPUTS, FINE_OUTPUTS),
     }
     if baseline:
         wrappers["baseline"] = (BaselineGraph(model, attention), BASELINE_INPUTS, BASELINE_OUTPUTS)
         gmacs["baseline"] = baseline_gmacs(cfg)
-    notes: dict[str, str] = {}
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir, force=force) as tmp:
-        graphs: dict[str, GraphSpec] = {}
-        for name, (module, inputs, outputs) in wrappers.items():
-            path = tmp / f"{name}.onnx"
-            say(f"exporting {name}.onnx (opset {opset}, {attention} attention, traced at batch {TRACE_BATCH})")
-            _export_graph(module, _trace_inputs(model, name), path, inputs, outputs, opset)
-            notes[name] = _simplify(path) if simplify else "not simplified (--no-simplify)"
-            if precision != "fp32" or optimize:
-                say(f"building the {precision}{' optimized' if optimize else ''} variant of {name}.onnx")
-                notes[name] += "; " + apply_variant(path, cfg, precision=precision, optimize=optimize,
-                                                    calibration=calib)
-            meta = {
-                "cfvit.graph": name,
-                "cfvit.arch": cfg.arch,
-                "cfvit.coarse_grid": str(cfg.coarse_grid),
-                "cfvit.k": str(cfg.k),
-                "cfvit.image_size": str(cfg.fine_image_size),
-                "cfvit.num_classes": str(cfg.num_classes),
-                "cfvit.precision": precision,
-                "cfvit.optimized": str(optimize),
-                "cfvit.attention": attention,
-                "cfvit.model_config": json.dumps(cfg.to_dict()),
-                "cfvit.version": cfvit_deploy.__version__,
-            }
-            _finalize(path, meta)
-            graphs[name] = GraphSpec(
-                file=path.name,
-                sha256=sha256_file(path),
-                inputs=_specs(model, name, inputs),
-                outputs=_specs(model, name, outputs),
-            )
-        quantization, calib_info = quantization_info(precision, calib)
-        manifest = Manifest(
-            model=cfg,
-            preprocessing=PreprocessConfig.for_model(cfg),
-            graphs=graphs,
-            gmacs=gmacs,
-            precision=precision,
-            optimized=optimize,
-            attention=attention,
-            quantization=quantization,
-            calibration=calib_info,
-            opset=opset,
-            default_eta=default_eta,
-            class_names=class_names,
-            versions=versions(),
-            source={**info, "notes": notes},
-        )
-        manifest.save(tmp)
-    manifest.directory = out_dir
-    return manifest
+    return wrappers, gmacs
+
+
+def _graph_metadata(cfg: ModelConfig, name: str, precision: str, optimize: bool, attention: str) -> dict[str, str]:
+    """The ``cfvit.*`` metadata_props every exported graph carries."""
+    return {
+        "cfvit.graph": name,
+        "cfvit.arch": cfg.arch,
+        "cfvit.coarse_grid": str(cfg.coarse_grid),
+        "cfvit.k": str(cfg.k),
+        "cfvit.image_size": str(cfg.fine_image_size),
+        "cfvit.num_classes": str(cfg.num_classes),
+        "cfvit.precision": precision,
+        "cfvit.optimized": str(optimize),
+        "cfvit.attention": attention,
+        "cfvit.model_config": json.dumps(cfg.to_dict()),
+        "cfvit.version": cfvit_deploy.__version__,
+    }
+
+
+def _write_graph(tmp: Path, name: str, wrapper: _Wrapper, model: CFViT, *, opset: int, attention: str,
+                 precision: str, optimize: bool, simplify: bool, calibration: Any,
+                 say: Callable[[str], None]) -> tuple[GraphSpec, str]:
+    """Trace, simplify, build the precision variant of and finalize ``tmp/<name>.onnx``; its spec and notes."""
+    module, inputs, outputs = wrapper
+    cfg = model.config
+    path = tmp / f"{name}.onnx"
+    say(f"exporting {name}.onnx (opset {opset}, {attention} attention, traced at batch {TRACE_BATCH})")
+    _export_graph(module, _trace_inputs(model, name), path, inputs, outputs, opset)
+    note = _simplify(path) if simplify else "not simplified (--no-simplify)"
+    if precision != "fp32" or optimize:
+        say(f"building the {precision}{' optimized' if optimize else ''} variant of {name}.onnx")
+        note += "; " + apply_variant(path, cfg, precision=precision, optimize=optimize, calibration=calibration)
+    _finalize(path, _graph_metadata(cfg, name, precision, optimize, attention))
+    spec = GraphSpec(
+        file=path.name,
+        sha256=sha256_file(path),
+        inputs=_specs(model, name, inputs),
+        outputs=_specs(model, name, outputs),
+    )
+    return spec, note

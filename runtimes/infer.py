@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -115,8 +116,6 @@ def _prepare_overlay_dir(directory: Path, names: Iterable[str], force: bool) -> 
     directory.mkdir(exist_ok=True)
 
 
-
-
 def infer(
     source: str | Path | Manifest | CFViTPipeline,
     inputs: str | Path | Sequence[str | Path],
@@ -157,19 +156,7 @@ def infer(
     eta = check_arguments(eta, batch_size, topk, max_pixels)
     ray_options = {"address": address, "num_actors": num_actors, "actor_threads": actor_threads,
                    "shared_export": shared_export}
-    if engine == "local":
-        if any(v not in (None, False) for v in ray_options.values()):
-            raise UsageError(_RAY_ONLY)
-        if workers is not None:
-            check_positive_int(workers, "workers")
-        if config is not None and config.threads is not None:
-            check_positive_int(config.threads, "--threads")
-        if not isinstance(source, CFViTPipeline):
-            check_provider(provider)
-    else:
-        from .ray_engine import check_ray_arguments
-
-        check_ray_arguments(source, provider, config, overlay, workers, num_actors, actor_threads)
+    _check_engine_arguments(engine, source, provider, config, overlay, workers, ray_options)
     out = check_output_path(output, force)
     paths = find_inputs(inputs, recursive)
     manifest = _manifest(source)
@@ -182,14 +169,41 @@ def infer(
 
         rows = ray_rows(manifest, job, provider=provider, **ray_options)
     else:
-        overlay_dir = None if overlay is None else Path(overlay)
-        names = overlay_names(paths) if overlay_dir is not None else {}
-        if overlay_dir is not None:
-            _prepare_overlay_dir(overlay_dir, names.values(), force)
-        pipeline = source if isinstance(source, CFViTPipeline) else CFViTPipeline(manifest, provider, config)
-        engine_ = LocalEngine(pipeline, job, workers or min(4, os.cpu_count() or 1), overlay_dir, names)
-        rows = engine_.rows()
+        rows = _local_rows(source, manifest, provider, config, job, overlay, force, workers)
     return run_rows(rows, summary, output=out, topk=job.topk, force=force, on_row=on_row, progress=progress)
+
+
+def _check_engine_arguments(engine: str, source: str | Path | Manifest | CFViTPipeline, provider: str,
+                            config: SessionConfig | None, overlay: str | Path | None, workers: int | None,
+                            ray_options: dict[str, Any]) -> None:
+    """The engine-specific checks of :func:`infer`, before any work: Ray's options only with the Ray engine."""
+    if engine == "local":
+        if any(v not in (None, False) for v in ray_options.values()):
+            raise UsageError(_RAY_ONLY)
+        if workers is not None:
+            check_positive_int(workers, "workers")
+        if config is not None and config.threads is not None:
+            check_positive_int(config.threads, "--threads")
+        if not isinstance(source, CFViTPipeline):
+            check_provider(provider)
+    else:
+        from .ray_engine import check_ray_arguments
+
+        check_ray_arguments(source, provider, config, overlay, workers, ray_options["num_actors"],
+                            ray_options["actor_threads"])
+
+
+def _local_rows(source: str | Path | Manifest | CFViTPipeline, manifest: Manifest, provider: str,
+                config: SessionConfig | None, job: InferJob, overlay: str | Path | None, force: bool,
+                workers: int | None) -> Iterator[InferRow]:
+    """The local engine's rows; the overlay folder (if any) is checked and created before any session."""
+    overlay_dir = None if overlay is None else Path(overlay)
+    names = overlay_names(job.paths) if overlay_dir is not None else {}
+    if overlay_dir is not None:
+        _prepare_overlay_dir(overlay_dir, names.values(), force)
+    pipeline = source if isinstance(source, CFViTPipeline) else CFViTPipeline(manifest, provider, config)
+    engine = LocalEngine(pipeline, job, workers or min(4, os.cpu_count() or 1), overlay_dir, names)
+    return engine.rows()
 
 
 def _manifest(source: str | Path | Manifest | CFViTPipeline) -> Manifest:

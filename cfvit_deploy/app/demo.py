@@ -1,8 +1,10 @@
 """`cfvit demo`: the whole story on built-in data, ending in ``report.md``.
 
 Generate the procedural image set -> train a small CF-ViT -> export (with the plain-ViT baseline)
--> validate the export against PyTorch -> `infer` on the held-out folder with patch overlays ->
-`sweep` over η -> a short `bench` -> ``report.md`` with the tables and plots.
+-> `sweep` over η on the held-out folder, choosing the cheapest η within :data:`DEMO_MAX_DROP` top-1
+points of η = 1 and writing it as the export's default η -> validate the export against PyTorch ->
+`infer` on the held-out folder at that η, with patch overlays -> a short `bench` -> ``report.md``
+with the tables and plots.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any
 
 from ..errors import CFViTError
 from ..io import atomic_write_path, check_output
+
+#: the demo's accuracy budget: the cheapest η whose top-1 is at most this many points below η = 1
+DEMO_MAX_DROP = 1.0
 
 
 class DemoStepError(CFViTError):
@@ -39,40 +44,24 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
     training's bars (on stderr; the CLI passes True only when stderr is a terminal).
     """
     from exporters import export, validate
-    from cfvit_deploy.app.bench import run_bench
     from runtimes.infer import infer
 
-    from ..data.synthetic import SyntheticSpec
-    from ..training import DEMO_DATA, DEMO_RECIPE, train_demo
-    from .sweep import sweep
+    from .bench import run_bench
+    from .sweep import sweep, write_default_eta
 
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_output(out, force)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def step(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        seconds[name] = round(now - t, 1)
-        say(f"[demo] {name}: {seconds[name]:.1f} s")
-        t = now
-
-    spec, recipe = DEMO_DATA, DEMO_RECIPE
-    if quick:  # a smoke test of every step: tiny data, one epoch with informative selection
-        spec, recipe = SyntheticSpec(n_train_per_class=8, n_val_per_class=4), replace(recipe, epochs=1, selection_after=0)
-    trained = train_demo(out, spec=spec, recipe=recipe, progress=progress)
-    _produced("train", bool(trained.history) and trained.path.is_file(), "no epoch was trained")
+    out = _fresh_folder(out, force)
+    step = _StepTimer(say)
+    trained = _train(out, quick, progress)
     data, checkpoint = out / "data", trained.path
     step("generate the image set and train")
     manifest = export(checkpoint, out / "export", baseline=True, default_eta=0.7)
     step("export")
+    swept = sweep(out / "export", data / "val", "0:1:0.1", max_drop=DEMO_MAX_DROP)
+    _produced("sweep", bool(swept.rows) and swept.choice is not None, "no eta was measured")
+    swept.save(out / "sweep")
+    # the chosen η becomes the export's default (graphs untouched), so validate and infer below use it
+    manifest = write_default_eta(out / "export", swept.choice["eta"], chosen_by=swept.choice)
+    step("sweep and choose eta")
     report = validate(out / "export", images=data / "val", batch_sizes=(1, 4))
     _produced("validate", bool(report.checks), "no check was run")
     report.save(out / "validation.json")
@@ -81,10 +70,6 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
                     output=out / "predictions.csv", overlay=out / "overlays", progress=None)  # False drew a bar on stdout
     _produced("infer", summary.images > 0, f"no image of {data / 'val'} was classified ({summary.errors} errors)")
     step("infer")
-    swept = sweep(out / "export", data / "val", "0:1:0.1")
-    _produced("sweep", bool(swept.rows), "no eta was measured")
-    swept.save(out / "sweep")
-    step("sweep")
     bench = run_bench(out / "export", batch_sizes=(1, 32), fine_fractions=(0.24, 0.52, 1.0),
                       duration=0.5 if quick else 2.0, warmup=2, out=out / "bench")
     _check_bench(bench.rows)
@@ -96,12 +81,55 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
         "validation_passed": report.passed,
         "validation_checks": len(report.checks),
         "infer": _plain(summary),
+        "infer_eta": manifest.default_eta,
         "gmacs": manifest.gmacs,
+        "eta_choice": swept.choice,
     }
-    path = _write_report(out, info, report, swept, bench, seconds)
+    path = _write_report(out, info, report, swept, bench, step.seconds)
     step("report")
-    (out / "summary.json").write_text(json.dumps({**info, "seconds": seconds}, indent=2, default=str) + "\n")
-    return DemoResult(out, path, seconds, info)
+    (out / "summary.json").write_text(json.dumps({**info, "seconds": step.seconds}, indent=2, default=str) + "\n")
+    return DemoResult(out, path, step.seconds, info)
+
+
+def _fresh_folder(out: str | Path, force: bool) -> Path:
+    """`out` resolved and empty: an existing folder is replaced only with `force`."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, force)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+class _StepTimer:
+    """``step(name)`` records (and says) the seconds since the previous step ended."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.seconds: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.t, 1)
+        self.say(f"[demo] {name}: {self.seconds[name]:.1f} s")
+        self.t = now
+
+
+def _train(out: Path, quick: bool, progress: bool) -> Any:
+    """Generate the image set under ``out/data`` and train the demo model (tiny data and one epoch if `quick`)."""
+    from ..data.synthetic import SyntheticSpec
+    from ..training import DEMO_DATA, DEMO_RECIPE, train_demo
+
+    spec, recipe = DEMO_DATA, DEMO_RECIPE
+    if quick:  # a smoke test of every step: tiny data, one epoch with informative selection
+        spec, recipe = SyntheticSpec(n_train_per_class=8, n_val_per_class=4), replace(recipe, epochs=1, selection_after=0)
+    trained = train_demo(out, spec=spec, recipe=recipe, progress=progress)
+    _produced("train", bool(trained.history) and trained.path.is_file(), "no epoch was trained")
+    return trained
 
 
 def _produced(name: str, ok: bool, why: str) -> None:
@@ -149,6 +177,8 @@ def _write_report(out: Path, info: dict[str, Any], report: Any, swept: Any, benc
         "",
         "## η trade-off, measured through the orchestrator (`sweep/`)",
         "",
+        *_eta_choice_section(info["eta_choice"]),
+        "",
         "| η | top-1 | exit at coarse | GMACs/img | img/s |",
         "|---|---|---|---|---|",
         *[f"| {r.eta:.1f} | {100 * r.accuracy:.1f}% | {100 * r.exit_rate:.0f}% | {r.expected_gmacs:.3f} | "
@@ -158,22 +188,16 @@ def _write_report(out: Path, info: dict[str, Any], report: Any, swept: Any, benc
         "",
         "## Inference on the held-out folder (`predictions.csv`, `overlays/`)",
         "",
+        f"At the export's default η = {info['infer_eta']:g}.",
+        "",
         *_infer_table(info["infer"]),
         "",
         "Overlays show the coarse patches the fine stage refined, for the images that went on.",
         "",
         "## Short benchmark (`bench/`)",
         "",
-        "| runtime | model | precision | batch | gate | fine fraction | p50 ms | img/s | speed-up vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *_bench_table(bench.rows),
     ]
-    for r in bench.rows:
-        if r.status != "ok":
-            continue
-        lines.append(
-            f"| {r.runtime}/{r.provider} | {r.model} | {r.precision} | {r.batch_size} | {r.gate} | "
-            f"{_fmt(r.fine_fraction)} | {_fmt(r.p50_ms)} | {_fmt(r.img_per_s)} | {_fmt(r.speedup_vs_baseline)} |"
-        )
     lines += ["", *[f"![{p.stem}](bench/{p.name})" for p in sorted((out / "bench").glob("*.png"))], "",
               "## Time per step (s)", "", "| step | s |", "|---|---|",
               *[f"| {k} | {v} |" for k, v in seconds.items()], ""]
@@ -181,6 +205,30 @@ def _write_report(out: Path, info: dict[str, Any], report: Any, swept: Any, benc
     with atomic_write_path(path) as tmp:
         tmp.write_text("\n".join(lines))
     return path
+
+
+def _bench_table(rows: list[Any]) -> list[str]:
+    """The measured benchmark cells as a Markdown table."""
+    return [
+        "| runtime | model | precision | batch | gate | fine fraction | p50 ms | img/s | speed-up vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {r.runtime}/{r.provider} | {r.model} | {r.precision} | {r.batch_size} | {r.gate} | "
+          f"{_fmt(r.fine_fraction)} | {_fmt(r.p50_ms)} | {_fmt(r.img_per_s)} | {_fmt(r.speedup_vs_baseline)} |"
+          for r in rows if r.status == "ok"],
+    ]
+
+
+def _eta_choice_section(choice: dict[str, Any]) -> list[str]:
+    """The η chosen for the demo's budget, with what the sweep measured at it."""
+    budget = choice["budget"]
+    return [
+        f"**Chosen η = {choice['eta']:g}**: the cheapest η whose top-1 is at most {budget['max_drop']:g} point(s) "
+        f"below η = 1 ({100 * budget['reference_accuracy']:.1f}%). Measured at it: top-1 "
+        f"{100 * choice['accuracy']:.1f}%, exit at coarse {100 * choice['exit_rate']:.0f}%, "
+        f"{choice['ms_per_image']:.2f} ms per image ({choice['img_per_s']:.0f} img/s, {choice['provider']}, "
+        f"batch {choice['batch_size']}), {choice['expected_gmacs']:.3f} GMACs per image. It is written as the "
+        "export's default η (`manifest.json`); validation and `predictions.csv` use it.",
+    ]
 
 
 def _infer_table(s: dict[str, Any]) -> list[str]:

@@ -137,6 +137,81 @@ async def _answer(request: Any, state: AppState) -> Any:
     })
 
 
+async def _classify(request: Any, state: AppState) -> Any:
+    """POST /v1/classify: the answer, or one JSON error; every outcome is counted in the metrics."""
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
+
+    from runtimes.batching import EngineBusy
+
+    start = perf_counter()
+    try:
+        response = await _answer(request, state)
+    except ClientDisconnect:  # gone while its body was read: nothing to answer
+        response = Response(status_code=CLIENT_GONE)
+    except BadRequest as exc:
+        response = _error(exc)
+    except EngineBusy as exc:
+        response = _error(_busy(exc.reason), {"Retry-After": str(RETRY_AFTER_S)})
+    except Exception as exc:  # a failing graph: the server goes on
+        log.exception("classify failed")
+        response = _error(BadRequest(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+    if response.status_code == 503 and "retry-after" not in response.headers:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    state.metrics.on_request(response.status_code, perf_counter() - start)
+    return response
+
+
+async def _healthz(request: Any) -> Any:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"status": "alive"})
+
+
+async def _readyz(request: Any, state: AppState) -> Any:
+    from starlette.responses import JSONResponse
+
+    if state.engine.ready:
+        return JSONResponse({"status": "ready", "export": state.identity})
+    status = "failed: " + state.load_error if state.load_error else "loading"
+    return JSONResponse({"status": status}, status_code=503)
+
+
+async def _metrics(request: Any, state: AppState) -> Any:
+    from starlette.responses import Response
+
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+async def _load(state: AppState, on_load_error: Callable[[Exception], None] | None) -> None:
+    """Start the engine (sessions created and warmed up); a failure goes to /readyz and `on_load_error`."""
+    try:
+        await state.engine.start()
+        log.info("ready: sessions created and warmed up")
+    except Exception as exc:  # /readyz reports it; the process stays up for /healthz and logs
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.error("cannot start the engine: %s", state.load_error)
+        if on_load_error is not None:
+            on_load_error(exc)
+
+
+def _lifespan(state: AppState, on_load_error: Callable[[Exception], None] | None) -> Callable[[Any], Any]:
+    """Load the engine in the background at startup; at shutdown answer every accepted request, then close."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_load(state, on_load_error))
+        try:
+            yield
+        finally:
+            await loading
+            await state.engine.close()
+            state.decoder.shutdown(wait=False)
+
+    return lifespan
+
+
 def create_app(engine: Any, export_dir: str | Path, limits: Limits | None = None,
                metrics: ServeMetrics | None = None, on_load_error: Callable[[Exception], None] | None = None) -> Any:
     """The Starlette app serving `engine` for the export in `export_dir`.
@@ -147,11 +222,7 @@ def create_app(engine: Any, export_dir: str | Path, limits: Limits | None = None
     """
     require("starlette", "serve", "cfvit serve")
     from starlette.applications import Starlette
-    from starlette.requests import ClientDisconnect
-    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
-
-    from runtimes.batching import EngineBusy
 
     manifest = Manifest.load(export_dir, verify=False)
     metrics = metrics or ServeMetrics()
@@ -159,62 +230,20 @@ def create_app(engine: Any, export_dir: str | Path, limits: Limits | None = None
     metrics.watch(engine)
 
     async def classify(request: Any) -> Any:
-        start = perf_counter()
-        try:
-            response = await _answer(request, state)
-        except ClientDisconnect:  # gone while its body was read: nothing to answer
-            response = Response(status_code=CLIENT_GONE)
-        except BadRequest as exc:
-            response = _error(exc)
-        except EngineBusy as exc:
-            response = _error(_busy(exc.reason), {"Retry-After": str(RETRY_AFTER_S)})
-        except Exception as exc:  # a failing graph: the server goes on
-            log.exception("classify failed")
-            response = _error(BadRequest(500, "internal_error", f"{type(exc).__name__}: {exc}"))
-        if response.status_code == 503 and "retry-after" not in response.headers:
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
-        metrics.on_request(response.status_code, perf_counter() - start)
-        return response
-
-    async def healthz(request: Any) -> Any:
-        return JSONResponse({"status": "alive"})
+        return await _classify(request, state)
 
     async def readyz(request: Any) -> Any:
-        if engine.ready:
-            return JSONResponse({"status": "ready", "export": state.identity})
-        status = "failed: " + state.load_error if state.load_error else "loading"
-        return JSONResponse({"status": status}, status_code=503)
+        return await _readyz(request, state)
 
     async def metrics_endpoint(request: Any) -> Any:
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
-
-    async def load() -> None:
-        try:
-            await engine.start()
-            log.info("ready: sessions created and warmed up")
-        except Exception as exc:  # /readyz reports it; the process stays up for /healthz and logs
-            state.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("cannot start the engine: %s", state.load_error)
-            if on_load_error is not None:
-                on_load_error(exc)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        loading = asyncio.create_task(load())
-        try:
-            yield
-        finally:
-            await loading
-            await engine.close()
-            state.decoder.shutdown(wait=False)
+        return await _metrics(request, state)
 
     routes = [
         Route("/v1/classify", classify, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        Route("/healthz", _healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=_lifespan(state, on_load_error))
     app.state.serve = state
     return app
