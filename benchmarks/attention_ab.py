@@ -91,7 +91,13 @@ def measure(export_dir: str, what: str, batch: int, fraction: float, duration: f
     return float(np.mean(times))
 
 
-CELLS = [("pipeline", 1, 0.24), ("pipeline", 32, 0.24), ("pipeline", 32, 0.52), ("baseline", 1, 1.0), ("baseline", 32, 1.0)]
+CELLS = [
+    ("pipeline", 1, 0.24),
+    ("pipeline", 32, 0.24),
+    ("pipeline", 32, 0.52),
+    ("baseline", 1, 1.0),
+    ("baseline", 32, 1.0),
+]
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -100,8 +106,21 @@ def _worker(args: argparse.Namespace) -> None:
 
 def _run_cell(export_dir: Path, cell: tuple[str, int, float], duration: float) -> float:
     what, batch, fraction = cell
-    cmd = [sys.executable, __file__, "--worker", "--export-dir", str(export_dir), "--what", what,
-           "--batch", str(batch), "--fraction", str(fraction), "--duration", str(duration)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--export-dir",
+        str(export_dir),
+        "--what",
+        what,
+        "--batch",
+        str(batch),
+        "--fraction",
+        str(fraction),
+        "--duration",
+        str(duration),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -129,23 +148,38 @@ def main() -> None:
                 seconds.setdefault((mode, *cell), []).append(_run_cell(dirs[mode], cell, args.duration))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     med = {key: float(np.median(v)) for key, v in seconds.items()}
-    rows = [{"attention": m, "graph": w, "batch": b, "fine_fraction": f if w == "pipeline" else None,
-             "median_ms_per_batch": 1e3 * med[(m, w, b, f)], "img_per_s": b / med[(m, w, b, f)],
-             "rounds_ms": [round(1e3 * t, 3) for t in seconds[(m, w, b, f)]]} for (m, w, b, f) in med]
-    ratios = {"fused_vs_plain_b1_latency_reduction_pct":
-              100 * (1 - med[("fused", "pipeline", 1, 0.24)] / med[("plain", "pipeline", 1, 0.24)])}
+    rows = [
+        {
+            "attention": m,
+            "graph": w,
+            "batch": b,
+            "fine_fraction": f if w == "pipeline" else None,
+            "median_ms_per_batch": 1e3 * med[(m, w, b, f)],
+            "img_per_s": b / med[(m, w, b, f)],
+            "rounds_ms": [round(1e3 * t, 3) for t in seconds[(m, w, b, f)]],
+        }
+        for (m, w, b, f) in med
+    ]
+    ratios = {
+        "fused_vs_plain_b1_latency_reduction_pct": 100
+        * (1 - med[("fused", "pipeline", 1, 0.24)] / med[("plain", "pipeline", 1, 0.24)])
+    }
     for m in MODES:
         ratios[f"{m}: deit_s_vs_cfvit_b1_f0.24"] = med[(m, "baseline", 1, 1.0)] / med[(m, "pipeline", 1, 0.24)]
         for f in (0.24, 0.52):
             ratios[f"{m}: deit_s_vs_cfvit_b32_f{f}"] = med[(m, "baseline", 32, 1.0)] / med[(m, "pipeline", 32, f)]
     for row in rows:
-        print(f"{row['attention']:>5} {row['graph']:<8} b{row['batch']:<2} f={row['fine_fraction']}: "
-              f"{row['median_ms_per_batch']:9.2f} ms/batch {row['img_per_s']:8.1f} img/s")
+        print(
+            f"{row['attention']:>5} {row['graph']:<8} b{row['batch']:<2} f={row['fine_fraction']}: "
+            f"{row['median_ms_per_batch']:9.2f} ms/batch {row['img_per_s']:8.1f} img/s"
+        )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "ratios": ratios, "rounds": args.rounds,
-                                        "duration_s": args.duration}, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps({"rows": rows, "ratios": ratios, "rounds": args.rounds, "duration_s": args.duration}, indent=2)
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ def build_variants(fp32: Path, calibration: Path) -> dict[str, Path]:
     """fp32 export -> {variant: folder}; variants are rebuilt only when missing."""
     from exporters.variants import make_variant
 
-    dirs = {"fp32": fp32, "int8-dynamic": fp32.with_name(fp32.name + "-int8-dynamic"),
-            "int8-static": fp32.with_name(fp32.name + "-int8-static")}
+    dirs = {
+        "fp32": fp32,
+        "int8-dynamic": fp32.with_name(fp32.name + "-int8-dynamic"),
+        "int8-static": fp32.with_name(fp32.name + "-int8-static"),
+    }
     if not (dirs["int8-dynamic"] / "manifest.json").is_file():
         make_variant(fp32, dirs["int8-dynamic"], "int8", force=True)
     if not (dirs["int8-static"] / "manifest.json").is_file():
@@ -88,9 +91,16 @@ def accuracy_part(work: Path) -> list[dict]:
         res = [pipe.run(images[i : i + 32]) for i in range(0, len(images), 32)]
         pred = np.concatenate([r.logits.argmax(1) for r in res])
         exited = np.concatenate([r.exited for r in res])
-        rows.append({"variant": name, "eta": Manifest.load(d).default_eta, "images": int(len(labels)),
-                     "top1": float((pred == labels).mean()), "exit_rate": float(exited.mean()),
-                     "img_per_s_b32": throughput(pipe, images, pipe.manifest.default_eta)})
+        rows.append(
+            {
+                "variant": name,
+                "eta": Manifest.load(d).default_eta,
+                "images": int(len(labels)),
+                "top1": float((pred == labels).mean()),
+                "exit_rate": float(exited.mean()),
+                "img_per_s_b32": throughput(pipe, images, pipe.manifest.default_eta),
+            }
+        )
     base = rows[0]
     for r in rows:
         r["top1_drop_points"] = 100 * (base["top1"] - r["top1"])
@@ -122,15 +132,26 @@ def speed_part(work: Path, rounds: int, fraction: float = 0.24) -> list[dict]:
     pipes = {name: CFViTPipeline(d) for name, d in dirs.items()}
     s = pipes["fp32"].image_size
     pool = np.random.default_rng(0).standard_normal((64, 3, s, s)).astype(np.float32)
-    etas = {n: _eta_for_fraction(np.concatenate([p.run(pool[i : i + 32], 0.0).confidence for i in (0, 32)]), fraction)
-            for n, p in pipes.items()}
+    etas = {
+        n: _eta_for_fraction(np.concatenate([p.run(pool[i : i + 32], 0.0).confidence for i in (0, 32)]), fraction)
+        for n, p in pipes.items()
+    }
     seen: dict[str, list[float]] = {n: [] for n in pipes}
     for r in range(rounds):
-        for n in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+        for n in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
             seen[n].append(throughput(pipes[n], pool, etas[n]))
     base = float(np.median(seen["fp32"]))
-    return [{"variant": n, "batch": 32, "fine_fraction": fraction, "img_per_s": float(np.median(v)),
-             "rounds_img_per_s": v, "speed_vs_fp32": float(np.median(v)) / base} for n, v in seen.items()]
+    return [
+        {
+            "variant": n,
+            "batch": 32,
+            "fine_fraction": fraction,
+            "img_per_s": float(np.median(v)),
+            "rounds_img_per_s": v,
+            "speed_vs_fp32": float(np.median(v)) / base,
+        }
+        for n, v in seen.items()
+    ]
 
 
 def main() -> None:
@@ -144,9 +165,11 @@ def main() -> None:
     result = {"accuracy": accuracy_part(args.work)}
     print("variant        top-1   drop(pt)  exit rate  change(pt)  img/s b32  vs fp32")
     for r in result["accuracy"]:
-        print(f"{r['variant']:<13} {100 * r['top1']:6.2f}  {r['top1_drop_points']:8.2f}  {100 * r['exit_rate']:8.2f}  "
-              f"{r['exit_rate_change_points']:10.2f}  {r['img_per_s_b32']:9.1f}  {r['speed_vs_fp32']:6.2f}x"
-              f"{'  (int8 slower than fp32 on this model)' if r['slower_than_fp32'] else ''}")
+        print(
+            f"{r['variant']:<13} {100 * r['top1']:6.2f}  {r['top1_drop_points']:8.2f}  {100 * r['exit_rate']:8.2f}  "
+            f"{r['exit_rate_change_points']:10.2f}  {r['img_per_s_b32']:9.1f}  {r['speed_vs_fp32']:6.2f}x"
+            f"{'  (int8 slower than fp32 on this model)' if r['slower_than_fp32'] else ''}"
+        )
     if args.deit_s:
         result["deit_s_speed"] = speed_part(args.work, args.rounds)
         for r in result["deit_s_speed"]:

@@ -19,9 +19,9 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -57,12 +57,32 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import ray
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))) / 2**20
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem, 1),
-            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "ray": ray.__version__}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = (
+        int(
+            next(
+                line.split()[1]
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")
+            )
+        )
+        / 2**20
+    )
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem, 1),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "ray": ray.__version__,
+    }
 
 
 def load() -> list[float]:
@@ -75,22 +95,39 @@ def timed(run: Callable[..., InferSummary], repeats: int, **kwargs: Any) -> dict
     for _ in range(repeats):
         stamps: list[float] = []
         t0 = perf_counter()
-        summary = run(on_row=lambda row: stamps.append(perf_counter()), **kwargs)
+        summary = run(on_row=lambda row, stamps=stamps: stamps.append(perf_counter()), **kwargs)
         wall = perf_counter() - t0
         steady = (len(stamps) - BATCH) / (stamps[-1] - stamps[BATCH - 1])  # after the first batch's rows
         if not best or wall < best["run_s"]:
-            best = {"images": summary.images, "run_s": round(wall, 3), "images_per_s": round(summary.images / wall, 1),
-                    "first_row_s": round(stamps[0] - t0, 3), "steady_images_per_s": round(steady, 1)}
+            best = {
+                "images": summary.images,
+                "run_s": round(wall, 3),
+                "images_per_s": round(summary.images / wall, 1),
+                "first_row_s": round(stamps[0] - t0, 3),
+                "steady_images_per_s": round(steady, 1),
+            }
     return best
 
 
-def bench_ray(export: Path, images: list[Path], repeats: int, name: str, actors: int, threads: int | None,
-              cpus: int) -> dict[str, Any]:
+def bench_ray(
+    export: Path, images: list[Path], repeats: int, name: str, actors: int, threads: int | None, cpus: int
+) -> dict[str, Any]:
     plan = plan_actors(cpus, actors, threads)
-    return {"engine": name, "num_actors": plan.num_actors, "actor_threads": plan.threads,
-            "cpus_per_actor": plan.cpus_per_actor,
-            **timed(infer_ray, repeats, export_dir=export, inputs=images, batch_size=BATCH, num_actors=actors,
-                    actor_threads=threads)}
+    return {
+        "engine": name,
+        "num_actors": plan.num_actors,
+        "actor_threads": plan.threads,
+        "cpus_per_actor": plan.cpus_per_actor,
+        **timed(
+            infer_ray,
+            repeats,
+            export_dir=export,
+            inputs=images,
+            batch_size=BATCH,
+            num_actors=actors,
+            actor_threads=threads,
+        ),
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -111,9 +148,13 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in result["runs"]:
-        setup = "-" if r["engine"] == "local" else f"{r['num_actors']} x {r['actor_threads']} ({r['cpus_per_actor']} CPU)"
-        lines.append(f"| {r['engine']} | {setup} | {r['images_per_s']} | {r['run_s']} | {r['first_row_s']} | "
-                     f"{r['steady_images_per_s']} |")
+        setup = (
+            "-" if r["engine"] == "local" else f"{r['num_actors']} x {r['actor_threads']} ({r['cpus_per_actor']} CPU)"
+        )
+        lines.append(
+            f"| {r['engine']} | {setup} | {r['images_per_s']} | {r['run_s']} | {r['first_row_s']} | "
+            f"{r['steady_images_per_s']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -134,9 +175,14 @@ def main() -> None:
             export = Path(tmp) / "export"
             do_export(FIXTURE, export, num_heads=3)
         images = make_images(Path(tmp) / "images", args.images)
-        result: dict[str, Any] = {"machine": machine(), "load_before": load(), "images": len(images),
-                                  "model": "deit_g7 fixture (DeiT, embed 48, depth 12, g=7)" if args.export is None
-                                  else str(export), "batch_size": BATCH, "repeats": args.repeats}
+        result: dict[str, Any] = {
+            "machine": machine(),
+            "load_before": load(),
+            "images": len(images),
+            "model": "deit_g7 fixture (DeiT, embed 48, depth 12, g=7)" if args.export is None else str(export),
+            "batch_size": BATCH,
+            "repeats": args.repeats,
+        }
         runs = [{"engine": "local", **timed(infer, args.repeats, source=export, inputs=images, batch_size=BATCH)}]
         cpus = result["machine"]["cores"]
         t0 = perf_counter()

@@ -73,8 +73,19 @@ class Server:
     def __init__(self, export_dir: Path, max_batch: int, eta: float, threads: int | None, log: Path) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "serve", str(export_dir),
-               "--port", str(self.port), "--max-batch", str(max_batch), "--eta", repr(eta)]
+        cmd = [
+            sys.executable,
+            "-c",
+            "import sys, cli; sys.exit(cli.main())",
+            "serve",
+            str(export_dir),
+            "--port",
+            str(self.port),
+            "--max-batch",
+            str(max_batch),
+            "--eta",
+            repr(eta),
+        ]
         if threads:
             cmd += ["--threads", str(threads)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -136,9 +147,16 @@ async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, 
         elapsed = time.perf_counter() - start
     ms = np.asarray(latencies) * 1000
     pct = np.percentile(ms, [50, 95, 99]) if len(ms) else [float("nan")] * 3
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors, "seconds": elapsed,
-            "throughput": len(latencies) / elapsed if elapsed else 0.0,
-            "p50_ms": float(pct[0]), "p95_ms": float(pct[1]), "p99_ms": float(pct[2])}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": elapsed,
+        "throughput": len(latencies) / elapsed if elapsed else 0.0,
+        "p50_ms": float(pct[0]),
+        "p95_ms": float(pct[1]),
+        "p99_ms": float(pct[2]),
+    }
 
 
 def offline(export_dir: Path, paths: list[Path], eta: float, threads: int | None, repeats: int) -> dict:
@@ -166,11 +184,21 @@ def run(export_dir: Path, out: Path, quick: bool, threads: int | None, eta: floa
     requests = 48 if quick else 512
     time_limit = 20.0 if quick else 120.0
     load_before = os.getloadavg()
-    result: dict = {"export": str(export_dir), "quick": quick, "eta": eta, "threads": threads,
-                    "requests_per_cell": requests, "time_limit_per_cell_s": time_limit,
-                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                "python": platform.python_version(), "loadavg_before": load_before},
-                    "servers": {}}
+    result: dict = {
+        "export": str(export_dir),
+        "quick": quick,
+        "eta": eta,
+        "threads": threads,
+        "requests_per_cell": requests,
+        "time_limit_per_cell_s": time_limit,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_before": load_before,
+        },
+        "servers": {},
+    }
     with tempfile.TemporaryDirectory(prefix="cfvit-serve-load-") as tmp:
         paths = make_images(Path(tmp), 64)
         bodies = [p.read_bytes() for p in paths]
@@ -194,23 +222,37 @@ def goals(result: dict) -> list[dict]:
     b32, n32 = cell["batching"][32]["throughput"], cell["no-batching"][32]["throughput"]
     offline_rate = result["offline"]["infer_images_per_s"]
     added = cell["batching"][1]["p50_ms"] - result["offline"]["pipeline_p50_ms"]
-    rows = [("c=32 batching / no batching", b32 / n32 if n32 else float("inf"), ">= 2.0x", b32 >= 2 * n32),
-            ("c=32 batching / offline infer", b32 / offline_rate, ">= 0.70", b32 >= 0.7 * offline_rate),
-            ("c=1 added latency (ms)", added, "<= 2 ms", added <= 2.0)]
+    rows = [
+        ("c=32 batching / no batching", b32 / n32 if n32 else float("inf"), ">= 2.0x", b32 >= 2 * n32),
+        ("c=32 batching / offline infer", b32 / offline_rate, ">= 0.70", b32 >= 0.7 * offline_rate),
+        ("c=1 added latency (ms)", added, "<= 2 ms", added <= 2.0),
+    ]
     return [{"goal": g, "value": round(v, 3), "target": t, "met": bool(m)} for g, v, t, m in rows]
 
 
 def table(result: dict) -> str:
-    lines = ["| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, s in result["servers"].items():
         for c in s["cells"]:
-            lines.append(f"| {name} (max-batch {s['max_batch']}) | {c['concurrency']} | {c['throughput']:.1f} | "
-                         f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} | {c['errors']} |")
+            lines.append(
+                f"| {name} (max-batch {s['max_batch']}) | {c['concurrency']} | {c['throughput']:.1f} | "
+                f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} | {c['errors']} |"
+            )
     o = result["offline"]
-    lines += ["", f"offline `infer` (batch 32): {o['infer_images_per_s']:.1f} img/s; pipeline alone, one image "
-                  f"(decode + batch-1 run): p50 {o['pipeline_p50_ms']:.1f} ms", "",
-              "| goal | value | target | |", "|---|---:|---|---|"]
-    lines += [f"| {g['goal']} | {g['value']} | {g['target']} | {'met' if g['met'] else 'missed'} |" for g in result["goals"]]
+    lines += [
+        "",
+        f"offline `infer` (batch 32): {o['infer_images_per_s']:.1f} img/s; pipeline alone, one image "
+        f"(decode + batch-1 run): p50 {o['pipeline_p50_ms']:.1f} ms",
+        "",
+        "| goal | value | target | |",
+        "|---|---:|---|---|",
+    ]
+    lines += [
+        f"| {g['goal']} | {g['value']} | {g['target']} | {'met' if g['met'] else 'missed'} |" for g in result["goals"]
+    ]
     return "\n".join(lines)
 
 

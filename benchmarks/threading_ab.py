@@ -55,8 +55,20 @@ def worker(export_dir: str, candidate: str, batch: int, calls: int, eta: float, 
 
 
 def measure(args: argparse.Namespace, candidate: str, batch: int) -> float:
-    cmd = [sys.executable, __file__, "--worker", args.export_dir, "--candidate", candidate, "--batch", str(batch),
-           "--calls", str(args.calls), "--eta", str(args.eta)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        args.export_dir,
+        "--candidate",
+        candidate,
+        "--batch",
+        str(batch),
+        "--calls",
+        str(args.calls),
+        "--eta",
+        str(args.eta),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -93,15 +105,26 @@ def main() -> None:
             order = rng.sample(candidates, len(candidates))
             for c in order:
                 ms[b, c].append(measure(args, c, b))
-            print(f"round {r + 1}/{args.rounds} batch {b}: "
-                  + ", ".join(f"{c} {ms[b, c][-1]:.2f} ms" for c in order), file=sys.stderr)
+            print(
+                f"round {r + 1}/{args.rounds} batch {b}: " + ", ".join(f"{c} {ms[b, c][-1]:.2f} ms" for c in order),
+                file=sys.stderr,
+            )
     rows = []
     print(f"{'batch':>5} {'threading':>9} {'median ms':>10} {'range ms':>15} {'img/s':>8}")
     for b in batches:
         for c in candidates:
             m = statistics.median(ms[b, c])
-            rows.append({"batch": b, "threading": c, "median_ms": m, "min_ms": min(ms[b, c]),
-                         "max_ms": max(ms[b, c]), "img_per_s": 1000 * b / m, "round_ms": ms[b, c]})
+            rows.append(
+                {
+                    "batch": b,
+                    "threading": c,
+                    "median_ms": m,
+                    "min_ms": min(ms[b, c]),
+                    "max_ms": max(ms[b, c]),
+                    "img_per_s": 1000 * b / m,
+                    "round_ms": ms[b, c],
+                }
+            )
             print(f"{b:>5} {c:>9} {m:>10.2f} {min(ms[b, c]):>7.2f}-{max(ms[b, c]):<7.2f} {1000 * b / m:>8.1f}")
     if args.out:
         settings = {k: getattr(args, k) for k in ("export_dir", "rounds", "calls", "eta", "threads")}

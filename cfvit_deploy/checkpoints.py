@@ -141,8 +141,7 @@ def _pick_state(obj: Mapping[str, Any], weights: str) -> tuple[Any, str]:
     if not present:
         return obj, ""
     if weights == "ema" and not ema:
-        raise CheckpointError(f"the checkpoint holds no EMA weights (it has {', '.join(present)}); "
-                              "use --weights model")
+        raise CheckpointError(f"the checkpoint holds no EMA weights (it has {', '.join(present)}); use --weights model")
     if weights == "model" and not trained:
         raise CheckpointError(f"the checkpoint holds only EMA weights ({', '.join(ema)}); use --weights ema")
     if weights == "auto":
@@ -218,8 +217,10 @@ def resolve_num_heads(num_heads: Any, evidence: list[tuple[int, str]], embed_dim
                 )
     values = sorted({v for v, _ in evidence})
     if len(values) > 1:
-        raise CheckpointError("the checkpoint contradicts itself about the number of heads: "
-                              + "; ".join(f"{where} says {v}" for v, where in evidence))
+        raise CheckpointError(
+            "the checkpoint contradicts itself about the number of heads: "
+            + "; ".join(f"{where} says {v}" for v, where in evidence)
+        )
     heads = num_heads or (values[0] if values else DEFAULT_HEADS)
     if embed_dim % heads:
         raise UsageError(f"num_heads {heads} does not divide the checkpoint's width (embed_dim {embed_dim})")
@@ -334,8 +335,12 @@ def load_checkpoint(
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint does not load strictly: {str(exc).splitlines()[0]}") from None
     if meta["weights_key"] in EMA_KEYS or any(isinstance(raw.get(k), Mapping) for k in EMA_KEYS):
-        log.info("loaded the %s weights (%s) of %s", "EMA" if meta["weights_key"] in EMA_KEYS else "trained",
-                 meta["weights_key"], path)
+        log.info(
+            "loaded the %s weights (%s) of %s",
+            "EMA" if meta["weights_key"] in EMA_KEYS else "trained",
+            meta["weights_key"],
+            path,
+        )
     model.metadata = dict(meta)  # type: ignore[attr-defined]
     model.source_path = str(path.resolve())  # type: ignore[attr-defined]
     return model.eval()

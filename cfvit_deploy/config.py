@@ -58,7 +58,7 @@ class ModelConfig:
             raise ValueError("coarse_grid must be >= 1 and alpha in (0, 1]")
 
     @classmethod
-    def named(cls, arch: str, size: str, **overrides: Any) -> "ModelConfig":
+    def named(cls, arch: str, size: str, **overrides: Any) -> ModelConfig:
         """A config from a named size (`micro`, `tiny`, `small`) of an arch."""
         try:
             base = SIZES[arch][size]
@@ -118,7 +118,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

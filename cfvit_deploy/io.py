@@ -182,13 +182,20 @@ def clean_stale_temporaries(path: Path) -> list[Path]:
             continue
         stale = Path(entry.path)
         if match.group(1) is None:
-            log.warning("%s looks like a temporary file of an earlier interrupted run; remove it if no run "
-                        "is writing %s", stale, path.name)
+            log.warning(
+                "%s looks like a temporary file of an earlier interrupted run; remove it if no run is writing %s",
+                stale,
+                path.name,
+            )
         elif not _pid_alive(int(match.group(1))):
             _remove(stale)
             removed.append(stale)
-            log.warning("removed %s, left behind by a run (pid %s) that was killed while writing %s",
-                        stale, match.group(1), path.name)
+            log.warning(
+                "removed %s, left behind by a run (pid %s) that was killed while writing %s",
+                stale,
+                match.group(1),
+                path.name,
+            )
     return removed
 
 

@@ -214,18 +214,26 @@ def _check_format_version(data: dict[str, Any]) -> None:
     """
     reads = f"this cfvit-deploy reads format_version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}"
     if "format_version" not in data:
-        raise ManifestError(f"manifest.json has no format_version key ({reads}); it was not written by "
-                            "`cfvit export`, or was edited: re-export it")
+        raise ManifestError(
+            f"manifest.json has no format_version key ({reads}); it was not written by "
+            "`cfvit export`, or was edited: re-export it"
+        )
     version = data["format_version"]
     if not _is_int(version):
-        raise ManifestError(f"manifest format_version must be a JSON integer such as {FORMAT_VERSION}, got "
-                            f"{json.dumps(version)} ({type(version).__name__}); {reads}")
+        raise ManifestError(
+            f"manifest format_version must be a JSON integer such as {FORMAT_VERSION}, got "
+            f"{json.dumps(version)} ({type(version).__name__}); {reads}"
+        )
     if version > FORMAT_VERSION:
-        raise ManifestError(f"this export has format_version {version}; this cfvit-deploy reads up to "
-                            f"{FORMAT_VERSION}: upgrade cfvit-deploy (pip install -U cfvit-deploy)")
+        raise ManifestError(
+            f"this export has format_version {version}; this cfvit-deploy reads up to "
+            f"{FORMAT_VERSION}: upgrade cfvit-deploy (pip install -U cfvit-deploy)"
+        )
     if version < MIN_FORMAT_VERSION:
-        raise ManifestError(f"this export has format_version {version}, older than any this cfvit-deploy reads "
-                            f"({MIN_FORMAT_VERSION} to {FORMAT_VERSION}): re-export it with `cfvit export`")
+        raise ManifestError(
+            f"this export has format_version {version}, older than any this cfvit-deploy reads "
+            f"({MIN_FORMAT_VERSION} to {FORMAT_VERSION}): re-export it with `cfvit export`"
+        )
 
 
 def _expect(ok: bool, problem: str) -> None:

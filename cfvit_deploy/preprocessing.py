@@ -55,7 +55,9 @@ class PreprocessConfig:
         if self.resize_size < self.crop_size:
             raise ValueError(f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}")
         if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATION:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; expected one of {', '.join(_INTERPOLATION)}")
+            raise ValueError(
+                f"unknown interpolation {self.interpolation!r}; expected one of {', '.join(_INTERPOLATION)}"
+            )
         for name in ("mean", "std"):
             value = getattr(self, name)
             if not (
@@ -68,7 +70,7 @@ class PreprocessConfig:
             raise ValueError(f"std must be positive, got {self.std!r}")
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig) -> "PreprocessConfig":
+    def for_model(cls, cfg: ModelConfig) -> PreprocessConfig:
         size = cfg.fine_image_size
         return cls(crop_size=size, resize_size=int(size / cfg.crop_pct))
 
@@ -76,7 +78,7 @@ class PreprocessConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
         d = dict(data)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)  # __post_init__ validates every field
@@ -197,6 +199,8 @@ def preprocess(img: Image.Image, pp: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def load_and_preprocess(path: str | Path, pp: PreprocessConfig, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_and_preprocess(
+    path: str | Path, pp: PreprocessConfig, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode and preprocess one file; raises :class:`ImageError` on any decoding problem."""
     return preprocess(load_image(path, max_pixels), pp)

@@ -78,8 +78,10 @@ class TrainRecipe:
             (0 <= self.min_lr <= self.lr, f"min lr must lie in [0, lr], got {self.min_lr}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (self.warmup_epochs >= 0, f"warm-up epochs must be >= 0, got {self.warmup_epochs}"),
-            (self.selection_after is None or self.selection_after >= 0,
-             f"--selection-after must be >= 0, got {self.selection_after}"),
+            (
+                self.selection_after is None or self.selection_after >= 0,
+                f"--selection-after must be >= 0, got {self.selection_after}",
+            ),
             (0 <= self.label_smoothing < 1, f"label smoothing must lie in [0, 1), got {self.label_smoothing}"),
             (0 <= self.drop_path < 1, f"drop path must lie in [0, 1), got {self.drop_path}"),
             (0 < self.crop_scale <= 1, f"crop scale must lie in (0, 1], got {self.crop_scale}"),
@@ -157,12 +159,12 @@ class TrainResult:
     seconds: float
 
 
-def cfvit_loss(coarse_logits: Tensor, fine_logits: Tensor, targets: Tensor,
-               label_smoothing: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+def cfvit_loss(
+    coarse_logits: Tensor, fine_logits: Tensor, targets: Tensor, label_smoothing: float = 0.1
+) -> tuple[Tensor, Tensor, Tensor]:
     """(total, ce, kl): label-smoothed CE on the fine logits + KL(p_fine || p_coarse), fine detached."""
     ce = F.cross_entropy(fine_logits, targets, label_smoothing=label_smoothing)
-    kl = F.kl_div(F.log_softmax(coarse_logits, dim=-1), F.softmax(fine_logits.detach(), dim=-1),
-                  reduction="batchmean")
+    kl = F.kl_div(F.log_softmax(coarse_logits, dim=-1), F.softmax(fine_logits.detach(), dim=-1), reduction="batchmean")
     return ce + kl, ce, kl
 
 
@@ -279,8 +281,14 @@ def _save(path: Path, model: CFViT, meta: dict[str, Any], state: dict[str, Any])
 
 def _progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[stats]}"), console=Console(stderr=True), disable=not enabled, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}"),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=True,
     )
 
 
@@ -336,15 +344,20 @@ def train(
     step, start = int(state["step"]), time.perf_counter()
     val = None
     if recipe.selection_epochs == 0:
-        log.warning("no informative-selection epoch: --selection-after %d >= --epochs %d, so the fine stage is "
-                    "trained only on all fine tokens; pass --selection-after below --epochs",
-                    recipe.dense_epochs, recipe.epochs)
+        log.warning(
+            "no informative-selection epoch: --selection-after %d >= --epochs %d, so the fine stage is "
+            "trained only on all fine tokens; pass --selection-after below --epochs",
+            recipe.dense_epochs,
+            recipe.epochs,
+        )
     # the bars obey `progress`; the header and the per-epoch summary lines are always printed (stderr)
     with _threads(threads) as n_threads, _progress(progress) as bar:
-        bar.console.print(f"training on {len(train_set)} images ({len(splits.classes)} classes), "
-                          f"validating on {len(val_set)}; {n_threads} torch thread(s); "
-                          f"{recipe.dense_epochs} warm-up + {recipe.selection_epochs} selection epoch(s)",
-                          soft_wrap=True)
+        bar.console.print(
+            f"training on {len(train_set)} images ({len(splits.classes)} classes), "
+            f"validating on {len(val_set)}; {n_threads} torch thread(s); "
+            f"{recipe.dense_epochs} warm-up + {recipe.selection_epochs} selection epoch(s)",
+            soft_wrap=True,
+        )
         for epoch in range(int(state["epoch"]), recipe.epochs):
             selection = epoch >= recipe.dense_epochs
             stats = _train_epoch(model, train_set, optimizer, recipe, epoch, step, steps_per_epoch, selection, bar)
@@ -359,8 +372,17 @@ def train(
     return TrainResult(out, splits.classes, history, val, time.perf_counter() - start)
 
 
-def _train_epoch(model: CFViT, dataset: ImageFolderDataset, optimizer: torch.optim.Optimizer, recipe: TrainRecipe,
-                 epoch: int, step: int, steps_per_epoch: int, selection: bool, bar: Progress) -> dict[str, Any]:
+def _train_epoch(
+    model: CFViT,
+    dataset: ImageFolderDataset,
+    optimizer: torch.optim.Optimizer,
+    recipe: TrainRecipe,
+    epoch: int,
+    step: int,
+    steps_per_epoch: int,
+    selection: bool,
+    bar: Progress,
+) -> dict[str, Any]:
     dataset.set_epoch(epoch)
     order = np.random.default_rng([recipe.seed, epoch]).permutation(len(dataset)).tolist()
     loader = DataLoader(dataset, batch_size=recipe.batch_size, sampler=order)
@@ -383,17 +405,27 @@ def _train_epoch(model: CFViT, dataset: ImageFolderDataset, optimizer: torch.opt
         sums["coarse"] += float((coarse.argmax(1) == targets).sum())
         sums["fine"] += float((fine.argmax(1) == targets).sum())
         rate = seen / (time.perf_counter() - start)
-        bar.update(task, advance=1, stats=(
-            f"loss {sums['loss'] / seen:.3f}  acc coarse {sums['coarse'] / seen:.1%} fine {sums['fine'] / seen:.1%}"
-            f"  {rate:.0f} img/s"
-        ))
+        bar.update(
+            task,
+            advance=1,
+            stats=(
+                f"loss {sums['loss'] / seen:.3f}  acc coarse {sums['coarse'] / seen:.1%} fine {sums['fine'] / seen:.1%}"
+                f"  {rate:.0f} img/s"
+            ),
+        )
     bar.remove_task(task)
     seconds = time.perf_counter() - start
     return {
-        "epoch": epoch + 1, "selection": selection, "lr": optimizer.param_groups[0]["lr"],
-        "loss": sums["loss"] / seen, "ce": sums["ce"] / seen, "kl": sums["kl"] / seen,
-        "train_coarse_acc": sums["coarse"] / seen, "train_fine_acc": sums["fine"] / seen,
-        "images_per_s": seen / seconds, "seconds": seconds,
+        "epoch": epoch + 1,
+        "selection": selection,
+        "lr": optimizer.param_groups[0]["lr"],
+        "loss": sums["loss"] / seen,
+        "ce": sums["ce"] / seen,
+        "kl": sums["kl"] / seen,
+        "train_coarse_acc": sums["coarse"] / seen,
+        "train_fine_acc": sums["fine"] / seen,
+        "images_per_s": seen / seconds,
+        "seconds": seconds,
     }
 
 
@@ -407,8 +439,16 @@ def _epoch_line(stats: dict[str, Any], epochs: int) -> str:
     )
 
 
-def _metadata(recipe: TrainRecipe, classes: list[str], pp: PreprocessConfig, cfg: ModelConfig, val: EvalResult,
-              history: list[dict[str, Any]], data_dir: str | Path, n_train: int) -> dict[str, Any]:
+def _metadata(
+    recipe: TrainRecipe,
+    classes: list[str],
+    pp: PreprocessConfig,
+    cfg: ModelConfig,
+    val: EvalResult,
+    history: list[dict[str, Any]],
+    data_dir: str | Path,
+    n_train: int,
+) -> dict[str, Any]:
     synthetic = read_meta(Path(data_dir))
     return {
         "class_names": list(classes),
@@ -417,8 +457,7 @@ def _metadata(recipe: TrainRecipe, classes: list[str], pp: PreprocessConfig, cfg
         "gmacs": stage_gmacs(cfg).as_list(),
         "recipe": recipe.to_dict(),
         "history": list(history),
-        "data": {"dir": str(data_dir), "train_images": n_train, "val_images": len(val.labels),
-                 "synthetic": synthetic},
+        "data": {"dir": str(data_dir), "train_images": n_train, "val_images": len(val.labels), "synthetic": synthetic},
     }
 
 
@@ -430,8 +469,13 @@ def resume_recipe(path: str | Path, **changes: Any) -> TrainRecipe:
     return replace(TrainRecipe.from_dict(meta["recipe"]), **changes)
 
 
-def train_demo(workdir: str | Path, force: bool = False, progress: bool = True,
-               spec: SyntheticSpec = DEMO_DATA, recipe: TrainRecipe = DEMO_RECIPE) -> TrainResult:
+def train_demo(
+    workdir: str | Path,
+    force: bool = False,
+    progress: bool = True,
+    spec: SyntheticSpec = DEMO_DATA,
+    recipe: TrainRecipe = DEMO_RECIPE,
+) -> TrainResult:
     """Generate `spec` (default :data:`DEMO_DATA`) in ``workdir/data`` (reused if present) and train
     `recipe` (default :data:`DEMO_RECIPE`) to ``workdir/cfvit-demo.pth``."""
     workdir = Path(workdir)

@@ -167,9 +167,16 @@ def _resolve_model(
     return model.eval(), info
 
 
-def check_export_args(precision: str, optimize: bool, opset: int, default_eta: float, num_heads: Any,
-                      weights: str = "auto", attention: str | None = None,
-                      calibration: str | Path | None = None) -> str:
+def check_export_args(
+    precision: str,
+    optimize: bool,
+    opset: int,
+    default_eta: float,
+    num_heads: Any,
+    weights: str = "auto",
+    attention: str | None = None,
+    calibration: str | Path | None = None,
+) -> str:
     """Every flag check of :func:`export`, cheap and before any work (the CLI runs it first).
 
     Returns the attention mode to export (`attention`, or the default when None).
@@ -236,14 +243,34 @@ def export(
         graphs: dict[str, GraphSpec] = {}
         for name, wrapper in wrappers.items():
             graphs[name], notes[name] = _write_graph(
-                tmp, name, wrapper, model, opset=opset, attention=attention, precision=precision,
-                optimize=optimize, simplify=simplify, calibration=calib, say=say)
+                tmp,
+                name,
+                wrapper,
+                model,
+                opset=opset,
+                attention=attention,
+                precision=precision,
+                optimize=optimize,
+                simplify=simplify,
+                calibration=calib,
+                say=say,
+            )
         quantization, calib_info = quantization_info(precision, calib)
         manifest = Manifest(
-            model=cfg, preprocessing=PreprocessConfig.for_model(cfg), graphs=graphs, gmacs=gmacs,
-            precision=precision, optimized=optimize, attention=attention, quantization=quantization,
-            calibration=calib_info, opset=opset, default_eta=default_eta, class_names=class_names,
-            versions=versions(), source={**info, "notes": notes},
+            model=cfg,
+            preprocessing=PreprocessConfig.for_model(cfg),
+            graphs=graphs,
+            gmacs=gmacs,
+            precision=precision,
+            optimized=optimize,
+            attention=attention,
+            quantization=quantization,
+            calibration=calib_info,
+            opset=opset,
+            default_eta=default_eta,
+            class_names=class_names,
+            versions=versions(),
+            source={**info, "notes": notes},
         )
         manifest.save(tmp)
     manifest.directory = out_dir
@@ -285,9 +312,20 @@ def _graph_metadata(cfg: ModelConfig, name: str, precision: str, optimize: bool,
     }
 
 
-def _write_graph(tmp: Path, name: str, wrapper: _Wrapper, model: CFViT, *, opset: int, attention: str,
-                 precision: str, optimize: bool, simplify: bool, calibration: Any,
-                 say: Callable[[str], None]) -> tuple[GraphSpec, str]:
+def _write_graph(
+    tmp: Path,
+    name: str,
+    wrapper: _Wrapper,
+    model: CFViT,
+    *,
+    opset: int,
+    attention: str,
+    precision: str,
+    optimize: bool,
+    simplify: bool,
+    calibration: Any,
+    say: Callable[[str], None],
+) -> tuple[GraphSpec, str]:
     """Trace, simplify, build the precision variant of and finalize ``tmp/<name>.onnx``; its spec and notes."""
     module, inputs, outputs = wrapper
     cfg = model.config

@@ -60,8 +60,15 @@ class Calibration:
         return cls(Path(folder), read.images.astype(np.float32), skipped=len(read.skipped))
 
     def info(self) -> dict[str, Any]:
-        return {"folder": str(self.folder.resolve()), "images": int(len(self.images)), "skipped": self.skipped,
-                "method": "MinMax", "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8"}
+        return {
+            "folder": str(self.folder.resolve()),
+            "images": int(len(self.images)),
+            "skipped": self.skipped,
+            "method": "MinMax",
+            "format": "QDQ",
+            "weights": "int8 per-channel",
+            "activations": "uint8",
+        }
 
     def feeds(self, graph: str, fp32_path: Path) -> list[dict[str, np.ndarray]]:
         """Calibration batches for `graph`; for the coarse graph it also records the fp32 outputs."""
@@ -76,10 +83,18 @@ class Calibration:
         if graph != "fine":
             return [{"images": b} for b in batches]
         if not self.coarse_outputs:
-            raise ExportError("static int8: the fine graph is calibrated on the coarse graph's outputs; quantize coarse first")
+            raise ExportError(
+                "static int8: the fine graph is calibrated on the coarse graph's outputs; quantize coarse first"
+            )
         return [
-            {"images": b, **{n: v[i : i + CALIBRATION_BATCH] for n, v in self.coarse_outputs.items()
-                             if n in ("global_attention", "reuse_tokens", "coarse_embedding")}}
+            {
+                "images": b,
+                **{
+                    n: v[i : i + CALIBRATION_BATCH]
+                    for n, v in self.coarse_outputs.items()
+                    if n in ("global_attention", "reuse_tokens", "coarse_embedding")
+                },
+            }
             for b, i in zip(batches, range(0, len(self.images), CALIBRATION_BATCH), strict=True)
         ]
 
@@ -153,12 +168,24 @@ def quantize_static_graph(path: Path, calibration: Calibration, keep_fp32: list[
         named, out = Path(tmp) / "named.onnx", Path(tmp) / path.name
         onnx.save(model, str(named))
         quantize_static(
-            str(named), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=STATIC_OP_TYPES,
-            nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"CalibTensorRangeSymmetric": False, "WeightSymmetric": True,
-                           "OpTypesToExcludeOutputQuantization": STATIC_OP_TYPES},
+            str(named),
+            str(out),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=STATIC_OP_TYPES,
+            nodes_to_exclude=exclude,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={
+                "CalibTensorRangeSymmetric": False,
+                "WeightSymmetric": True,
+                "OpTypesToExcludeOutputQuantization": STATIC_OP_TYPES,
+            },
         )
         shutil.copyfile(out, path)
-    return (f"int8 static QDQ (per-channel int8 weights, uint8 activations, MinMax on {len(calibration.images)} "
-            f"images; {len(exclude)} score-path, classifier-head and activation-product nodes kept in fp32)")
+    return (
+        f"int8 static QDQ (per-channel int8 weights, uint8 activations, MinMax on {len(calibration.images)} "
+        f"images; {len(exclude)} score-path, classifier-head and activation-product nodes kept in fp32)"
+    )

@@ -135,9 +135,15 @@ class Criteria:
     decisive: float = DECISIVE_FACTOR
 
     @classmethod
-    def for_precision(cls, precision: str, atol: float | None, rtol: float | None,
-                      min_top1: float | None, min_exit: float | None,
-                      max_rel_err: float | None = None) -> Criteria:
+    def for_precision(
+        cls,
+        precision: str,
+        atol: float | None,
+        rtol: float | None,
+        min_top1: float | None,
+        min_exit: float | None,
+        max_rel_err: float | None = None,
+    ) -> Criteria:
         exact = precision == "fp32"
         return cls(
             atol=atol if atol is not None else (1e-4 if exact else 5e-2),
@@ -150,14 +156,18 @@ class Criteria:
 
     def describe(self) -> str:
         if self.exact:
-            return (f"fp32: max |onnx - torch| <= scale * ({self.atol:g} + {self.rtol:g} * max|torch|) per output "
-                    "(scale 1 for logits and attention, 10 for token features); identical patch selections (up "
-                    f"to tied scores); top-1 and exit-decision agreement >= {self.min_top1:g} / {self.min_exit:g}")
-        return (f"reduced precision: RMS logit error / std of the fp32 logits <= {self.max_rel_err:g}; top-1 "
-                f"agreement >= {self.min_top1:g} over images whose fp32 margin (top-1 minus top-2 logit) exceeds "
-                f"{self.decisive:g} RMS logit errors; exit-decision agreement >= {self.min_exit:g} over images "
-                f"whose fp32 confidence is more than {self.decisive:g} RMS confidence errors from eta; "
-                "token features and patch selections are reported, not judged")
+            return (
+                f"fp32: max |onnx - torch| <= scale * ({self.atol:g} + {self.rtol:g} * max|torch|) per output "
+                "(scale 1 for logits and attention, 10 for token features); identical patch selections (up "
+                f"to tied scores); top-1 and exit-decision agreement >= {self.min_top1:g} / {self.min_exit:g}"
+            )
+        return (
+            f"reduced precision: RMS logit error / std of the fp32 logits <= {self.max_rel_err:g}; top-1 "
+            f"agreement >= {self.min_top1:g} over images whose fp32 margin (top-1 minus top-2 logit) exceeds "
+            f"{self.decisive:g} RMS logit errors; exit-decision agreement >= {self.min_exit:g} over images "
+            f"whose fp32 confidence is more than {self.decisive:g} RMS confidence errors from eta; "
+            "token features and patch selections are reported, not judged"
+        )
 
 
 def closeness_ratio(got: np.ndarray, ref: np.ndarray, atol: float, rtol: float, scale: float = 1.0) -> float:
@@ -212,8 +222,12 @@ class _Checker:
         self.report, self.crit = report, crit
         self.input, self.batch = "", 0
 
-    def add(self, name: str, passed: bool, metric: str, value: float, threshold: float, info: dict | None = None) -> None:
-        self.report.checks.append(Check(name, bool(passed), metric, value, threshold, info or {}, self.input, self.batch))
+    def add(
+        self, name: str, passed: bool, metric: str, value: float, threshold: float, info: dict | None = None
+    ) -> None:
+        self.report.checks.append(
+            Check(name, bool(passed), metric, value, threshold, info or {}, self.input, self.batch)
+        )
 
     def close(self, name: str, got: np.ndarray, ref: np.ndarray, scale: float = 1.0, logits: bool = False) -> None:
         """fp32: the closeness ratio must be <= 1. Reduced precision: logits must keep the relative RMS
@@ -222,8 +236,13 @@ class _Checker:
         err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
         ratio = closeness_ratio(got, ref, crit.atol, crit.rtol, scale)
         rel = relative_logit_error(got, ref)
-        info = {"max_abs_err": float(err.max(initial=0)), "relative_rms_err": rel,
-                "atol": scale * crit.atol, "rtol": scale * crit.rtol, "closeness_ratio": ratio}
+        info = {
+            "max_abs_err": float(err.max(initial=0)),
+            "relative_rms_err": rel,
+            "atol": scale * crit.atol,
+            "rtol": scale * crit.rtol,
+            "closeness_ratio": ratio,
+        }
         if crit.exact:
             self.add(name, ratio <= 1.0, "max |err| / (atol + rtol max|ref|)", ratio, 1.0, info)
         elif logits:
@@ -242,10 +261,18 @@ class _Checker:
             return
         rms = float(np.sqrt(np.mean((got.astype(np.float64) - ref) ** 2)))
         decisive = top2_margin(ref) > self.crit.decisive * rms
-        self.rate(name, agree[decisive], self.crit.min_top1,
-                  f"top-1 agreement where the fp32 margin > {self.crit.decisive:g} RMS errors",
-                  {"decisive": int(decisive.sum()), "images": len(ref), "rms_logit_err": rms,
-                   "agreement_all_images": float(agree.mean())})
+        self.rate(
+            name,
+            agree[decisive],
+            self.crit.min_top1,
+            f"top-1 agreement where the fp32 margin > {self.crit.decisive:g} RMS errors",
+            {
+                "decisive": int(decisive.sum()),
+                "images": len(ref),
+                "rms_logit_err": rms,
+                "agreement_all_images": float(agree.mean()),
+            },
+        )
 
     def exits(self, name: str, conf_got: np.ndarray, conf_ref: np.ndarray, eta: float) -> None:
         info = {"exit_rate_onnx": float((conf_got >= eta).mean()), "exit_rate_torch": float((conf_ref >= eta).mean())}
@@ -255,9 +282,13 @@ class _Checker:
             return
         rms = float(np.sqrt(np.mean((conf_got.astype(np.float64) - conf_ref) ** 2)))
         decisive = np.abs(conf_ref - eta) > self.crit.decisive * rms
-        self.rate(name, agree[decisive], self.crit.min_exit,
-                  f"agreement where |fp32 confidence - eta| > {self.crit.decisive:g} RMS errors",
-                  {**info, "decisive": int(decisive.sum()), "images": len(conf_ref), "rms_confidence_err": rms})
+        self.rate(
+            name,
+            agree[decisive],
+            self.crit.min_exit,
+            f"agreement where |fp32 confidence - eta| > {self.crit.decisive:g} RMS errors",
+            {**info, "decisive": int(decisive.sum()), "images": len(conf_ref), "rms_confidence_err": rms},
+        )
 
     def patches(self, name: str, got: np.ndarray, ref: np.ndarray, score: np.ndarray) -> None:
         """Selections agree if they pick patches of the same scores in the same order: they may differ
@@ -267,8 +298,13 @@ class _Checker:
         identical = np.all(got == ref, axis=1)
         overlap = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(got.tolist(), ref.tolist(), strict=True)])
         threshold = 1.0 if self.crit.exact else 0.0
-        self.rate(name, same, threshold, "selection agreement rate (up to tied scores)",
-                  {"identical_rate": float(identical.mean()), "mean_set_overlap": float(overlap)})
+        self.rate(
+            name,
+            same,
+            threshold,
+            "selection agreement rate (up to tied scores)",
+            {"identical_rate": float(identical.mean()), "mean_set_overlap": float(overlap)},
+        )
 
 
 def _real_images(files: list[Path], manifest: Manifest, report_: ValidationReport) -> np.ndarray:
@@ -296,8 +332,10 @@ def checkpoint_warning(manifest: Manifest, checkpoint: str | Path) -> str | None
     have = _sha256(path)
     if have == want:
         return None
-    return (f"--checkpoint {path} (sha256 {have[:12]}…) is not the checkpoint this export was made from "
-            f"({recorded.get('path')}, sha256 {want[:12]}…): the checks compare the graphs with another model")
+    return (
+        f"--checkpoint {path} (sha256 {have[:12]}…) is not the checkpoint this export was made from "
+        f"({recorded.get('path')}, sha256 {want[:12]}…): the checks compare the graphs with another model"
+    )
 
 
 def _resolve_checkpoint(manifest: Manifest, checkpoint: str | Path | CFViT | None) -> tuple[CFViT, str]:
@@ -322,8 +360,9 @@ def _resolve_checkpoint(manifest: Manifest, checkpoint: str | Path | CFViT | Non
     return model, str(checkpoint)
 
 
-def check_validate_args(batch_sizes: Any, etas: Any, min_top1: float | None, min_exit: float | None,
-                        max_rel_err: float | None = None) -> tuple[list[int], list[float]]:
+def check_validate_args(
+    batch_sizes: Any, etas: Any, min_top1: float | None, min_exit: float | None, max_rel_err: float | None = None
+) -> tuple[list[int], list[float]]:
     """Every argument check of :func:`validate`, runnable before any work (the CLI calls it first)."""
     sizes = check_batch_sizes(batch_sizes, "--batch-sizes")
     eta_list = check_etas(etas, "--etas")
@@ -372,8 +411,16 @@ def validate(
     graphs = tuple(g for g in ("coarse", "fine", "baseline") if g in manifest.graphs)
     backend = create_backend(manifest, provider, SessionConfig(allow_fallback=allow_fallback), graphs=graphs)
     crit = Criteria.for_precision(manifest.precision, atol, rtol, min_top1, min_exit, max_rel_err)
-    result = ValidationReport(str(export_dir), ckpt_name, provider, manifest.precision, sizes, eta_list,
-                              warnings=warnings, criteria=crit.describe())
+    result = ValidationReport(
+        str(export_dir),
+        ckpt_name,
+        provider,
+        manifest.precision,
+        sizes,
+        eta_list,
+        warnings=warnings,
+        criteria=crit.describe(),
+    )
     check = _Checker(result, crit)
     rng = np.random.default_rng(seed)
     inputs = {("random", b): smooth_random_images(rng, b, manifest.image_size) for b in sizes}
@@ -413,15 +460,18 @@ def _compare(model: CFViT, backend: Any, x: np.ndarray, etas: tuple[float, ...],
     }
     got = backend.run("coarse", {"images": x})
     for name, value in ref.items():  # intermediate token features get 10x the logit tolerance
-        check.close(f"coarse graph: {name}", got[name], value, FEATURE_SCALE.get(name, 1.0),
-                    logits=name == "coarse_logits")
+        check.close(
+            f"coarse graph: {name}", got[name], value, FEATURE_SCALE.get(name, 1.0), logits=name == "coarse_logits"
+        )
     # the fine graph in isolation, fed with PyTorch's coarse products
     fed = backend.run("fine", {"images": x, **{k: v for k, v in ref.items() if k != "coarse_logits"}})
     check.close("fine graph: fine_logits", fed["fine_logits"], fine_ref, logits=True)
     score = ref["global_attention"]
     check.patches("fine graph: selected patches", fed["informative_idx"], inf.numpy(), score)
     # end to end: coarse.onnx -> fine.onnx
-    chained = backend.run("fine", {"images": x, **{k: got[k] for k in ("global_attention", "reuse_tokens", "coarse_embedding")}})
+    chained = backend.run(
+        "fine", {"images": x, **{k: got[k] for k in ("global_attention", "reuse_tokens", "coarse_embedding")}}
+    )
     check.close("end to end: fine_logits", chained["fine_logits"], fine_ref, logits=True)
     check.patches("end to end: selected patches", chained["informative_idx"], inf.numpy(), score)
     check.top1("end to end: coarse top-1 agreement", got["coarse_logits"], ref["coarse_logits"])

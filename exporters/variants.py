@@ -29,8 +29,15 @@ log = logging.getLogger(__name__)
 
 #: Ops kept in fp32 in the fp16 variant (numerically sensitive, or selection-critical).
 #: MultiHeadAttention: ONNX Runtime's CPU kernel of the contrib op is float32 only.
-FP16_KEEP_OPS = ["LayerNormalization", "SkipLayerNormalization", "Softmax", "TopK", "ReduceMean", "Resize",
-                 "MultiHeadAttention"]
+FP16_KEEP_OPS = [
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "Softmax",
+    "TopK",
+    "ReduceMean",
+    "Resize",
+    "MultiHeadAttention",
+]
 
 
 def _ancestors(graph: onnx.GraphProto, outputs: set[str]) -> set[str]:
@@ -159,8 +166,13 @@ def _fp16(path: Path) -> str:
     return f"fp16 (kept in fp32: {', '.join(FP16_KEEP_OPS)}, {len(keep)} score-path nodes)"
 
 
-def apply_variant(path: Path, cfg: ModelConfig, precision: str = "fp32", optimize: bool = False,
-                  calibration: Calibration | None = None) -> str:
+def apply_variant(
+    path: Path,
+    cfg: ModelConfig,
+    precision: str = "fp32",
+    optimize: bool = False,
+    calibration: Calibration | None = None,
+) -> str:
     """Turn the fp32 graph at `path` into the requested variant, in place; returns a note.
 
     int8 with `calibration` is static (the coarse graph must come before the fine graph), else dynamic.
@@ -206,7 +218,11 @@ def quantization_info(precision: str, calibration: Calibration | None) -> tuple[
 
 
 def make_variant(
-    src_dir: str | Path, out_dir: str | Path, precision: str = "fp32", optimize: bool = False, force: bool = False,
+    src_dir: str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    optimize: bool = False,
+    force: bool = False,
     calibration: str | Path | None = None,
 ) -> Manifest:
     """Build a variant folder from an existing fp32 export (torch-free).

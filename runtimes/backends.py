@@ -76,8 +76,12 @@ def check_provider(provider: str) -> str:
     return provider
 
 
-def create_backend(manifest: Manifest, provider: str = "cpu", config: SessionConfig | None = None,
-                   graphs: tuple[str, ...] | None = None) -> Backend:
+def create_backend(
+    manifest: Manifest,
+    provider: str = "cpu",
+    config: SessionConfig | None = None,
+    graphs: tuple[str, ...] | None = None,
+) -> Backend:
     """The backend serving `provider` ("cpu", "cuda", "tensorrt" via ONNX Runtime; "openvino").
 
     The implementation's module is imported here, on first use, so an install without OpenVINO

@@ -94,8 +94,9 @@ class StageRunner:
         out["images"] = images
         confidence = max_softmax(out["coarse_logits"])
         return [
-            CoarseRow(out["coarse_logits"][i], float(confidence[i]),
-                      {name: out[name][i] for name in self.fine_input_names})
+            CoarseRow(
+                out["coarse_logits"][i], float(confidence[i]), {name: out[name][i] for name in self.fine_input_names}
+            )
             for i in range(len(images))
         ]
 
@@ -112,8 +113,9 @@ class StageRunner:
             self.run_coarse(np.zeros((1, 3, s, s), np.float32))
         if "fine" in stages:  # inputs shaped by the manifest (only the batch axis is symbolic)
             specs = self.manifest.graphs["fine"].inputs
-            self.run_fine([{t.name: np.zeros([d if isinstance(d, int) else 1 for d in t.shape[1:]], t.dtype)
-                            for t in specs}])
+            self.run_fine(
+                [{t.name: np.zeros([d if isinstance(d, int) else 1 for d in t.shape[1:]], t.dtype) for t in specs}]
+            )
 
     def answer(self, coarse: CoarseRow, eta: float, topk: int, fine: FineRow | None = None) -> Answer:
         """The answer for one image, computed as ``cfvit infer`` computes its row."""
@@ -122,9 +124,14 @@ class StageRunner:
         informative = np.full((1, k), NOT_REFINED, np.int64) if exited else fine.informative_idx[None]
         logits = (coarse.logits if exited else fine.logits)[None].astype(np.float32, copy=True)
         result = PipelineResult(
-            logits=logits, exited=np.array([exited]), coarse_logits=coarse.logits[None],
-            confidence=np.array([coarse.confidence], np.float32), informative_idx=informative, eta=eta,
-            timings=StageTimings(0.0, 0.0, 0.0))
+            logits=logits,
+            exited=np.array([exited]),
+            coarse_logits=coarse.logits[None],
+            confidence=np.array([coarse.confidence], np.float32),
+            informative_idx=informative,
+            eta=eta,
+            timings=StageTimings(0.0, 0.0, 0.0),
+        )
         row = rows_for_batch(result, [""], self.labels, min(topk, self.manifest.num_classes))[0]
         refined = () if exited else tuple(int(i) for i in informative[0] if i >= 0)
         return Answer(row=row, refined=refined, eta=eta)
@@ -172,8 +179,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_positive_int(self.max_batch, "--max-batch")
         check_positive_int(self.max_queue, "--max-queue")
-        if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
-                or not 0 <= self.max_wait_ms < 60_000:
+        if (
+            isinstance(self.max_wait_ms, bool)
+            or not isinstance(self.max_wait_ms, (int, float))
+            or not 0 <= self.max_wait_ms < 60_000
+        ):
             raise UsageError(f"--max-wait-ms must be a number in [0, 60000), got {self.max_wait_ms!r}")
         if self.default_eta is not None:
             self.default_eta = check_eta(self.default_eta, "--eta")
@@ -196,8 +206,12 @@ class BatchingEngine:
     in the coarse worker thread, then starts the two batching tasks.
     """
 
-    def __init__(self, load: Callable[[], StageRunner], config: EngineConfig | None = None,
-                 observer: EngineObserver | None = None) -> None:
+    def __init__(
+        self,
+        load: Callable[[], StageRunner],
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+    ) -> None:
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self._load = load
@@ -329,8 +343,9 @@ class BatchingEngine:
             self.observer.on_batch(stage, size, perf_counter() - start)
         return result
 
-    def _finish(self, ticket: _Ticket, stage: str, answer: Answer | None = None,
-                error: BaseException | None = None) -> None:
+    def _finish(
+        self, ticket: _Ticket, stage: str, answer: Answer | None = None, error: BaseException | None = None
+    ) -> None:
         self._state.pending -= 1
         if ticket.future.done():
             return
@@ -392,5 +407,15 @@ class BatchingEngine:
                 continue
             for ticket, row in zip(batch, rows, strict=True):
                 done = ticket.future.done()
-                self._finish(ticket, "fine", None if done else runner.answer(ticket.coarse, ticket.eta,  # type: ignore[arg-type]
-                                                                            ticket.topk, row))
+                self._finish(
+                    ticket,
+                    "fine",
+                    None
+                    if done
+                    else runner.answer(
+                        ticket.coarse,
+                        ticket.eta,  # type: ignore[arg-type]
+                        ticket.topk,
+                        row,
+                    ),
+                )

@@ -58,8 +58,17 @@ from .inference import (
 )
 from .pipeline import CFViTPipeline
 
-__all__ = ["ENGINES", "OUTPUT_SUFFIXES", "InferInterrupted", "InferRow", "InferSummary", "collect_inputs",
-           "infer", "overlay_names", "render_overlay"]
+__all__ = [
+    "ENGINES",
+    "OUTPUT_SUFFIXES",
+    "InferInterrupted",
+    "InferRow",
+    "InferSummary",
+    "collect_inputs",
+    "infer",
+    "overlay_names",
+    "render_overlay",
+]
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
@@ -111,8 +120,10 @@ def _prepare_overlay_dir(directory: Path, names: Iterable[str], force: bool) -> 
     if not force and directory.is_dir():
         clash = [n for n in names if (directory / n).exists()]
         if clash:
-            raise OutputExistsError(f"{directory / clash[0]} already exists ({len(clash)} overlays would be "
-                                    "replaced); pass --force to overwrite them")
+            raise OutputExistsError(
+                f"{directory / clash[0]} already exists ({len(clash)} overlays would be "
+                "replaced); pass --force to overwrite them"
+            )
     directory.mkdir(exist_ok=True)
 
 
@@ -154,16 +165,22 @@ def infer(
     """
     check_choice(engine, ENGINES, "--engine")
     eta = check_arguments(eta, batch_size, topk, max_pixels)
-    ray_options = {"address": address, "num_actors": num_actors, "actor_threads": actor_threads,
-                   "shared_export": shared_export}
+    ray_options = {
+        "address": address,
+        "num_actors": num_actors,
+        "actor_threads": actor_threads,
+        "shared_export": shared_export,
+    }
     _check_engine_arguments(engine, source, provider, config, overlay, workers, ray_options)
     out = check_output_path(output, force)
     paths = find_inputs(inputs, recursive)
     manifest = _manifest(source)
-    job = InferJob(paths, eta, fit_batch_size(batch_size, len(paths), manifest), min(topk, manifest.num_classes),
-                   max_pixels, out)
-    summary = InferSummary(inputs=len(paths), output=out, engine=engine, batch_size=job.batch_size,
-                           export=export_identity(manifest))
+    job = InferJob(
+        paths, eta, fit_batch_size(batch_size, len(paths), manifest), min(topk, manifest.num_classes), max_pixels, out
+    )
+    summary = InferSummary(
+        inputs=len(paths), output=out, engine=engine, batch_size=job.batch_size, export=export_identity(manifest)
+    )
     if engine == "ray":
         from .ray_engine import ray_rows
 
@@ -173,9 +190,15 @@ def infer(
     return run_rows(rows, summary, output=out, topk=job.topk, force=force, on_row=on_row, progress=progress)
 
 
-def _check_engine_arguments(engine: str, source: str | Path | Manifest | CFViTPipeline, provider: str,
-                            config: SessionConfig | None, overlay: str | Path | None, workers: int | None,
-                            ray_options: dict[str, Any]) -> None:
+def _check_engine_arguments(
+    engine: str,
+    source: str | Path | Manifest | CFViTPipeline,
+    provider: str,
+    config: SessionConfig | None,
+    overlay: str | Path | None,
+    workers: int | None,
+    ray_options: dict[str, Any],
+) -> None:
     """The engine-specific checks of :func:`infer`, before any work: Ray's options only with the Ray engine."""
     if engine == "local":
         if any(v not in (None, False) for v in ray_options.values()):
@@ -189,13 +212,21 @@ def _check_engine_arguments(engine: str, source: str | Path | Manifest | CFViTPi
     else:
         from .ray_engine import check_ray_arguments
 
-        check_ray_arguments(source, provider, config, overlay, workers, ray_options["num_actors"],
-                            ray_options["actor_threads"])
+        check_ray_arguments(
+            source, provider, config, overlay, workers, ray_options["num_actors"], ray_options["actor_threads"]
+        )
 
 
-def _local_rows(source: str | Path | Manifest | CFViTPipeline, manifest: Manifest, provider: str,
-                config: SessionConfig | None, job: InferJob, overlay: str | Path | None, force: bool,
-                workers: int | None) -> Iterator[InferRow]:
+def _local_rows(
+    source: str | Path | Manifest | CFViTPipeline,
+    manifest: Manifest,
+    provider: str,
+    config: SessionConfig | None,
+    job: InferJob,
+    overlay: str | Path | None,
+    force: bool,
+    workers: int | None,
+) -> Iterator[InferRow]:
     """The local engine's rows; the overlay folder (if any) is checked and created before any session."""
     overlay_dir = None if overlay is None else Path(overlay)
     names = overlay_names(job.paths) if overlay_dir is not None else {}
@@ -215,8 +246,14 @@ def _manifest(source: str | Path | Manifest | CFViTPipeline) -> Manifest:
 class LocalEngine:
     """One streaming pass in this process: decode ahead in threads, run full batches, yield rows in input order."""
 
-    def __init__(self, pipeline: CFViTPipeline, job: InferJob, workers: int, overlay_dir: Path | None = None,
-                 names: dict[Path, str] | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: CFViTPipeline,
+        job: InferJob,
+        workers: int,
+        overlay_dir: Path | None = None,
+        names: dict[Path, str] | None = None,
+    ) -> None:
         self.pipeline, self.job, self.workers = pipeline, job, workers
         self.overlay_dir, self.names = overlay_dir, names or {}
         self.manifest = pipeline.manifest

@@ -77,10 +77,16 @@ class InferRow:
     def from_json(cls, record: dict[str, Any]) -> InferRow:
         """:meth:`to_json`, inverted."""
         topk = record.get("topk") or []
-        return cls(path=record["path"], stage=record.get("stage") or "", confidence=record.get("confidence"),
-                   patches=record.get("patches"), labels=tuple(t["label"] for t in topk),
-                   probs=tuple(t["prob"] for t in topk), overlay=record.get("overlay") or "",
-                   error=record.get("error") or "")
+        return cls(
+            path=record["path"],
+            stage=record.get("stage") or "",
+            confidence=record.get("confidence"),
+            patches=record.get("patches"),
+            labels=tuple(t["label"] for t in topk),
+            probs=tuple(t["prob"] for t in topk),
+            overlay=record.get("overlay") or "",
+            error=record.get("error") or "",
+        )
 
 
 @dataclass
@@ -203,8 +209,9 @@ def _rounded(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def rows_for_batch(result: PipelineResult, paths: Sequence[Path | str], labels: Sequence[str],
-                   topk: int) -> list[InferRow]:
+def rows_for_batch(
+    result: PipelineResult, paths: Sequence[Path | str], labels: Sequence[str], topk: int
+) -> list[InferRow]:
     """Rows for one pipeline batch (vectorised softmax and top-k)."""
     probs = softmax(result.logits)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
@@ -265,8 +272,10 @@ def find_inputs(inputs: str | Path | Sequence[str | Path], recursive: bool) -> l
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     paths = collect_inputs(items, recursive)
     if not paths:
-        raise UsageError(f"no image files found in {', '.join(str(p) for p in items) or 'the inputs'}"
-                         f"{'' if recursive else ' (sub-folders need --recursive)'}")
+        raise UsageError(
+            f"no image files found in {', '.join(str(p) for p in items) or 'the inputs'}"
+            f"{'' if recursive else ' (sub-folders need --recursive)'}"
+        )
     return paths
 
 
@@ -305,14 +314,24 @@ def fit_batch_size(batch_size: int, n_inputs: int, manifest: Manifest) -> int:
     batch = min(batch_size, n_inputs)
     need, free = batch_memory(batch, manifest), available_memory()
     if free is not None and need > free:
-        raise UsageError(f"a batch of {batch} images needs about {need / 2**30:.1f} GiB of buffers, more than the "
-                         f"{free / 2**30:.1f} GiB of memory available; use a smaller --batch-size")
+        raise UsageError(
+            f"a batch of {batch} images needs about {need / 2**30:.1f} GiB of buffers, more than the "
+            f"{free / 2**30:.1f} GiB of memory available; use a smaller --batch-size"
+        )
     return batch
 
 
 # -- the run -------------------------------------------------------------------------------------
-def run_rows(rows: Iterator[InferRow], summary: InferSummary, *, output: Path | None, topk: int, force: bool = False,
-             on_row: Callable[[InferRow], None] | None = None, progress: ProgressHook | None = None) -> InferSummary:
+def run_rows(
+    rows: Iterator[InferRow],
+    summary: InferSummary,
+    *,
+    output: Path | None,
+    topk: int,
+    force: bool = False,
+    on_row: Callable[[InferRow], None] | None = None,
+    progress: ProgressHook | None = None,
+) -> InferSummary:
     """Drain an engine's `rows` into the output, `on_row` and `summary`; keep them on an interrupt.
 
     On Ctrl-C or SIGTERM the rows done so far are kept as a complete output (and summary JSON with

@@ -24,8 +24,9 @@ from .backends import SessionConfig
 class OpenVinoBackend:
     """OpenVINO compiled models for every graph of an export (device "CPU")."""
 
-    def __init__(self, manifest: Manifest, config: SessionConfig | None = None,
-                 graphs: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self, manifest: Manifest, config: SessionConfig | None = None, graphs: tuple[str, ...] | None = None
+    ) -> None:
         try:  # a ProviderError, not MissingExtraError: bench reports the provider as unavailable
             import openvino as ov
         except ImportError:
@@ -44,7 +45,9 @@ class OpenVinoBackend:
             try:
                 self.compiled[name] = core.compile_model(core.read_model(str(path)), "CPU", properties)
             except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
-                raise ProviderError(f"OpenVINO cannot compile {path.name}: {str(exc).strip().splitlines()[0]}") from None
+                raise ProviderError(
+                    f"OpenVINO cannot compile {path.name}: {str(exc).strip().splitlines()[0]}"
+                ) from None
         # a port can carry several tensor names (converters add aliases such as 'graph_input_cast_0'):
         # name each port by the manifest's name for it
         self._outputs = {g: _port_names(m.outputs, manifest.graphs[g].output_names()) for g, m in self.compiled.items()}

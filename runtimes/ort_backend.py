@@ -34,14 +34,18 @@ def _use_shared_pool(shared: bool, threads: int | None) -> None:
     size = threads or 0
     if not shared:
         if _shared_pool:
-            raise UsageError("this process already runs ONNX Runtime sessions on the shared thread pool; "
-                             "later sessions must use it too (SessionConfig.shared_threads)")
+            raise UsageError(
+                "this process already runs ONNX Runtime sessions on the shared thread pool; "
+                "later sessions must use it too (SessionConfig.shared_threads)"
+            )
     elif not _shared_pool:
         _pybind_state.set_global_thread_pool_sizes(size, 1)
         _shared_pool.append(size)
     elif _shared_pool[0] != size:
-        raise UsageError(f"the shared ONNX Runtime thread pool of this process has {_shared_pool[0] or 'default'} "
-                         f"threads; it cannot also have {size or 'default'}")
+        raise UsageError(
+            f"the shared ONNX Runtime thread pool of this process has {_shared_pool[0] or 'default'} "
+            f"threads; it cannot also have {size or 'default'}"
+        )
 
 
 @contextlib.contextmanager
@@ -66,8 +70,13 @@ def _quiet_ort_log(ort: Any, quiet: bool) -> Iterator[None]:
 class OrtBackend:
     """ONNX Runtime sessions for every graph of an export, on one execution provider."""
 
-    def __init__(self, manifest: Manifest, provider: str = "cpu", config: SessionConfig | None = None,
-                 graphs: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        provider: str = "cpu",
+        config: SessionConfig | None = None,
+        graphs: tuple[str, ...] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         check_provider(provider)
@@ -86,8 +95,7 @@ class OrtBackend:
                 "or pass --allow-fallback"
             )
         self.sessions = {
-            name: self._session(ort, manifest.graph_path(name), wanted)
-            for name in (graphs or tuple(manifest.graphs))
+            name: self._session(ort, manifest.graph_path(name), wanted) for name in (graphs or tuple(manifest.graphs))
         }
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
         self._inputs = {name: [i.name for i in s.get_inputs()] for name, s in self.sessions.items()}
@@ -129,8 +137,10 @@ class OrtBackend:
                 session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             else:
                 first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-                raise ProviderError(f"cannot create a {self.provider} session for {path.name}: {first}; "
-                                    "pass --allow-fallback to run on the CPU instead") from None
+                raise ProviderError(
+                    f"cannot create a {self.provider} session for {path.name}: {first}; "
+                    "pass --allow-fallback to run on the CPU instead"
+                ) from None
         active = session.get_providers()
         if active[0] != wanted and not cfg.allow_fallback:
             raise ProviderError(

@@ -88,8 +88,9 @@ class CFViTPipeline:
     backend's ``run`` is (ONNX Runtime sessions and :class:`OpenVinoBackend` are).
     """
 
-    def __init__(self, source: str | Path | Manifest | Backend, provider: str = "cpu",
-                 config: SessionConfig | None = None) -> None:
+    def __init__(
+        self, source: str | Path | Manifest | Backend, provider: str = "cpu", config: SessionConfig | None = None
+    ) -> None:
         if isinstance(source, (str, Path)):
             source = Manifest.load(source)
         if isinstance(source, Manifest):
@@ -97,7 +98,9 @@ class CFViTPipeline:
         elif callable(getattr(source, "run", None)) and isinstance(getattr(source, "manifest", None), Manifest):
             self.backend = source
         else:
-            raise UsageError(f"CFViTPipeline needs an export folder, a Manifest or a backend, got {type(source).__name__}")
+            raise UsageError(
+                f"CFViTPipeline needs an export folder, a Manifest or a backend, got {type(source).__name__}"
+            )
         self.manifest: Manifest = self.backend.manifest
         self._fine_inputs = tuple(self.manifest.graphs["fine"].input_names())
         #: IOBinding device of the backend, or None for plain host-array runs

@@ -68,14 +68,24 @@ def import_ray() -> Any:
     return ray
 
 
-def check_ray_arguments(source: Any, provider: str, config: SessionConfig | None, overlay: Any,
-                        workers: int | None, num_actors: int | None, actor_threads: int | None) -> None:
+def check_ray_arguments(
+    source: Any,
+    provider: str,
+    config: SessionConfig | None,
+    overlay: Any,
+    workers: int | None,
+    num_actors: int | None,
+    actor_threads: int | None,
+) -> None:
     """Refuse, before any work, what the Ray engine cannot do; then make sure Ray is installed."""
     if isinstance(source, CFViTPipeline):
         raise UsageError("--engine ray needs an export folder or a Manifest, not a ready pipeline")
-    local_only = {"--overlay": overlay is not None, "--threads (use --actor-threads)":
-                  config is not None and config.threads is not None,
-                  "--allow-fallback": config is not None and config.allow_fallback, "workers": workers is not None}
+    local_only = {
+        "--overlay": overlay is not None,
+        "--threads (use --actor-threads)": config is not None and config.threads is not None,
+        "--allow-fallback": config is not None and config.allow_fallback,
+        "workers": workers is not None,
+    }
     for flag, given in local_only.items():
         if given:
             raise UsageError(f"{flag} is not supported with --engine ray")
@@ -161,9 +171,16 @@ def _quiet_ray() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def ray_rows(manifest: Manifest, job: InferJob, *, provider: str = "cpu", address: str | None = None,
-             num_actors: int | None = None, actor_threads: int | None = None,
-             shared_export: bool = False) -> Iterator[InferRow]:
+def ray_rows(
+    manifest: Manifest,
+    job: InferJob,
+    *,
+    provider: str = "cpu",
+    address: str | None = None,
+    num_actors: int | None = None,
+    actor_threads: int | None = None,
+    shared_export: bool = False,
+) -> Iterator[InferRow]:
     """The rows of `job` on Ray, in input order; the cluster is connected on the first row, released at the end.
 
     `address`: ``local`` (default: a private cluster on this machine, shut down afterwards),
@@ -220,14 +237,27 @@ def _dataset(ray: Any, job: InferJob, pp: PreprocessConfig, plan: ActorPlan, act
     batch_bytes = batch_size * 3 * pp.crop_size**2 * np.dtype(np.float32).itemsize
     # max_restarts=0: a restarted actor would need the shipped export again (Ray warns about that on
     # stderr for every actor with object-store constructor arguments); a crashed actor fails the run.
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"pp": pp, "max_pixels": max_pixels}, batch_size=None,
-                        batch_format="numpy", num_cpus=plan.cpus_per_decode_task,
-                        memory=_DECODE_WORKER_MEMORY + 2 * batch_bytes, udf_modifying_row_count=False)
+    ds = ds.map_batches(
+        _decode_batch,
+        fn_kwargs={"pp": pp, "max_pixels": max_pixels},
+        batch_size=None,
+        batch_format="numpy",
+        num_cpus=plan.cpus_per_decode_task,
+        memory=_DECODE_WORKER_MEMORY + 2 * batch_bytes,
+        udf_modifying_row_count=False,
+    )
     with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray's own docs pass it so
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ds.map_batches(_PipelineActor, fn_constructor_args=(*actor_args, plan.threads), batch_size=None,
-                            batch_format="numpy", num_cpus=plan.cpus_per_actor, udf_modifying_row_count=False,
-                            compute=ray.data.ActorPoolStrategy(size=plan.num_actors), max_restarts=0)
+        ds = ds.map_batches(
+            _PipelineActor,
+            fn_constructor_args=(*actor_args, plan.threads),
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=plan.cpus_per_actor,
+            udf_modifying_row_count=False,
+            compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+            max_restarts=0,
+        )
     ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
     return ds
 

@@ -40,8 +40,9 @@ class CsvSink:
     def __init__(self, f: IO[str], topk: int) -> None:
         self.w, self.topk = csv.writer(f, lineterminator="\n"), topk
         ranks = [(f"label_{i}", f"prob_{i}") for i in range(1, topk + 1)]
-        self.w.writerow(["path", "stage", "confidence", "patches", *[c for pair in ranks for c in pair],
-                         "overlay", "error"])
+        self.w.writerow(
+            ["path", "stage", "confidence", "patches", *[c for pair in ranks for c in pair], "overlay", "error"]
+        )
 
     def row(self, r: InferRow) -> None:
         pairs = [x for lp in zip(r.labels, (f"{p:.6g}" for p in r.probs), strict=True) for x in lp]
@@ -65,8 +66,17 @@ def row_schema() -> Any:
     """The Arrow schema of a row: :meth:`InferRow.to_json`'s layout (``topk`` a list of structs)."""
     pa = require("pyarrow", "parquet", "Parquet output")
     topk = pa.list_(pa.struct([("label", pa.string()), ("prob", pa.float64())]))
-    return pa.schema([("path", pa.string()), ("stage", pa.string()), ("confidence", pa.float64()),
-                      ("patches", pa.int64()), ("topk", topk), ("overlay", pa.string()), ("error", pa.string())])
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("stage", pa.string()),
+            ("confidence", pa.float64()),
+            ("patches", pa.int64()),
+            ("topk", topk),
+            ("overlay", pa.string()),
+            ("error", pa.string()),
+        ]
+    )
 
 
 class ParquetSink:

@@ -96,8 +96,10 @@ def test_fused_export_reproduces_upstream_outputs(upstream, export_dir_factory):
     assert Manifest.load(export_dir).attention == "fused"
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
-    coarse, fine = (ort.InferenceSession(str(export_dir / f"{g}.onnx"), so, providers=["CPUExecutionProvider"])
-                    for g in ("coarse", "fine"))
+    coarse, fine = (
+        ort.InferenceSession(str(export_dir / f"{g}.onnx"), so, providers=["CPUExecutionProvider"])
+        for g in ("coarse", "fine")
+    )
     ref, x = upstream.ref, upstream.images
     co = dict(zip([o.name for o in coarse.get_outputs()], coarse.run(None, {"images": x}), strict=True))
     feeds = {"images": x, **{k: co[k] for k in ("global_attention", "reuse_tokens", "coarse_embedding")}}

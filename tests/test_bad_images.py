@@ -158,8 +158,11 @@ def test_header_above_a_lowered_limit(tmp_path):
 
 def test_real_image_above_a_lowered_limit(tmp_path):
     Image.new("RGB", (100, 50)).save(tmp_path / "big.png")
-    with pytest.raises(ImageError, match=r"big\.png: image is 100x50 = 5,000 pixels, above the limit of 4,999 "
-                       r"\(possible decompression bomb; raise it with --max-pixels\)"):
+    with pytest.raises(
+        ImageError,
+        match=r"big\.png: image is 100x50 = 5,000 pixels, above the limit of 4,999 "
+        r"\(possible decompression bomb; raise it with --max-pixels\)",
+    ):
         load_image(tmp_path / "big.png", max_pixels=4999)
     assert load_image(tmp_path / "big.png", max_pixels=5000).size == (100, 50)
 
@@ -199,7 +202,9 @@ def test_dark_16_bit_png_stays_dark(tmp_path):
     """All values below 256 are still 16-bit values: nearly black, not full 8-bit brightness."""
     Image.fromarray(np.array([[0, 100, 200, 255]], np.uint16)).save(tmp_path / "dark.png")
     assert stored_mode(tmp_path / "dark.png") == "I;16"
-    np.testing.assert_array_equal(rgb(load_image(tmp_path / "dark.png"))[0], np.array([[0] * 3, [0] * 3, [1] * 3, [1] * 3]))
+    np.testing.assert_array_equal(
+        rgb(load_image(tmp_path / "dark.png"))[0], np.array([[0] * 3, [0] * 3, [1] * 3, [1] * 3])
+    )
 
 
 def test_1_bit_png(tmp_path):

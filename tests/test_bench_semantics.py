@@ -29,7 +29,11 @@ COARSE_S, GATE_S, FINE_S = 0.0003, 0.0001, 0.0002
 
 def _bench_modules() -> list[ModuleType]:
     prefix = bench.__name__
-    return [m for name, m in list(sys.modules.items()) if m is not None and (name == prefix or name.startswith(prefix + "."))]
+    return [
+        m
+        for name, m in list(sys.modules.items())
+        if m is not None and (name == prefix or name.startswith(prefix + "."))
+    ]
 
 
 @pytest.fixture
@@ -77,8 +81,9 @@ def test_latency_stats_against_the_standard_library():
 
 
 def test_stage_times_add_up_to_the_whole_call(export_dir, fake_clock):
-    result = bench.run_bench(export_dir, batch_sizes=(2,), fine_fractions=(0.0, 0.5), iterations=2, warmup=0,
-                             isolation="inline")
+    result = bench.run_bench(
+        export_dir, batch_sizes=(2,), fine_fractions=(0.0, 0.5), iterations=2, warmup=0, isolation="inline"
+    )
     rows = [r for r in result.rows if r.model == "cfvit" and r.status == "ok"]
     assert len(rows) == 3  # fractions 0, 0.5 and the eta = 1 row
     for r in rows:
@@ -94,8 +99,9 @@ def test_stage_times_add_up_to_the_whole_call(export_dir, fake_clock):
 def test_speedups_refer_to_the_baseline_of_the_same_cell(export_dir, fake_clock):
     """Every call lasts 1 ms: img/s is the batch size x 1000, and the speedup against the baseline of the
     same batch size is exactly 1 (a baseline of another batch size would give 2 or 0.5)."""
-    result = bench.run_bench(export_dir, batch_sizes=(1, 2), fine_fractions=(0.5,), iterations=2, warmup=0,
-                             isolation="inline")
+    result = bench.run_bench(
+        export_dir, batch_sizes=(1, 2), fine_fractions=(0.5,), iterations=2, warmup=0, isolation="inline"
+    )
     gmacs = Manifest.load(export_dir).gmacs
     ok = [r for r in result.rows if r.status == "ok"]
     assert {(r.model, r.batch_size) for r in ok} >= {("baseline", 1), ("baseline", 2), ("cfvit", 1), ("cfvit", 2)}

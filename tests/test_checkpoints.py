@@ -91,8 +91,10 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 
 def test_plain_deit_is_named(tmp_path):
-    torch.save({"model": {"pos_embed": torch.zeros(1, 197, 8), "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}},
-               tmp_path / "deit.pth")
+    torch.save(
+        {"model": {"pos_embed": torch.zeros(1, 197, 8), "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}},
+        tmp_path / "deit.pth",
+    )
     with pytest.raises(CheckpointError, match="plain ViT/DeiT.*pos_embed_list"):
         load_checkpoint(tmp_path / "deit.pth")
 
@@ -132,19 +134,28 @@ def test_training_checkpoint_with_args_namespace_loads(tmp_path, micro_state):
     """The original training scripts save `args` (an argparse.Namespace) beside the weights."""
     import argparse
 
-    torch.save({"model": micro_state[1], "epoch": 299, "args": argparse.Namespace(lr=1e-3, model="cf_deit_small")},
-               tmp_path / "checkpoint.pth")
+    torch.save(
+        {"model": micro_state[1], "epoch": 299, "args": argparse.Namespace(lr=1e-3, model="cf_deit_small")},
+        tmp_path / "checkpoint.pth",
+    )
     loaded = load_checkpoint(tmp_path / "checkpoint.pth", num_heads=3)
     assert torch.equal(loaded.state_dict()["head.weight"], micro_state[1]["head.weight"])
 
 
 # -- what an unloadable file looks like (issue 13 item 9) ----------------------------------------------
-@pytest.mark.parametrize("content, looks", [
-    (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 101\n", r"a text file \(\d+ bytes, starting 'version https"),
-    (b"PK\x03\x04" + bytes(range(200)), "a zip archive of 204 bytes"),
-    (bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)), "binary data of 300 bytes"),
-    (b"", r"an empty file \(0 bytes\)"),
-], ids=["text", "zip", "random", "empty"])
+@pytest.mark.parametrize(
+    "content, looks",
+    [
+        (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 101\n",
+            r"a text file \(\d+ bytes, starting 'version https",
+        ),
+        (b"PK\x03\x04" + bytes(range(200)), "a zip archive of 204 bytes"),
+        (bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)), "binary data of 300 bytes"),
+        (b"", r"an empty file \(0 bytes\)"),
+    ],
+    ids=["text", "zip", "random", "empty"],
+)
 def test_unloadable_file_says_what_it_looks_like(tmp_path, content, looks):
     (tmp_path / "x.pth").write_bytes(content)
     with pytest.raises(CheckpointError) as err:
@@ -155,8 +166,16 @@ def test_unloadable_file_says_what_it_looks_like(tmp_path, content, looks):
 
 
 def test_plain_deit_says_what_to_do(tmp_path):
-    torch.save({"model": {"pos_embed": torch.zeros(1, 197, 48), "cls_token": torch.zeros(1, 1, 48),
-                          "patch_embed.proj.weight": torch.zeros(48, 3, 16, 16)}}, tmp_path / "deit.pth")
+    torch.save(
+        {
+            "model": {
+                "pos_embed": torch.zeros(1, 197, 48),
+                "cls_token": torch.zeros(1, 1, 48),
+                "patch_embed.proj.weight": torch.zeros(48, 3, 16, 16),
+            }
+        },
+        tmp_path / "deit.pth",
+    )
     with pytest.raises(CheckpointError, match=r"plain ViT/DeiT .*not a CF-ViT.*train one with `cfvit train`"):
         load_checkpoint(tmp_path / "deit.pth", num_heads=5)  # the heads are not what is wrong here
 

@@ -162,7 +162,7 @@ def test_random_crop_keeps_pixels_at_the_resize_size() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     out = np.asarray(random_crop(Image.fromarray(pixels), PP, np.random.default_rng(1)))
     assert out.shape == (224, 224, 3)
-    assert any(np.array_equal(out, pixels[y:y + 224, x:x + 224]) for y in range(33) for x in range(33))
+    assert any(np.array_equal(out, pixels[y : y + 224, x : x + 224]) for y in range(33) for x in range(33))
 
 
 @settings(max_examples=30, deadline=None)

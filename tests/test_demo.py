@@ -112,25 +112,54 @@ def test_report_inference_section_is_a_table():
 
 
 def _choice(eta: float = 0.4) -> dict:
-    return {"eta": eta, "accuracy": 0.68, "exit_rate": 0.69, "expected_gmacs": 0.042, "img_per_s": 753.0,
-            "ms_per_image": 1.328, "budget": {"max_drop": 1.0, "reference_eta": 1.0, "reference_accuracy": 0.717},
-            "batch_size": 32, "provider": "cpu"}
+    return {
+        "eta": eta,
+        "accuracy": 0.68,
+        "exit_rate": 0.69,
+        "expected_gmacs": 0.042,
+        "img_per_s": 753.0,
+        "ms_per_image": 1.328,
+        "budget": {"max_drop": 1.0, "reference_eta": 1.0, "reference_accuracy": 0.717},
+        "batch_size": 32,
+        "provider": "cpu",
+    }
 
 
 def test_report_names_the_eta_chosen_for_the_budget(tmp_path):
     """Issue 14 item 5: report.md gives the η the sweep chose, with its measured accuracy, exit rate and latency."""
-    info = {"classes": ["a", "b"], "val_coarse_acc": 0.6, "val_fine_acc": 0.7, "gmacs": {"coarse": 0.02, "fine": 0.09},
-            "infer": {}, "infer_eta": 0.4, "eta_choice": _choice(0.4)}
-    rows = [SimpleNamespace(eta=e, accuracy=a, exit_rate=x, expected_gmacs=0.05, img_per_s=600.0)
-            for e, a, x in ((0.4, 0.68, 0.69), (1.0, 0.717, 0.0))]
+    info = {
+        "classes": ["a", "b"],
+        "val_coarse_acc": 0.6,
+        "val_fine_acc": 0.7,
+        "gmacs": {"coarse": 0.02, "fine": 0.09},
+        "infer": {},
+        "infer_eta": 0.4,
+        "eta_choice": _choice(0.4),
+    }
+    rows = [
+        SimpleNamespace(eta=e, accuracy=a, exit_rate=x, expected_gmacs=0.05, img_per_s=600.0)
+        for e, a, x in ((0.4, 0.68, 0.69), (1.0, 0.717, 0.0))
+    ]
     validation = SimpleNamespace(passed=True, checks=[1, 2], failed=[])
-    cell = dict(runtime="onnxruntime", provider="cpu", model="cfvit", precision="fp32", batch_size=32, gate="forced",
-                fine_fraction=0.24, p50_ms=12.5, img_per_s=2560.0, speedup_vs_baseline=2.5, status="ok")
+    cell = dict(
+        runtime="onnxruntime",
+        provider="cpu",
+        model="cfvit",
+        precision="fp32",
+        batch_size=32,
+        gate="forced",
+        fine_fraction=0.24,
+        p50_ms=12.5,
+        img_per_s=2560.0,
+        speedup_vs_baseline=2.5,
+        status="ok",
+    )
     bench = SimpleNamespace(rows=[SimpleNamespace(**cell), SimpleNamespace(**{**cell, "status": "skipped"})])
     report = _write_report(tmp_path, info, validation, SimpleNamespace(rows=rows), bench, {})
     benchmark = report.read_text().split("## Short benchmark")[1].split("\n## ")[0]
     assert [line for line in benchmark.splitlines() if line.startswith("| onnxruntime")] == [
-        "| onnxruntime/cpu | cfvit | fp32 | 32 | forced | 0.24 | 12.50 | 2560 | 2.50 |"]  # the measured cell only
+        "| onnxruntime/cpu | cfvit | fp32 | 32 | forced | 0.24 | 12.50 | 2560 | 2.50 |"
+    ]  # the measured cell only
     section = report.read_text().split("## η trade-off")[1].split("\n## ")[0]
     chosen = next(line for line in section.splitlines() if line.startswith("**Chosen η"))
     assert chosen.startswith("**Chosen η = 0.4**: the cheapest η whose top-1 is at most 1 point(s) below η = 1 (71.7%)")
@@ -144,10 +173,13 @@ def test_cli_summary_names_the_chosen_eta(tmp_path, monkeypatch, capfd):
     from cli import main
 
     summary = {"val_coarse_acc": 0.6, "val_fine_acc": 0.7, "validation_passed": True, "eta_choice": _choice(0.4)}
-    monkeypatch.setattr(cfvit_deploy.app.demo, "run_demo",
-                        lambda out, **kw: DemoResult(out, out / "report.md", {"train": 1.0}, summary))
+    monkeypatch.setattr(
+        cfvit_deploy.app.demo, "run_demo", lambda out, **kw: DemoResult(out, out / "report.md", {"train": 1.0}, summary)
+    )
     assert main(["demo", "--out", str(tmp_path / "d")]) == 0
     stdout, stderr = capfd.readouterr()
     assert stdout == ""
-    assert "chosen eta 0.4 (top-1 at most 1 point below eta = 1, now the export's default): top-1 68.0%, " \
-           "exit at coarse 69%, 1.33 ms/image (batch 32)" in " ".join(stderr.split())
+    assert (
+        "chosen eta 0.4 (top-1 at most 1 point below eta = 1, now the export's default): top-1 68.0%, "
+        "exit at coarse 69%, 1.33 ms/image (batch 32)" in " ".join(stderr.split())
+    )

@@ -21,8 +21,10 @@ from exporters.validation import smooth_random_images
 def _sessions(export_dir):
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
-    return {g: ort.InferenceSession(str(export_dir / f"{g}.onnx"), so, providers=["CPUExecutionProvider"])
-            for g in ("coarse", "fine")}
+    return {
+        g: ort.InferenceSession(str(export_dir / f"{g}.onnx"), so, providers=["CPUExecutionProvider"])
+        for g in ("coarse", "fine")
+    }
 
 
 def _run(sessions, x):
@@ -147,8 +149,12 @@ def test_validate_passes_and_fails_on_tampered_graph(tmp_path, upstream, export_
     report = json.loads((ok / "validation.json").read_text())
     assert report["passed"] and len(report["checks"]) > 20
     names = " ".join(c["name"] for c in report["checks"])
-    for part in ("coarse graph: global_attention", "fine graph: selected patches", "end to end: fine_logits",
-                 "exit decision at eta=0.5"):
+    for part in (
+        "coarse graph: global_attention",
+        "fine graph: selected patches",
+        "end to end: fine_logits",
+        "exit decision at eta=0.5",
+    ):
         assert part in names
     # each check once per input and batch, which the report says (issue 13 item 10)
     keys = [(c["name"], c["input"], c["batch"]) for c in report["checks"]]
@@ -306,18 +312,42 @@ def test_validate_says_first_when_the_checkpoint_is_not_the_exported_one(tmp_pat
     src = export_dir_factory(upstream.name)
     other = tmp_path / "other.pth"  # the same weights saved again: another file, another sha256
     torch.save({"model": torch.load(upstream.pth, weights_only=True)["model"], "epoch": 1}, other)
-    code = main(["validate", str(src), "--checkpoint", str(other), "--batch-sizes", "1", "--etas", "0.5",
-                 "--report", str(tmp_path / "r.json")])
+    code = main(
+        [
+            "validate",
+            str(src),
+            "--checkpoint",
+            str(other),
+            "--batch-sizes",
+            "1",
+            "--etas",
+            "0.5",
+            "--report",
+            str(tmp_path / "r.json"),
+        ]
+    )
     out, err = capfd.readouterr()
     assert code == 0  # the checks still run (and pass: the weights are the same)
     recorded = json.loads((src / "manifest.json").read_text())["source"]["checkpoint"]["sha256"]
     lines = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(lines) == 1 and str(other) in lines[0] and recorded[:12] in lines[0]
     assert hashlib.sha256(other.read_bytes()).hexdigest()[:12] in lines[0]
-    assert json.loads((tmp_path / "r.json").read_text())["warnings"] == [lines[0][len("warning: "):]]
+    assert json.loads((tmp_path / "r.json").read_text())["warnings"] == [lines[0][len("warning: ") :]]
     # the manifest's own checkpoint: no warning
-    main(["validate", str(src), "--checkpoint", str(upstream.pth), "--batch-sizes", "1", "--etas", "0.5",
-          "--report", str(tmp_path / "r2.json")])
+    main(
+        [
+            "validate",
+            str(src),
+            "--checkpoint",
+            str(upstream.pth),
+            "--batch-sizes",
+            "1",
+            "--etas",
+            "0.5",
+            "--report",
+            str(tmp_path / "r2.json"),
+        ]
+    )
     assert "warning:" not in capfd.readouterr().err
 
 
@@ -336,8 +366,14 @@ def test_a_tamper_between_one_and_ten_times_the_fp32_bound_fails(tmp_path, expor
     rng, largest = np.random.default_rng(0), 0.0  # the inputs validate draws (seed 0, batch sizes 1 and 4)
     for batch in (1, 4):
         with torch.no_grad():
-            largest = max(largest, float(model(torch.from_numpy(smooth_random_images(rng, batch, model.config.fine_image_size))).fine_logits
-                                         .abs().max()))
+            largest = max(
+                largest,
+                float(
+                    model(torch.from_numpy(smooth_random_images(rng, batch, model.config.fine_image_size)))
+                    .fine_logits.abs()
+                    .max()
+                ),
+            )
     bad = tmp_path / "bad"
     shutil.copytree(src, bad)
     _shift_head_bias(bad / "fine.onnx", 3.0 * (1e-4 + 1e-4 * largest))  # ~3x the bound of the largest batch
@@ -356,8 +392,10 @@ def _checker(precision):
     return _Checker(ValidationReport("e", "c", "cpu", precision, [1], [0.5]), crit), crit
 
 
-@pytest.mark.parametrize("name, scale", [("coarse_logits", 1.0), ("global_attention", 1.0),
-                                         ("reuse_tokens", 10.0), ("coarse_embedding", 10.0)])
+@pytest.mark.parametrize(
+    "name, scale",
+    [("coarse_logits", 1.0), ("global_attention", 1.0), ("reuse_tokens", 10.0), ("coarse_embedding", 10.0)],
+)
 @pytest.mark.parametrize("factor, passes", [(0.5, True), (0.99, True), (1.01, False), (2.0, False)])
 def test_fp32_bound_per_output_kind(name, scale, factor, passes):
     from exporters.validation import FEATURE_SCALE

@@ -80,7 +80,13 @@ def test_collect_inputs(folder):
     assert [p.relative_to(folder).as_posix() for p in flat] == ["a.png", "b.JPG", "c.jpeg", "d.jpg"]
     deep = collect_inputs([folder], recursive=True)
     assert [p.relative_to(folder).as_posix() for p in deep] == [
-        "a.png", "b.JPG", "c.jpeg", "d.jpg", "sub/deeper/t.bmp", "sub/s.png"]
+        "a.png",
+        "b.JPG",
+        "c.jpeg",
+        "d.jpg",
+        "sub/deeper/t.bmp",
+        "sub/s.png",
+    ]
     named = collect_inputs([folder / "notes.txt", folder / "a.png", folder, folder / "missing.png"])
     assert [p.name for p in named] == ["notes.txt", "a.png", "b.JPG", "c.jpeg", "d.jpg", "missing.png"]
 
@@ -154,8 +160,20 @@ def test_csv_cells_match_an_independent_computation(export_dir, tmp_path):
     exited = pred.exited.numpy()
     with open(out, newline="") as f:
         table = list(csv.reader(f))
-    assert table[0] == ["path", "stage", "confidence", "patches", "label_1", "prob_1", "label_2", "prob_2",
-                        "label_3", "prob_3", "overlay", "error"]
+    assert table[0] == [
+        "path",
+        "stage",
+        "confidence",
+        "patches",
+        "label_1",
+        "prob_1",
+        "label_2",
+        "prob_2",
+        "label_3",
+        "prob_3",
+        "overlay",
+        "error",
+    ]
     assert len(table) == 3
     for i, cells in enumerate(table[1:]):
         order = np.argsort(-probs[i])[:3]
@@ -180,8 +198,15 @@ def test_jsonl_format(export_dir, folder, tmp_path):
         assert r["stage"] in ("coarse", "fine") and r["error"] == "" and 0 < r["confidence"] <= 1
         assert [set(t) for t in r["topk"]] == [{"label", "prob"}] * 2
         assert r["topk"][0]["prob"] >= r["topk"][1]["prob"]
-    assert rows[3] == {"path": str(folder / "d.jpg"), "stage": None, "confidence": None, "patches": None,
-                       "topk": [], "overlay": "", "error": "not a recognised image format"}
+    assert rows[3] == {
+        "path": str(folder / "d.jpg"),
+        "stage": None,
+        "confidence": None,
+        "patches": None,
+        "topk": [],
+        "overlay": "",
+        "error": "not a recognised image format",
+    }
 
 
 def test_topk_is_capped_at_the_number_of_classes(export_dir, folder, tmp_path):
@@ -247,8 +272,9 @@ def test_decoding_look_ahead_is_bounded(export_dir, tmp_path, monkeypatch):
             return super().run(images, eta)
 
     monkeypatch.setattr(inference_mod, "load_and_preprocess", counting)
-    s = infer(Watching(export_dir), [tmp_path], batch_size=batch,
-              on_row=lambda row: emitted.__setitem__(0, emitted[0] + 1))
+    s = infer(
+        Watching(export_dir), [tmp_path], batch_size=batch, on_row=lambda row: emitted.__setitem__(0, emitted[0] + 1)
+    )
     assert s.images == 31 and emitted[0] == 31
 
 
@@ -260,23 +286,35 @@ def read_table(path: Path):
     import pyarrow.parquet
 
     suffix = path.suffix
-    frame = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}[suffix](path)
-    arrow = {".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json,
-             ".parquet": pyarrow.parquet.read_table}[suffix](path)
+    frame = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}[suffix](
+        path
+    )
+    arrow = {".csv": pyarrow.csv.read_csv, ".jsonl": pyarrow.json.read_json, ".parquet": pyarrow.parquet.read_table}[
+        suffix
+    ](path)
     assert arrow.num_rows == len(frame) and arrow.column_names == list(frame.columns)
     return frame
 
 
-CSV_COLUMNS = ["path", "stage", "confidence", "patches", *[f"{c}_{i}" for i in range(1, 6) for c in ("label", "prob")],
-               "overlay", "error"]
+CSV_COLUMNS = [
+    "path",
+    "stage",
+    "confidence",
+    "patches",
+    *[f"{c}_{i}" for i in range(1, 6) for c in ("label", "prob")],
+    "overlay",
+    "error",
+]
 JSON_COLUMNS = ["path", "stage", "confidence", "patches", "topk", "overlay", "error"]
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
-@pytest.mark.parametrize("interrupt, signal_name, code", [(KeyboardInterrupt, "SIGINT", 130),
-                                                          (Terminated, "SIGTERM", 143)])
-def test_interrupt_leaves_a_clean_table_and_a_summary(export_dir, folder, tmp_path, monkeypatch, capsys, suffix,
-                                                      interrupt, signal_name, code):
+@pytest.mark.parametrize(
+    "interrupt, signal_name, code", [(KeyboardInterrupt, "SIGINT", 130), (Terminated, "SIGTERM", 143)]
+)
+def test_interrupt_leaves_a_clean_table_and_a_summary(
+    export_dir, folder, tmp_path, monkeypatch, capsys, suffix, interrupt, signal_name, code
+):
     """Issue 13 item 4: no `# interrupted` row, no extra columns; "N of M" goes to the summary JSON."""
     calls = [0]
     real = CFViTPipeline.run
@@ -299,11 +337,17 @@ def test_interrupt_leaves_a_clean_table_and_a_summary(export_dir, folder, tmp_pa
     assert str(table["patches"].dtype) == "int64" and set(table["stage"]) <= {"coarse", "fine"}
     summary = json.loads(summary_path(out).read_text())
     assert (summary["status"], summary["signal"], summary["rows"], summary["inputs"]) == (
-        "interrupted", signal_name, 2, 6)
+        "interrupted",
+        signal_name,
+        2,
+        6,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", out.name, summary_path(out).name])
 
     calls[0] = 0
-    assert cli.main(["infer", str(export_dir), str(folder), "-r", "--batch-size", "2", "-o", str(out), "--force"]) == code
+    assert (
+        cli.main(["infer", str(export_dir), str(folder), "-r", "--batch-size", "2", "-o", str(out), "--force"]) == code
+    )
     assert capsys.readouterr().err.splitlines() == [f"error: interrupted, 2 of 6 inputs written to {out}"]
     assert len(read_table(out)) == 2
 
@@ -391,8 +435,24 @@ def test_cli_jsonl_and_openvino(export_dir, folder, tmp_path):
     pytest.importorskip("openvino")
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     assert cli.main(["infer", str(export_dir), str(folder / "a.png"), "-o", str(a), "--eta", "0.5"]) == 0
-    assert cli.main(["infer", str(export_dir), str(folder / "a.png"), "-o", str(b), "--eta", "0.5",
-                     "--provider", "openvino", "--threads", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "infer",
+                str(export_dir),
+                str(folder / "a.png"),
+                "-o",
+                str(b),
+                "--eta",
+                "0.5",
+                "--provider",
+                "openvino",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert ra["stage"] == rb["stage"] and ra["confidence"] == pytest.approx(rb["confidence"], abs=1e-4)
 
@@ -510,8 +570,24 @@ def test_real_signal_mid_run_keeps_a_clean_partial_table(export_dir, tmp_path, s
     """Issue 13 items 3 and 4: SIGTERM (as `timeout`/docker/k8s send) behaves as Ctrl-C: rows kept, one line, 143."""
     paths = _many_images(tmp_path / "in", 40)
     out, ready = tmp_path / f"r{suffix}", tmp_path / "ready"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, str(ready), "infer", str(export_dir), str(tmp_path / "in"),
-                             "--batch-size", "4", "-o", str(out)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_CHILD,
+            str(ready),
+            "infer",
+            str(export_dir),
+            str(tmp_path / "in"),
+            "--batch-size",
+            "4",
+            "-o",
+            str(out),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not ready.exists():  # two batches (8 rows) are done, the third is running
@@ -560,8 +636,15 @@ def test_two_writers_of_one_output_exactly_one_wins(export_dir, folder, tmp_path
     out, gates = tmp_path / "same.csv", tmp_path / "gates"
     gates.mkdir()
     argv = ["infer", str(export_dir), str(folder), "-o", str(out)]
-    procs = [subprocess.Popen([sys.executable, "-c", RACE_CHILD, str(gates / me), str(gates / other), *argv],
-                              cwd=ROOT, stderr=subprocess.PIPE, text=True) for me, other in (("a", "b"), ("b", "a"))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE_CHILD, str(gates / me), str(gates / other), *argv],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for me, other in (("a", "b"), ("b", "a"))
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [1, 2], results  # the winner: exit 1 (d.jpg is corrupt); the loser: exit 2
@@ -593,5 +676,6 @@ def test_parquet_without_pyarrow_names_the_extra(export_dir, folder, tmp_path, m
         infer(export_dir, [folder], output=out)
     assert cli.main(["infer", str(export_dir), str(folder), "-o", str(out)]) == 1
     assert capsys.readouterr().err.splitlines() == [
-        "error: pyarrow is not installed (needed for cfvit infer -o *.parquet): pip install 'cfvit-deploy[parquet]'"]
+        "error: pyarrow is not installed (needed for cfvit infer -o *.parquet): pip install 'cfvit-deploy[parquet]'"
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

@@ -74,15 +74,22 @@ def test_infer_streams_5000_images_with_flat_memory(export_dir_factory, tmp_path
     export_dir = export_dir_factory("deit_g7")
     paths, bad = _make_folder(tmp_path / "images")
     output = tmp_path / "rows.csv"
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(export_dir), str(tmp_path / "images"), str(output),
-                           str(SAMPLE_EVERY)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER, str(export_dir), str(tmp_path / "images"), str(output), str(SAMPLE_EVERY)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     rss = {int(k): v for k, v in result["rss"].items()}
     assert sorted(rss) == list(range(SAMPLE_EVERY, N_FILES + 1, SAMPLE_EVERY))
     growth = max(v for k, v in rss.items() if k >= BASELINE_ROW) - rss[BASELINE_ROW]
-    print(f"RSS at row {BASELINE_ROW}: {rss[BASELINE_ROW] / 1e6:.1f} MB, at row {N_FILES}: {rss[N_FILES] / 1e6:.1f} MB, "
-          f"largest growth after row {BASELINE_ROW}: {growth / 1e6:.1f} MB")
+    print(
+        f"RSS at row {BASELINE_ROW}: {rss[BASELINE_ROW] / 1e6:.1f} MB, at row {N_FILES}: {rss[N_FILES] / 1e6:.1f} MB, "
+        f"largest growth after row {BASELINE_ROW}: {growth / 1e6:.1f} MB"
+    )
     assert growth < MAX_GROWTH_BYTES
 
     assert (result["rows"], result["images"], result["errors"]) == (N_FILES, N_FILES - len(bad), len(bad))

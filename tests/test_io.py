@@ -149,7 +149,10 @@ def test_atomic_directory_keeps_the_old_folder_when_the_body_raises(tmp_path, fo
 
 
 def test_atomic_directory_refuses_a_missing_parent(tmp_path):
-    with pytest.raises(UsageError, match="does not exist; create it first"), atomic_directory(tmp_path / "missing" / "export"):
+    with (
+        pytest.raises(UsageError, match="does not exist; create it first"),
+        atomic_directory(tmp_path / "missing" / "export"),
+    ):
         pytest.fail("the body must not run")
     assert entries(tmp_path) == []
 
@@ -204,8 +207,12 @@ def test_two_concurrent_writers_exactly_one_wins(tmp_path, kind, fallback):
     target = out_dir / ("export" if kind == "dir" else "out.csv")
     code = RACER if not fallback else "import cfvit_deploy.io as io; io.USE_RENAMEAT2 = False\n" + RACER
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", code, kind, str(target), tag, str(gate)], env=env,
-                              stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, kind, str(target), tag, str(gate)], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for tag in ("a", "b")
+    ]
     results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
@@ -230,7 +237,10 @@ def test_force_replaces_a_folder_that_appeared_meanwhile(tmp_path, monkeypatch, 
 
 
 def test_a_folder_appearing_meanwhile_is_not_replaced_without_force(tmp_path):
-    with pytest.raises(OutputExistsError, match="already exists .*another run"), atomic_directory(tmp_path / "export") as tmp:
+    with (
+        pytest.raises(OutputExistsError, match="already exists .*another run"),
+        atomic_directory(tmp_path / "export") as tmp,
+    ):
         (tmp / "new.txt").write_text("new")
         (tmp_path / "export").mkdir()  # an empty folder: a plain rename(2) would replace it
     assert entries(tmp_path / "export") == []
@@ -238,7 +248,10 @@ def test_a_folder_appearing_meanwhile_is_not_replaced_without_force(tmp_path):
 
 
 def test_a_file_appearing_meanwhile_is_not_replaced_without_force(tmp_path):
-    with pytest.raises(OutputExistsError, match="already exists"), atomic_write_path(tmp_path / "out.csv", force=False) as tmp:
+    with (
+        pytest.raises(OutputExistsError, match="already exists"),
+        atomic_write_path(tmp_path / "out.csv", force=False) as tmp,
+    ):
         tmp.write_text("mine")
         (tmp_path / "out.csv").write_text("theirs")
     assert (tmp_path / "out.csv").read_text() == "theirs"
@@ -267,12 +280,15 @@ def test_a_sigkilled_writer_leaves_a_temporary_that_the_next_run_removes(tmp_pat
     import subprocess
     import sys
 
-    code = ("import sys, time\nfrom pathlib import Path\nfrom cfvit_deploy.io import atomic_write_path\n"
-            "with atomic_write_path(Path(sys.argv[1])) as tmp:\n"
-            "    tmp.write_text('partial'); print(tmp, flush=True); time.sleep(60)\n")
+    code = (
+        "import sys, time\nfrom pathlib import Path\nfrom cfvit_deploy.io import atomic_write_path\n"
+        "with atomic_write_path(Path(sys.argv[1])) as tmp:\n"
+        "    tmp.write_text('partial'); print(tmp, flush=True); time.sleep(60)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out.csv")], env=env,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "out.csv")], env=env, stdout=subprocess.PIPE, text=True
+    )
     left = Path(proc.stdout.readline().strip())
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)

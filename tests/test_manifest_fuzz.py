@@ -176,7 +176,7 @@ def mutate(path: tuple, value: Any = None, delete: bool = False) -> dict:
     "path, value, reason",
     [
         (("format_version",), 2, "this export has format_version 2; this cfvit-deploy reads up to 1: upgrade"),
-        (("format_version",), "1", "format_version must be a JSON integer such as 1, got \"1\" (str)"),
+        (("format_version",), "1", 'format_version must be a JSON integer such as 1, got "1" (str)'),
         (("format_version",), True, "format_version must be a JSON integer such as 1, got true (bool)"),
         (("format_version",), None, "format_version must be a JSON integer such as 1, got null (NoneType)"),
         (("model", "num_heads"), 0, "num_heads must be a positive integer"),
@@ -268,7 +268,9 @@ def test_file_instead_of_folder(tmp_path):
 def test_folder_without_manifest(tmp_path):
     (tmp_path / "exp").mkdir()
     (tmp_path / "exp" / "fine.onnx").write_bytes(b"x")
-    with pytest.raises(ManifestError, match=r"is not an export folder: manifest\.json is missing \(run `cfvit export`\)"):
+    with pytest.raises(
+        ManifestError, match=r"is not an export folder: manifest\.json is missing \(run `cfvit export`\)"
+    ):
         Manifest.load(tmp_path / "exp")
 
 
@@ -311,8 +313,11 @@ def _load_with_version(tmp_path, version=None, delete=False):
 @pytest.mark.parametrize("version", [2, 99])
 def test_newer_format_version_says_upgrade(tmp_path, version):
     """The fix for a newer export is a newer cfvit-deploy, not a re-export (issue 13 item 19)."""
-    with pytest.raises(ManifestError, match=rf"^this export has format_version {version}; this cfvit-deploy reads up "
-                                            r"to 1: upgrade cfvit-deploy \(pip install -U cfvit-deploy\)$"):
+    with pytest.raises(
+        ManifestError,
+        match=rf"^this export has format_version {version}; this cfvit-deploy reads up "
+        r"to 1: upgrade cfvit-deploy \(pip install -U cfvit-deploy\)$",
+    ):
         _load_with_version(tmp_path, version)
 
 
@@ -330,7 +335,7 @@ def test_missing_format_version_says_it_is_missing(tmp_path):
 
 @pytest.mark.parametrize("version, shown", [("1", '"1" (str)'), (1.0, "1.0 (float)"), ("one", '"one" (str)')])
 def test_integer_valued_non_integers_are_refused_alike(tmp_path, version, shown):
-    """"1" and 1.0 get the same answer (before: 1.0 was accepted and "1" refused)."""
+    """ "1" and 1.0 get the same answer (before: 1.0 was accepted and "1" refused)."""
     with pytest.raises(ManifestError, match=re.escape(f"format_version must be a JSON integer such as 1, got {shown}")):
         _load_with_version(tmp_path, version)
 

@@ -31,7 +31,11 @@ def test_config_inferred_from_tensors(upstream):
     cfg = load_checkpoint(upstream.pth, num_heads=upstream.num_heads).config
     info = upstream.info
     assert (cfg.arch, cfg.embed_dim, cfg.depth, cfg.num_classes) == (
-        info["arch"], info["embed_dim"], info["depth"], info["num_classes"])
+        info["arch"],
+        info["embed_dim"],
+        info["depth"],
+        info["num_classes"],
+    )
     assert (cfg.coarse_grid, cfg.k, cfg.qkv_bias) == (info["coarse_grid"], info["k"], info["qkv_bias"])
     assert cfg.mlp_ratio == info["mlp_ratio"] and cfg.layer_norm_eps == info["layer_norm_eps"]
 

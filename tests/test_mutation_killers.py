@@ -18,4 +18,3 @@ def test_load_and_preprocess_applies_max_pixels(tmp_path):
     with pytest.raises(ImageError, match=r"image is 100x50 = 5,000 pixels, above the limit of 4,999"):
         load_and_preprocess(tmp_path / "big.png", PP, max_pixels=4999)
     assert load_and_preprocess(tmp_path / "big.png", PP, max_pixels=5000).shape == (3, 32, 32)
-

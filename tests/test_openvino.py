@@ -68,8 +68,9 @@ def test_openvino_run_is_thread_safe(export_dir_factory):
     batches = [rng.standard_normal((n, 3, 224, 224)).astype(np.float32) for n in (1, 3, 2, 4)]
     expected = [pipe.run(b, 0.4).logits for b in batches]
     got: dict[int, np.ndarray] = {}
-    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, pipe.run(batches[i], 0.4).logits))
-               for i in range(4)]
+    threads = [
+        threading.Thread(target=lambda i=i: got.__setitem__(i, pipe.run(batches[i], 0.4).logits)) for i in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -361,8 +361,7 @@ def test_cuda_iobinding_matches_cpu(upstream_export):
 
 # -- softmax -------------------------------------------------------------------------------------------
 @settings(max_examples=50, deadline=None)
-@given(arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 12)),
-              elements=st.floats(-1e4, 1e4, width=32)))
+@given(arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(1, 12)), elements=st.floats(-1e4, 1e4, width=32)))
 def test_softmax_is_stable(logits):
     p = softmax(logits)
     assert np.isfinite(p).all()

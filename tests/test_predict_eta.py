@@ -17,14 +17,17 @@ def model():
     return CFViT(ModelConfig.named("deit", "micro", num_classes=4)).eval()
 
 
-@pytest.mark.parametrize("eta, message", [
-    (1.5, "eta must lie in [0, 1], got 1.5"),
-    (-0.1, "eta must lie in [0, 1], got -0.1"),
-    (math.nan, "eta must lie in [0, 1], got nan"),
-    (None, "eta must be a number in [0, 1], got None"),
-    ("0.5", "eta must be a number in [0, 1], got '0.5'"),
-    (True, "eta must be a number in [0, 1], got True"),
-])
+@pytest.mark.parametrize(
+    "eta, message",
+    [
+        (1.5, "eta must lie in [0, 1], got 1.5"),
+        (-0.1, "eta must lie in [0, 1], got -0.1"),
+        (math.nan, "eta must lie in [0, 1], got nan"),
+        (None, "eta must be a number in [0, 1], got None"),
+        ("0.5", "eta must be a number in [0, 1], got '0.5'"),
+        (True, "eta must be a number in [0, 1], got True"),
+    ],
+)
 def test_bad_eta_is_a_usage_error_worded_like_the_pipeline(model, eta, message):
     with pytest.raises(UsageError) as err:
         model.predict(torch.zeros(1, 3, 224, 224), eta)

@@ -117,7 +117,9 @@ def test_extreme_aspect_ratio_matches_full_resize(w, h):
     img = noise(w, h, seed=w + h)
     size = (int(256 * w / h), 256) if w > h else (256, int(256 * h / w))
     left, top = int(round((size[0] - 224) / 2)), int(round((size[1] - 224) / 2))
-    expected = normalize(np.asarray(img.resize(size, Image.Resampling.BICUBIC).crop((left, top, left + 224, top + 224))))
+    expected = normalize(
+        np.asarray(img.resize(size, Image.Resampling.BICUBIC).crop((left, top, left + 224, top + 224)))
+    )
     out = preprocess(img, PP)
     assert out.shape == (3, 224, 224)
     np.testing.assert_allclose(out, expected, rtol=0, atol=2.01 * ONE_LEVEL)  # sub-pixel filter rounding only
@@ -243,7 +245,9 @@ def test_default_limit_leaves_pil_global_alone(tmp_path, monkeypatch):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     seen = []
     real = preprocessing.ImageOps.exif_transpose
-    monkeypatch.setattr(preprocessing.ImageOps, "exif_transpose", lambda img: seen.append(Image.MAX_IMAGE_PIXELS) or real(img))
+    monkeypatch.setattr(
+        preprocessing.ImageOps, "exif_transpose", lambda img: seen.append(Image.MAX_IMAGE_PIXELS) or real(img)
+    )
     load_image(tmp_path / "a.png")
     load_image(tmp_path / "a.png", max_pixels=1000)
     assert seen == [Image.MAX_IMAGE_PIXELS] * 2 and Image.MAX_IMAGE_PIXELS is not None

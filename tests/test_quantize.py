@@ -51,8 +51,11 @@ def test_static_int8_variant_is_calibrated_qdq_and_validates(small):
     # per-channel weights: a weight's DequantizeLinear carries one scale per output channel
     fine = onnx.load(str(tmp / "static" / "fine.onnx"))
     inits = {i.name: i for i in fine.graph.initializer}
-    weight_scales = [inits[n.input[1]] for n in fine.graph.node
-                     if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[1] in inits]
+    weight_scales = [
+        inits[n.input[1]]
+        for n in fine.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[1] in inits
+    ]
     assert weight_scales and max(int(np.prod(s.dims)) for s in weight_scales) > 1
     report = validate(tmp / "static", model, batch_sizes=(8,), min_top1=0.6, min_exit=0.6)
     assert report.passed, [c.line() for c in report.failed]
@@ -87,8 +90,11 @@ def test_export_flag_and_dynamic_record(small, tmp_path):
     assert manifest.quantization == "static" and manifest.calibration["method"] == "MinMax"
     dyn = export(model, tmp_path / "d", precision="int8")
     assert dyn.quantization == "dynamic" and dyn.calibration is None
-    assert "DynamicQuantizeLinear" in _ops(tmp_path / "d" / "fine.onnx") or "MatMulInteger" in _ops(
-        tmp_path / "d" / "fine.onnx") or "DynamicQuantizeMatMul" in _ops(tmp_path / "d" / "fine.onnx")
+    assert (
+        "DynamicQuantizeLinear" in _ops(tmp_path / "d" / "fine.onnx")
+        or "MatMulInteger" in _ops(tmp_path / "d" / "fine.onnx")
+        or "DynamicQuantizeMatMul" in _ops(tmp_path / "d" / "fine.onnx")
+    )
     assert export(model, tmp_path / "f").quantization is None
     with pytest.raises(UsageError, match="--calibration is for --precision int8"):
         export(model, tmp_path / "x", precision="fp16", calibration=folder)

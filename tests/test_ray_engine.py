@@ -91,10 +91,17 @@ def _read(path: Path) -> list[dict]:
         for r in csv.DictReader(f):
             ranks = range(1, 1 + sum(k.startswith("label_") for k in r))
             topk = [{"label": r[f"label_{i}"], "prob": float(r[f"prob_{i}"])} for i in ranks if r[f"label_{i}"]]
-            records.append({"path": r["path"], "stage": r["stage"] or None,
-                            "confidence": float(r["confidence"]) if r["confidence"] else None,
-                            "patches": int(r["patches"]) if r["patches"] else None, "topk": topk,
-                            "overlay": r["overlay"], "error": r["error"]})
+            records.append(
+                {
+                    "path": r["path"],
+                    "stage": r["stage"] or None,
+                    "confidence": float(r["confidence"]) if r["confidence"] else None,
+                    "patches": int(r["patches"]) if r["patches"] else None,
+                    "topk": topk,
+                    "overlay": r["overlay"],
+                    "error": r["error"],
+                }
+            )
     return records
 
 
@@ -102,7 +109,11 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
     assert [r["path"] for r in got] == [r["path"] for r in want]  # one row per file, input order
     for g, w in zip(got, want, strict=True):
         assert (g["stage"], g["patches"], g["overlay"], g["error"]) == (
-            w["stage"], w["patches"], w["overlay"], w["error"]), g["path"]
+            w["stage"],
+            w["patches"],
+            w["overlay"],
+            w["error"],
+        ), g["path"]
         assert [t["label"] for t in g["topk"]] == [t["label"] for t in w["topk"]], g["path"]
         np.testing.assert_allclose([t["prob"] for t in g["topk"]], [t["prob"] for t in w["topk"]], atol=TOL)
         if w["confidence"] is None:
@@ -202,23 +213,28 @@ def test_without_ray_says_how_to_install(monkeypatch, export, images, tmp_path, 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'cfvit-deploy\[ray\]'"):
         infer_ray(export, images)
-    assert _cli(export, *images, "--engine", "ray", "--output", tmp_path / "r.csv") == 1  # a missing extra is exit 1 (MissingExtraError), checked before any work
+    assert (
+        _cli(export, *images, "--engine", "ray", "--output", tmp_path / "r.csv") == 1
+    )  # a missing extra is exit 1 (MissingExtraError), checked before any work
     assert "pip install 'cfvit-deploy[ray]'" in capsys.readouterr().err  # the one extras message (cli preflight)
     assert not (tmp_path / "r.csv").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--engine", "ray", "--overlay", "ov"], "--overlay is not supported"),
-    (["--engine", "ray", "--threads", "2"], "--actor-threads"),
-    (["--engine", "ray", "--provider", "cuda"], "CPU providers only"),
-    (["--engine", "ray", "--allow-fallback"], "--allow-fallback is not supported"),
-    (["--engine", "ray", "--num-actors", "0"], "--num-actors must be a positive integer"),
-    (["--engine", "ray", "--actor-threads", "0"], "--actor-threads must be a positive integer"),
-    (["--engine", "ray", "--output", "r.txt"], ".parquet"),
-    (["--engine", "spark"], "--engine must be one of local, ray"),
-    (["--num-actors", "2"], "need --engine ray"),
-    (["--shared-export"], "need --engine ray"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--engine", "ray", "--overlay", "ov"], "--overlay is not supported"),
+        (["--engine", "ray", "--threads", "2"], "--actor-threads"),
+        (["--engine", "ray", "--provider", "cuda"], "CPU providers only"),
+        (["--engine", "ray", "--allow-fallback"], "--allow-fallback is not supported"),
+        (["--engine", "ray", "--num-actors", "0"], "--num-actors must be a positive integer"),
+        (["--engine", "ray", "--actor-threads", "0"], "--actor-threads must be a positive integer"),
+        (["--engine", "ray", "--output", "r.txt"], ".parquet"),
+        (["--engine", "spark"], "--engine must be one of local, ray"),
+        (["--num-actors", "2"], "need --engine ray"),
+        (["--shared-export"], "need --engine ray"),
+    ],
+)
 def test_usage_errors(export, images, tmp_path, monkeypatch, capsys, args, message) -> None:
     monkeypatch.chdir(tmp_path)
     assert _cli(export, *images, *args) == 2
@@ -242,8 +258,22 @@ def test_cli_starts_and_stops_its_own_cluster(export, images, local_rows, tmp_pa
     """`--engine ray` in a fresh process: a private local cluster, started and shut down by the run."""
     pytest.importorskip("ray")
     out = tmp_path / "ray.jsonl"
-    proc = subprocess.run([sys.executable, str(Path(cli.__file__)), "infer", str(export), *map(str, images),
-                           "--engine", "ray", "--output", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(cli.__file__)),
+            "infer",
+            str(export),
+            *map(str, images),
+            "--engine",
+            "ray",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
     # issue 13 item 11: only the command's own summary line, none of Ray's WARNING/E/INFO lines
     lines = proc.stderr.splitlines()

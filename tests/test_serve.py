@@ -65,7 +65,9 @@ def mixed_eta(export_dir, images) -> float:
 @pytest.fixture(scope="module")
 def infer_rows(export_dir, images, mixed_eta) -> dict[str, dict]:
     rows: dict[str, dict] = {}
-    infer(export_dir, images, eta=mixed_eta, topk=3, batch_size=32, on_row=lambda r: rows.__setitem__(r.path, r.to_json()))
+    infer(
+        export_dir, images, eta=mixed_eta, topk=3, batch_size=32, on_row=lambda r: rows.__setitem__(r.path, r.to_json())
+    )
     stages = {r["stage"] for r in rows.values()}
     assert stages == {"coarse", "fine"}, stages  # the comparison must cover both stages
     return rows
@@ -100,8 +102,10 @@ def test_engine_batches_both_stages_and_matches_infer(export_dir, images, mixed_
     async def main() -> list:
         await engine.start()
         with engine.expect():  # every request announced: the coarse stage waits for them
-            tasks = [asyncio.ensure_future(engine.submit(decode_image(p.read_bytes(), pp, None), mixed_eta, 3))
-                     for p in images]
+            tasks = [
+                asyncio.ensure_future(engine.submit(decode_image(p.read_bytes(), pp, None), mixed_eta, 3))
+                for p in images
+            ]
         answers = await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
         await engine.close()
         return answers
@@ -137,8 +141,11 @@ def test_cancelled_request_costs_nothing_and_close_drains(export_dir, images):
     image = decode_image(images[0].read_bytes(), pp, None)
     go = threading.Event()
     sizes: list[int] = []
-    engine = BatchingEngine(lambda: _Gated(_runner(export_dir), go), EngineConfig(max_batch=4, max_wait_ms=0),
-                            EngineObserver(on_batch=lambda stage, n, s: stage == "coarse" and sizes.append(n)))
+    engine = BatchingEngine(
+        lambda: _Gated(_runner(export_dir), go),
+        EngineConfig(max_batch=4, max_wait_ms=0),
+        EngineObserver(on_batch=lambda stage, n, s: stage == "coarse" and sizes.append(n)),
+    )
 
     async def main() -> tuple:
         await engine.start()
@@ -194,8 +201,11 @@ def test_http_answers_equal_infer_rows(client, export_dir, images, mixed_eta, in
     def post(i_path):
         i, path = i_path
         if i % 2:  # half as raw bodies, half as multipart files
-            return client.post(f"/v1/classify?eta={mixed_eta!r}&topk=3", content=path.read_bytes(),
-                               headers={"content-type": "image/png" if path.suffix == ".png" else "image/jpeg"})
+            return client.post(
+                f"/v1/classify?eta={mixed_eta!r}&topk=3",
+                content=path.read_bytes(),
+                headers={"content-type": "image/png" if path.suffix == ".png" else "image/jpeg"},
+            )
         return client.post(f"/v1/classify?eta={mixed_eta!r}&topk=3", files={"file": (path.name, path.read_bytes())})
 
     with ThreadPoolExecutor(len(images)) as pool:
@@ -210,18 +220,27 @@ def test_http_answers_equal_infer_rows(client, export_dir, images, mixed_eta, in
         assert len(body["refined_patches"]) == body["patches"]
 
 
-@pytest.mark.parametrize(("kwargs", "status", "code"), [
-    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
-    ({"content": _png()}, 415, "unsupported_media_type"),  # no content type at all
-    ({"content": b"not an image at all", "headers": {"content-type": "image/png"}}, 400, "not_an_image"),
-    ({"content": _png()[:300], "headers": {"content-type": "image/png"}}, 400, "truncated_image"),
-    ({"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty_body"),
-    ({"content": b"x" * 200_001, "headers": {"content-type": "image/png"}}, 413, "body_too_large"),
-    ({"content": _png((1200, 1000)), "headers": {"content-type": "image/png"}}, 413, "too_many_pixels"),
-    ({"files": {"other": ("a.txt", b"x", "text/plain")}, "data": {}}, 400, "not_an_image"),
-    ({"content": b'--B\r\nContent-Disposition: form-data; name="eta"\r\n\r\n0.5\r\n--B--\r\n',
-      "headers": {"content-type": "multipart/form-data; boundary=B"}}, 400, "missing_file"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+        ({"content": _png()}, 415, "unsupported_media_type"),  # no content type at all
+        ({"content": b"not an image at all", "headers": {"content-type": "image/png"}}, 400, "not_an_image"),
+        ({"content": _png()[:300], "headers": {"content-type": "image/png"}}, 400, "truncated_image"),
+        ({"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty_body"),
+        ({"content": b"x" * 200_001, "headers": {"content-type": "image/png"}}, 413, "body_too_large"),
+        ({"content": _png((1200, 1000)), "headers": {"content-type": "image/png"}}, 413, "too_many_pixels"),
+        ({"files": {"other": ("a.txt", b"x", "text/plain")}, "data": {}}, 400, "not_an_image"),
+        (
+            {
+                "content": b'--B\r\nContent-Disposition: form-data; name="eta"\r\n\r\n0.5\r\n--B--\r\n',
+                "headers": {"content-type": "multipart/form-data; boundary=B"},
+            },
+            400,
+            "missing_file",
+        ),
+    ],
+)
 def test_bad_input_is_a_4xx_naming_the_problem(client, kwargs, status, code):
     r = client.post("/v1/classify", **kwargs)
     assert r.status_code == status, r.text
@@ -239,10 +258,19 @@ def test_streamed_body_over_the_limit_is_refused(client):
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
-@pytest.mark.parametrize(("query", "code"), [
-    ("eta=1.5", "bad_eta"), ("eta=abc", "bad_eta"), ("eta=nan", "bad_eta"), ("eta=-0.1", "bad_eta"),
-    ("topk=0", "bad_topk"), ("topk=two", "bad_topk"), ("topk=1.5", "bad_topk"), ("ETA=0.5", "unknown_parameter"),
-])
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ("eta=1.5", "bad_eta"),
+        ("eta=abc", "bad_eta"),
+        ("eta=nan", "bad_eta"),
+        ("eta=-0.1", "bad_eta"),
+        ("topk=0", "bad_topk"),
+        ("topk=two", "bad_topk"),
+        ("topk=1.5", "bad_topk"),
+        ("ETA=0.5", "unknown_parameter"),
+    ],
+)
 def test_bad_query_parameters(client, query, code):
     r = client.post(f"/v1/classify?{query}", content=_png(), headers={"content-type": "image/png"})
     assert r.status_code == 400 and r.json()["error"]["code"] == code
@@ -363,22 +391,36 @@ async def _disconnecting_request(app, body: bytes) -> list:
             return  # a real server drops what is sent to a closed connection
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/classify", "raw_path": b"/v1/classify", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/classify",
+        "raw_path": b"/v1/classify",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
     await asyncio.wait_for(app(scope, receive, send), TIMEOUT)
     return sent
 
 
 # -- CLI -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("args", "message"), [
-    (["--max-batch", "0"], "--max-batch must be a positive integer"),
-    (["--engine", "spark"], "--engine must be one of local, ray"),
-    (["--max-wait-ms", "-1"], "--max-wait-ms must be a number"),
-    (["--eta", "1.5"], "--eta must lie in [0, 1]"),
-    (["--provider", "tpu"], "unknown provider 'tpu'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-batch", "0"], "--max-batch must be a positive integer"),
+        (["--engine", "spark"], "--engine must be one of local, ray"),
+        (["--max-wait-ms", "-1"], "--max-wait-ms must be a number"),
+        (["--eta", "1.5"], "--eta must lie in [0, 1]"),
+        (["--provider", "tpu"], "unknown provider 'tpu'"),
+    ],
+)
 def test_cli_refuses_bad_flags_before_listening(export_dir, capsys, args, message):
     assert cli.main(["serve", str(export_dir), *args]) == 2
     err = capsys.readouterr().err
@@ -400,7 +442,9 @@ def test_client_gone_while_sending_its_body(export_dir):
     with TestClient(app) as c:
         _wait_ready(c)
         answered = c.portal.call(_request_then_gone, app)
-        assert answered == []  # no error answer (a 499 goes nowhere: the connection is closed) and 'cfvit_requests_total{status="499"} 1.0' in c.get("/metrics").text
+        assert (
+            answered == []
+        )  # no error answer (a 499 goes nowhere: the connection is closed) and 'cfvit_requests_total{status="499"} 1.0' in c.get("/metrics").text
         assert c.post("/v1/classify", content=_png(), headers={"content-type": "image/png"}).status_code == 200
 
 
@@ -414,10 +458,21 @@ async def _request_then_gone(app) -> list:
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/classify", "raw_path": b"/v1/classify", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"image/png")], "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 80), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/classify",
+        "raw_path": b"/v1/classify",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"image/png")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
     await asyncio.wait_for(app(scope, receive, send), TIMEOUT)
     return [m["status"] for m in sent if m["type"] == "http.response.start" and m["status"] != 499]
 
@@ -443,8 +498,9 @@ assert not heavy, heavy
 
     root = Path(__file__).resolve().parents[1]
     env = {**__import__("os").environ, "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -462,15 +518,27 @@ def test_ray_serve_engine_gives_the_local_answers(export_dir, images, mixed_eta,
     from cfvit_deploy.app.serve.ray_engine import RayServeEngine
 
     metrics = ServeMetrics()
-    engine = RayServeEngine(export_dir, EngineConfig(max_batch=4, max_wait_ms=50), threads=1,
-                            replicas={"coarse": 1, "fine": 1},
-                            observer=EngineObserver(on_batch=metrics.on_batch, on_answer=metrics.on_answer),
-                            ray_init={"num_cpus": 2})
+    engine = RayServeEngine(
+        export_dir,
+        EngineConfig(max_batch=4, max_wait_ms=50),
+        threads=1,
+        replicas={"coarse": 1, "fine": 1},
+        observer=EngineObserver(on_batch=metrics.on_batch, on_answer=metrics.on_answer),
+        ray_init={"num_cpus": 2},
+    )
     with TestClient(create_app(engine, export_dir, Limits(), metrics)) as c:
         _wait_ready(c)
         with ThreadPoolExecutor(len(images)) as pool:
-            responses = list(pool.map(lambda p: c.post(f"/v1/classify?eta={mixed_eta!r}&topk=3", content=p.read_bytes(),
-                                                       headers={"content-type": "image/png"}), images))
+            responses = list(
+                pool.map(
+                    lambda p: c.post(
+                        f"/v1/classify?eta={mixed_eta!r}&topk=3",
+                        content=p.read_bytes(),
+                        headers={"content-type": "image/png"},
+                    ),
+                    images,
+                )
+            )
         text = c.get("/metrics").text
     for path, r in zip(images, responses, strict=True):
         assert r.status_code == 200, r.text

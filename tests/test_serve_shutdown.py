@@ -56,9 +56,26 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(export_dir_factory, tmp_p
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "serve", str(export_dir),
-             "--port", str(port), "--max-batch", "1", "--threads", "1", "--eta", "1"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-c",
+                "import sys, cli; sys.exit(cli.main())",
+                "serve",
+                str(export_dir),
+                "--port",
+                str(port),
+                "--max-batch",
+                "1",
+                "--threads",
+                "1",
+                "--eta",
+                "1",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     n = 16
     try:
         deadline = time.monotonic() + TIMEOUT

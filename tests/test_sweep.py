@@ -97,11 +97,25 @@ def test_class_folders_must_fit_the_model(tmp_path, export_dir_factory):
 
 def _result(rows: list[tuple[float, float, float, float]]) -> SweepResult:
     """(eta, accuracy, expected GMACs, ms per image) rows."""
-    return SweepResult("e", "f", "cpu", 8, 100, [], {"coarse": 1.0, "fine": 3.0},
-                       [SweepRow(e, a, 0.0, g, 1000 / ms, ms) for e, a, g, ms in rows])
+    return SweepResult(
+        "e",
+        "f",
+        "cpu",
+        8,
+        100,
+        [],
+        {"coarse": 1.0, "fine": 3.0},
+        [SweepRow(e, a, 0.0, g, 1000 / ms, ms) for e, a, g, ms in rows],
+    )
 
 
-ROWS = [(0.0, 0.60, 1.0, 1.0), (0.5, 0.70, 1.6, 1.6), (0.7, 0.745, 2.0, 2.0), (0.9, 0.75, 2.6, 2.6), (1.0, 0.75, 3.0, 3.0)]
+ROWS = [
+    (0.0, 0.60, 1.0, 1.0),
+    (0.5, 0.70, 1.6, 1.6),
+    (0.7, 0.745, 2.0, 2.0),
+    (0.9, 0.75, 2.6, 2.6),
+    (1.0, 0.75, 3.0, 3.0),
+]
 
 
 @pytest.mark.parametrize(("max_drop", "eta"), [(0, 0.9), (0.5, 0.7), (5, 0.5), (4.9, 0.7), (100, 0.0)])

@@ -17,8 +17,11 @@ def _with_onnx_helper(inputs: list[tuple[str, str]]) -> bytes:
     """The graph as runtimes built it before it stopped importing onnx (one Gather per input)."""
     from onnx import TensorProto, helper
 
-    types = {"tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16,
-             "tensor(int64)": TensorProto.INT64}
+    types = {
+        "tensor(float)": TensorProto.FLOAT,
+        "tensor(float16)": TensorProto.FLOAT16,
+        "tensor(int64)": TensorProto.INT64,
+    }
     graph = helper.make_graph(
         [helper.make_node("Gather", [name, "rows"], [f"{name}_rows"], axis=0) for name, _ in inputs],
         "take_rows",
@@ -42,9 +45,11 @@ def test_bytes_equal_onnx_helper(inputs):
 def test_gathers_rows_like_numpy_take():
     session = ort.InferenceSession(take_rows_model(FINE_LIKE), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    feeds = {"images": rng.standard_normal((5, 3, 4, 4)).astype(np.float32),
-             "global_attention": rng.standard_normal((5, 7)).astype(np.float16),
-             "ids": rng.integers(0, 100, (5, 2)).astype(np.int64)}
+    feeds = {
+        "images": rng.standard_normal((5, 3, 4, 4)).astype(np.float32),
+        "global_attention": rng.standard_normal((5, 7)).astype(np.float16),
+        "ids": rng.integers(0, 100, (5, 2)).astype(np.int64),
+    }
     rows = np.array([4, 0, 2], dtype=np.int64)
     got = session.run(None, {**feeds, "rows": rows})
     assert [o.name for o in session.get_outputs()] == ["images_rows", "global_attention_rows", "ids_rows"]

@@ -56,8 +56,14 @@ def test_runtimes_import_and_run_without_torch_and_onnx(export_dir_factory, tmp_
     assert 0 < want.exited.sum() < len(images)
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(export_dir), str(tmp_path / "images.npy"), str(eta)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(export_dir), str(tmp_path / "images.npy"), str(eta)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["loaded"] == []

@@ -121,8 +121,14 @@ def test_lr_schedule_warms_up_then_decays_to_min() -> None:
 
 @pytest.mark.parametrize(
     "changes,message",
-    [({"epochs": 0}, "--epochs"), ({"batch_size": -1}, "--batch-size"), ({"arch": "resnet"}, "unknown arch"),
-     ({"size": "huge"}, "unknown size"), ({"lr": 0.0}, "--lr"), ({"selection_after": -1}, "--selection-after")],
+    [
+        ({"epochs": 0}, "--epochs"),
+        ({"batch_size": -1}, "--batch-size"),
+        ({"arch": "resnet"}, "unknown arch"),
+        ({"size": "huge"}, "unknown size"),
+        ({"lr": 0.0}, "--lr"),
+        ({"selection_after": -1}, "--selection-after"),
+    ],
 )
 def test_recipe_rejects_bad_values(changes: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
@@ -168,8 +174,7 @@ def test_resume_needs_training_state(data: Path, tmp_path: Path) -> None:
 def test_init_keeps_backbone_and_refreshes_heads(data: Path, tmp_path: Path) -> None:
     source = _model(num_classes=len(CLASSES) + 1)
     path = save_checkpoint(source, tmp_path / "src.pth")
-    result = train(data, tmp_path / "out.pth", replace(TINY, epochs=1, lr=1e-9, min_lr=0.0), init=path,
-                   progress=False)
+    result = train(data, tmp_path / "out.pth", replace(TINY, epochs=1, lr=1e-9, min_lr=0.0), init=path, progress=False)
     model = load_checkpoint(result.path)
     key = "blocks.0.attn.qkv.weight"
     torch.testing.assert_close(model.state_dict()[key], source.state_dict()[key])
@@ -185,8 +190,20 @@ def test_out_exists_needs_force(data: Path, trained: Path) -> None:
 
 def test_cli_train_end_to_end(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.pth"
-    args = ["train", str(data), "--synthetic", "--coarse-grid", "2", "--epochs", "1", "--batch-size", "10",
-            "--out", str(out), "--no-progress"]
+    args = [
+        "train",
+        str(data),
+        "--synthetic",
+        "--coarse-grid",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "10",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert cli.main(args) == 0
     assert load_checkpoint(out).metadata["class_names"] == sorted(CLASSES)  # type: ignore[attr-defined]
     assert "val accuracy" in capsys.readouterr().out
@@ -196,8 +213,15 @@ def test_cli_train_end_to_end(data: Path, tmp_path: Path, capsys: pytest.Capture
 
 @pytest.mark.parametrize(
     "flags",
-    [["--epochs", "0"], ["--batch-size", "0"], ["--arch", "resnet"], ["--size", "giant"], ["--lr", "-1"],
-     ["--threads", "0"], ["--no-such-flag"]],
+    [
+        ["--epochs", "0"],
+        ["--batch-size", "0"],
+        ["--arch", "resnet"],
+        ["--size", "giant"],
+        ["--lr", "-1"],
+        ["--threads", "0"],
+        ["--no-such-flag"],
+    ],
 )
 def test_cli_train_bad_flags(data: Path, tmp_path: Path, flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["train", str(data), "--out", str(tmp_path / "x.pth"), *flags]) == 2
@@ -238,11 +262,30 @@ def test_default_recipe_keeps_at_least_one_selection_epoch(epochs: int, dense: i
 
 
 def test_short_run_trains_the_selection_and_no_progress_keeps_epoch_lines(
-        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`--epochs 2` ends with a selection epoch; `--no-progress` hides bars only, not the per-epoch lines."""
     out = tmp_path / "m.pth"
-    assert cli.main(["train", str(data), "--epochs", "2", "--batch-size", "10", "--coarse-grid", "2", "--no-progress",
-                     "--threads", "1", "-o", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                str(data),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "10",
+                "--coarse-grid",
+                "2",
+                "--no-progress",
+                "--threads",
+                "1",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "epoch 1/2 warm-up" in err and "epoch 2/2 selection" in err
     assert "1 warm-up + 1 selection epoch(s)" in err

@@ -82,8 +82,14 @@ def progress_bars(console: Console) -> Iterator[Optional[ProgressHook]]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bars:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bars:
         tasks: dict[str, Any] = {}
 
         def hook(task: str, done: int, total: Optional[int]) -> None:

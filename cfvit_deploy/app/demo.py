@@ -35,8 +35,14 @@ class DemoResult:
     summary: dict[str, Any]
 
 
-def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool = False,
-             say: Callable[[str], None] = print, progress: bool = False) -> DemoResult:
+def run_demo(
+    out: str | Path = "runs/demo",
+    *,
+    force: bool = False,
+    quick: bool = False,
+    say: Callable[[str], None] = print,
+    progress: bool = False,
+) -> DemoResult:
     """Run every step into `out`; `quick` shrinks data and training to a smoke test (CI).
 
     `out` is resolved against the current directory first (the benchmark's cell processes run
@@ -66,12 +72,25 @@ def run_demo(out: str | Path = "runs/demo", *, force: bool = False, quick: bool 
     _produced("validate", bool(report.checks), "no check was run")
     report.save(out / "validation.json")
     step("validate")
-    summary = infer(out / "export", [data / "val"], recursive=True, eta=manifest.default_eta,
-                    output=out / "predictions.csv", overlay=out / "overlays", progress=None)  # False drew a bar on stdout
+    summary = infer(
+        out / "export",
+        [data / "val"],
+        recursive=True,
+        eta=manifest.default_eta,
+        output=out / "predictions.csv",
+        overlay=out / "overlays",
+        progress=None,
+    )  # False drew a bar on stdout
     _produced("infer", summary.images > 0, f"no image of {data / 'val'} was classified ({summary.errors} errors)")
     step("infer")
-    bench = run_bench(out / "export", batch_sizes=(1, 32), fine_fractions=(0.24, 0.52, 1.0),
-                      duration=0.5 if quick else 2.0, warmup=2, out=out / "bench")
+    bench = run_bench(
+        out / "export",
+        batch_sizes=(1, 32),
+        fine_fractions=(0.24, 0.52, 1.0),
+        duration=0.5 if quick else 2.0,
+        warmup=2,
+        out=out / "bench",
+    )
     _check_bench(bench.rows)
     step("bench")
     info = {
@@ -126,7 +145,10 @@ def _train(out: Path, quick: bool, progress: bool) -> Any:
 
     spec, recipe = DEMO_DATA, DEMO_RECIPE
     if quick:  # a smoke test of every step: tiny data, one epoch with informative selection
-        spec, recipe = SyntheticSpec(n_train_per_class=8, n_val_per_class=4), replace(recipe, epochs=1, selection_after=0)
+        spec, recipe = (
+            SyntheticSpec(n_train_per_class=8, n_val_per_class=4),
+            replace(recipe, epochs=1, selection_after=0),
+        )
     trained = train_demo(out, spec=spec, recipe=recipe, progress=progress)
     _produced("train", bool(trained.history) and trained.path.is_file(), "no epoch was trained")
     return trained
@@ -152,8 +174,9 @@ def _plain(obj: Any) -> Any:
     return asdict(obj) if is_dataclass(obj) else obj
 
 
-def _write_report(out: Path, info: dict[str, Any], report: Any, swept: Any, bench: Any,
-                  seconds: dict[str, float]) -> Path:
+def _write_report(
+    out: Path, info: dict[str, Any], report: Any, swept: Any, bench: Any, seconds: dict[str, float]
+) -> Path:
     lines = [
         "# CF-ViT demo report",
         "",
@@ -181,8 +204,11 @@ def _write_report(out: Path, info: dict[str, Any], report: Any, swept: Any, benc
         "",
         "| η | top-1 | exit at coarse | GMACs/img | img/s |",
         "|---|---|---|---|---|",
-        *[f"| {r.eta:.1f} | {100 * r.accuracy:.1f}% | {100 * r.exit_rate:.0f}% | {r.expected_gmacs:.3f} | "
-          f"{r.img_per_s:.0f} |" for r in swept.rows],
+        *[
+            f"| {r.eta:.1f} | {100 * r.accuracy:.1f}% | {100 * r.exit_rate:.0f}% | {r.expected_gmacs:.3f} | "
+            f"{r.img_per_s:.0f} |"
+            for r in swept.rows
+        ],
         "",
         "![accuracy vs latency and GMACs](sweep/sweep.png)",
         "",
@@ -198,9 +224,17 @@ def _write_report(out: Path, info: dict[str, Any], report: Any, swept: Any, benc
         "",
         *_bench_table(bench.rows),
     ]
-    lines += ["", *[f"![{p.stem}](bench/{p.name})" for p in sorted((out / "bench").glob("*.png"))], "",
-              "## Time per step (s)", "", "| step | s |", "|---|---|",
-              *[f"| {k} | {v} |" for k, v in seconds.items()], ""]
+    lines += [
+        "",
+        *[f"![{p.stem}](bench/{p.name})" for p in sorted((out / "bench").glob("*.png"))],
+        "",
+        "## Time per step (s)",
+        "",
+        "| step | s |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in seconds.items()],
+        "",
+    ]
     path = out / "report.md"
     with atomic_write_path(path) as tmp:
         tmp.write_text("\n".join(lines))
@@ -212,9 +246,12 @@ def _bench_table(rows: list[Any]) -> list[str]:
     return [
         "| runtime | model | precision | batch | gate | fine fraction | p50 ms | img/s | speed-up vs baseline |",
         "|---|---|---|---|---|---|---|---|---|",
-        *[f"| {r.runtime}/{r.provider} | {r.model} | {r.precision} | {r.batch_size} | {r.gate} | "
-          f"{_fmt(r.fine_fraction)} | {_fmt(r.p50_ms)} | {_fmt(r.img_per_s)} | {_fmt(r.speedup_vs_baseline)} |"
-          for r in rows if r.status == "ok"],
+        *[
+            f"| {r.runtime}/{r.provider} | {r.model} | {r.precision} | {r.batch_size} | {r.gate} | "
+            f"{_fmt(r.fine_fraction)} | {_fmt(r.p50_ms)} | {_fmt(r.img_per_s)} | {_fmt(r.speedup_vs_baseline)} |"
+            for r in rows
+            if r.status == "ok"
+        ],
     ]
 
 

@@ -87,7 +87,9 @@ def check_plotting() -> None:
     require("matplotlib", purpose="the sweep plot")
 
 
-def _labelled_images(folder: Path, manifest: Manifest, max_images: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _labelled_images(
+    folder: Path, manifest: Manifest, max_images: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images and labels of ``folder/<class>/...`` (unreadable files skipped and reported)."""
     classes, files = list_image_folder(folder)
     if manifest.class_names:
@@ -148,8 +150,14 @@ def sweep(
             correct += int((res.logits.argmax(1) == labels[sl]).sum())
             exited += int(res.exited.sum())
         exit_rate = exited / len(images)
-        row = SweepRow(eta, correct / len(images), exit_rate, coarse + (1 - exit_rate) * (fine - coarse),
-                       len(images) / elapsed, 1000 * elapsed / len(images))
+        row = SweepRow(
+            eta,
+            correct / len(images),
+            exit_rate,
+            coarse + (1 - exit_rate) * (fine - coarse),
+            len(images) / elapsed,
+            1000 * elapsed / len(images),
+        )
         result.rows.append(row)
         log.info("eta %.2f: top-1 %.3f, exit %.2f, %.1f img/s", eta, row.accuracy, row.exit_rate, row.img_per_s)
         report(progress, "sweep", done, len(eta_values))
@@ -166,8 +174,9 @@ def _check_budget(max_drop: float | None, max_latency_ms: float | None) -> None:
             raise UsageError(f"{name} must be a number >= 0, got {value!r}")
 
 
-def choose_eta(result: SweepResult, *, max_drop: float | None = None,
-               max_latency_ms: float | None = None) -> dict[str, Any]:
+def choose_eta(
+    result: SweepResult, *, max_drop: float | None = None, max_latency_ms: float | None = None
+) -> dict[str, Any]:
     """The η a budget allows, from measured rows.
 
     `max_drop` (top-1 points below the η = 1 row): the cheapest η (fewest expected GMACs, then the more
@@ -188,8 +197,10 @@ def choose_eta(result: SweepResult, *, max_drop: float | None = None,
         fits = [r for r in rows if r.ms_per_image <= max_latency_ms]
         if not fits:
             fastest = min(r.ms_per_image for r in rows)
-            raise CFViTError(f"no eta meets --max-latency-ms {max_latency_ms:g}: the fastest measured is "
-                             f"{fastest:.3f} ms per image (batch {result.batch_size})")
+            raise CFViTError(
+                f"no eta meets --max-latency-ms {max_latency_ms:g}: the fastest measured is "
+                f"{fastest:.3f} ms per image (batch {result.batch_size})"
+            )
         best = max(fits, key=lambda r: (r.accuracy, -r.expected_gmacs, -r.eta))
         budget = {"max_latency_ms": float(max_latency_ms)}
     else:
@@ -226,7 +237,11 @@ def plot_sweep(result: SweepResult, path: Path) -> None:
     acc = [100 * r.accuracy for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, xs, xlabel in (
-        (axes[0], [r.ms_per_image for r in rows], f"measured latency (ms / image, batch {result.batch_size}, {result.provider})"),
+        (
+            axes[0],
+            [r.ms_per_image for r in rows],
+            f"measured latency (ms / image, batch {result.batch_size}, {result.provider})",
+        ),
         (axes[1], [r.expected_gmacs for r in rows], "expected GMACs / image"),
     ):
         ax.plot(xs, acc, "o-", color="tab:blue")

@@ -75,7 +75,10 @@ def find_splits(data_dir: str | Path, val_fraction: float | None = None, seed: i
 
 
 def random_resized_crop(
-    img: Image.Image, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.5, 1.0),
+    img: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.5, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Image.Image:
     """torchvision's RandomResizedCrop (area fraction `scale`, aspect `ratio`), bicubic, with a numpy RNG."""
@@ -129,8 +132,9 @@ class ImageFolderDataset(Dataset):
     up to :data:`CACHE_BYTES`.
     """
 
-    def __init__(self, samples: list[Sample], pp: PreprocessConfig, train: bool, seed: int = 0,
-                 crop_scale: float = 0.5) -> None:
+    def __init__(
+        self, samples: list[Sample], pp: PreprocessConfig, train: bool, seed: int = 0, crop_scale: float = 0.5
+    ) -> None:
         self.samples, self.pp, self.train, self.seed = samples, pp, train, seed
         self.crop_scale = crop_scale
         self.epoch = 0

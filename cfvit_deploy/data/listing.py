@@ -14,7 +14,8 @@ def _class_dirs(root: Path) -> list[Path]:
 
 def _images(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.rglob("*")
+        p
+        for p in folder.rglob("*")
         if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 

@@ -35,8 +35,11 @@ def list_images(folder: str | Path, name: str = "--images") -> list[Path]:
     if not root.is_dir():
         raise UsageError(f"{name} must be a folder of images, got {root}")
     files = sorted(
-        (p for p in root.rglob("*") if p.is_file() and is_image_file(p)
-         and not any(part.startswith(".") for part in p.relative_to(root).parts)),
+        (
+            p
+            for p in root.rglob("*")
+            if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ),
         key=lambda p: p.relative_to(root).parts,
     )
     if not files:
@@ -44,8 +47,9 @@ def list_images(folder: str | Path, name: str = "--images") -> list[Path]:
     return files
 
 
-def read_images(paths: Iterable[Path], pp: PreprocessConfig, limit: int | None = None,
-                name: str = "--images") -> FolderImages:
+def read_images(
+    paths: Iterable[Path], pp: PreprocessConfig, limit: int | None = None, name: str = "--images"
+) -> FolderImages:
     """Decode and preprocess `paths` (at most `limit` readable ones), skipping and reporting bad files."""
     arrays: list[np.ndarray] = []
     kept: list[Path] = []

@@ -114,8 +114,16 @@ def _outline(draw: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy:
         return
     sides, scale = ((4, 1.1), (6, 1.05), (3, 1.2))[kind - 1]
     start = rng.uniform(0, 2 * math.pi)
-    draw.polygon([(cx + scale * r * math.cos(start + 2 * math.pi * i / sides),
-                   cy + scale * r * math.sin(start + 2 * math.pi * i / sides)) for i in range(sides)], fill=255)
+    draw.polygon(
+        [
+            (
+                cx + scale * r * math.cos(start + 2 * math.pi * i / sides),
+                cy + scale * r * math.sin(start + 2 * math.pi * i / sides),
+            )
+            for i in range(sides)
+        ],
+        fill=255,
+    )
 
 
 def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, count: int) -> None:
@@ -251,6 +259,8 @@ def ensure_synthetic_dataset(root: str | Path) -> Path:
             return root
         return generate_synthetic(root, spec).root
     if root.exists():
-        raise UsageError(f"{root} exists but is not a built-in synthetic set (no generator meta.json); "
-                         "choose a new folder for --synthetic")
+        raise UsageError(
+            f"{root} exists but is not a built-in synthetic set (no generator meta.json); "
+            "choose a new folder for --synthetic"
+        )
     return make_synthetic_dataset(root)

@@ -62,7 +62,8 @@ class AppState:
     #: decoding threads: as many as `cfvit infer` uses (min(4, cores)); more would only contend
     #: with the graphs' own threads for the cores
     decoder: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="cfvit-decode"))
+        default_factory=lambda: ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="cfvit-decode")
+    )
 
 
 def _error(exc: BadRequest, headers: dict[str, str] | None = None) -> Any:
@@ -72,9 +73,11 @@ def _error(exc: BadRequest, headers: dict[str, str] | None = None) -> Any:
 
 
 def _busy(reason: str) -> BadRequest:
-    text = {"full": "the request queue is full (--max-queue); retry later",
-            "closing": "the server is shutting down",
-            "not ready": "the model is still loading; retry later (see /readyz)"}.get(reason, reason)
+    text = {
+        "full": "the request queue is full (--max-queue); retry later",
+        "closing": "the server is shutting down",
+        "not ready": "the model is still loading; retry later (see /readyz)",
+    }.get(reason, reason)
     return BadRequest(503, reason.replace(" ", "_"), text)
 
 
@@ -116,7 +119,8 @@ async def _answer(request: Any, state: AppState) -> Any:
             raise _busy("closing" if getattr(engine, "closing", False) else "not ready")
         data = await _image_from_request(request, state)
         image = await asyncio.get_running_loop().run_in_executor(
-            state.decoder, decode_image, data, state.preprocessing, state.limits.max_pixels)
+            state.decoder, decode_image, data, state.preprocessing, state.limits.max_pixels
+        )
     work = asyncio.ensure_future(engine.submit(image, eta, topk))
     gone = asyncio.ensure_future(_client_gone(request))
     await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -128,13 +132,19 @@ async def _answer(request: Any, state: AppState) -> Any:
     gone.cancel()
     answer = work.result()  # EngineBusy and graph errors propagate to the caller
     row = answer.row
-    return JSONResponse({
-        "label": row.labels[0], "probability": row.probs[0],
-        "topk": [{"label": label, "prob": p} for label, p in zip(row.labels, row.probs, strict=True)],
-        "stage": row.stage, "confidence": row.confidence, "eta": answer.eta,
-        "patches": row.patches, "refined_patches": list(answer.refined),
-        "export": state.identity,
-    })
+    return JSONResponse(
+        {
+            "label": row.labels[0],
+            "probability": row.probs[0],
+            "topk": [{"label": label, "prob": p} for label, p in zip(row.labels, row.probs, strict=True)],
+            "stage": row.stage,
+            "confidence": row.confidence,
+            "eta": answer.eta,
+            "patches": row.patches,
+            "refined_patches": list(answer.refined),
+            "export": state.identity,
+        }
+    )
 
 
 async def _classify(request: Any, state: AppState) -> Any:
@@ -212,8 +222,13 @@ def _lifespan(state: AppState, on_load_error: Callable[[Exception], None] | None
     return lifespan
 
 
-def create_app(engine: Any, export_dir: str | Path, limits: Limits | None = None,
-               metrics: ServeMetrics | None = None, on_load_error: Callable[[Exception], None] | None = None) -> Any:
+def create_app(
+    engine: Any,
+    export_dir: str | Path,
+    limits: Limits | None = None,
+    metrics: ServeMetrics | None = None,
+    on_load_error: Callable[[Exception], None] | None = None,
+) -> Any:
     """The Starlette app serving `engine` for the export in `export_dir`.
 
     The engine is started (sessions created and warmed up) in the background when the app starts,

@@ -18,22 +18,31 @@ class ServeMetrics:
         self._prom = prom
         self.registry = prom.CollectorRegistry()
         r = self.registry
-        self.requests = prom.Counter("cfvit_requests", "Classify requests by HTTP status (499: client went away)",
-                                     ["status"], registry=r)
-        self.latency = prom.Histogram("cfvit_request_latency_seconds", "Classify latency: request in to answer out",
-                                      buckets=LATENCY_BUCKETS, registry=r)
-        self.answers = prom.Counter("cfvit_answers", "Answered images by the stage that answered them",
-                                    ["stage"], registry=r)
-        self.exit_rate = prom.Gauge("cfvit_exit_rate", "Share of answered images that exited at the coarse stage",
-                                    registry=r)
+        self.requests = prom.Counter(
+            "cfvit_requests", "Classify requests by HTTP status (499: client went away)", ["status"], registry=r
+        )
+        self.latency = prom.Histogram(
+            "cfvit_request_latency_seconds",
+            "Classify latency: request in to answer out",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.answers = prom.Counter(
+            "cfvit_answers", "Answered images by the stage that answered them", ["stage"], registry=r
+        )
+        self.exit_rate = prom.Gauge(
+            "cfvit_exit_rate", "Share of answered images that exited at the coarse stage", registry=r
+        )
         self.exit_rate.set_function(self._exit_rate)
         self.batch_size = {
-            stage: prom.Histogram(f"cfvit_{stage}_batch_size", f"Images per {stage} graph call",
-                                  buckets=BATCH_BUCKETS, registry=r)
+            stage: prom.Histogram(
+                f"cfvit_{stage}_batch_size", f"Images per {stage} graph call", buckets=BATCH_BUCKETS, registry=r
+            )
             for stage in ("coarse", "fine")
         }
-        self.stage_seconds = prom.Histogram("cfvit_stage_seconds", "Seconds per graph call", ["stage"],
-                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_seconds = prom.Histogram(
+            "cfvit_stage_seconds", "Seconds per graph call", ["stage"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.queue_depth = prom.Gauge("cfvit_queue_depth", "Requests waiting for a stage", ["stage"], registry=r)
         self.in_engine = prom.Gauge("cfvit_requests_in_engine", "Requests accepted and not yet answered", registry=r)
         self._counts = {"coarse": 0, "fine": 0}

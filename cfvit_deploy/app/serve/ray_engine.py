@@ -72,9 +72,16 @@ def stage_deployment(stage: str, max_batch: int, max_wait_ms: float) -> Any:
 class RayServeEngine:
     """The engine interface of :class:`runtimes.batching.BatchingEngine`, on Ray Serve deployments."""
 
-    def __init__(self, export_dir: str | Path, config: EngineConfig, provider: str = "cpu",
-                 threads: int | None = None, replicas: dict[str, int] | None = None,
-                 observer: EngineObserver | None = None, ray_init: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        export_dir: str | Path,
+        config: EngineConfig,
+        provider: str = "cpu",
+        threads: int | None = None,
+        replicas: dict[str, int] | None = None,
+        observer: EngineObserver | None = None,
+        ray_init: dict[str, Any] | None = None,
+    ) -> None:
         require("ray.serve", "ray", "cfvit serve --engine ray")
         self.export_dir = str(Path(export_dir).resolve())
         self.config, self.provider, self.threads = config, provider, threads
@@ -105,10 +112,15 @@ class RayServeEngine:
         cfg = self.config
         for stage in ("coarse", "fine"):
             deployment = stage_deployment(stage, cfg.max_batch, cfg.max_wait_ms).options(
-                num_replicas=self.replicas[stage], max_ongoing_requests=max(2 * cfg.max_batch, 8))
+                num_replicas=self.replicas[stage], max_ongoing_requests=max(2 * cfg.max_batch, 8)
+            )
             app = deployment.bind(self.export_dir, self.provider, self.threads)
-            self._handles[stage] = serve.run(app, name=APPS[stage], route_prefix=None,
-                                             logging_config={"log_level": "WARNING", "enable_access_log": False})
+            self._handles[stage] = serve.run(
+                app,
+                name=APPS[stage],
+                route_prefix=None,
+                logging_config={"log_level": "WARNING", "enable_access_log": False},
+            )
 
     async def close(self) -> None:
         """Stop accepting, wait for every accepted request, then delete the deployments."""

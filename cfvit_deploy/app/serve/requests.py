@@ -45,8 +45,9 @@ def parse_params(query: Any) -> tuple[float | None, int]:
     """η (None: the server's default) and top-k from the query string (a mapping of str -> str)."""
     unknown = sorted(set(query) - set(QUERY_PARAMS))
     if unknown:
-        raise BadRequest(400, "unknown_parameter",
-                         f"unknown query parameter {unknown[0]!r}; accepted: {', '.join(QUERY_PARAMS)}")
+        raise BadRequest(
+            400, "unknown_parameter", f"unknown query parameter {unknown[0]!r}; accepted: {', '.join(QUERY_PARAMS)}"
+        )
     eta = None
     if "eta" in query:
         try:
@@ -74,16 +75,22 @@ def check_content_type(content_type: str | None) -> str:
     kind = media_type(content_type)
     if kind.startswith("image/") or kind == MULTIPART:
         return kind
-    raise BadRequest(415, "unsupported_media_type",
-                     f"content type {kind or '(none)'!r} is not accepted; send the image as the body with an "
-                     "image/* content type, or as a file field of a multipart/form-data form")
+    raise BadRequest(
+        415,
+        "unsupported_media_type",
+        f"content type {kind or '(none)'!r} is not accepted; send the image as the body with an "
+        "image/* content type, or as a file field of a multipart/form-data form",
+    )
 
 
 def check_declared_length(content_length: str | None, max_bytes: int) -> None:
     """Refuse a body whose declared Content-Length is over the limit before reading it."""
     if content_length is not None and content_length.isdigit() and int(content_length) > max_bytes:
-        raise BadRequest(413, "body_too_large", f"request body of {int(content_length):,} bytes is over the limit "
-                                                f"of {max_bytes:,} bytes (--max-bytes)")
+        raise BadRequest(
+            413,
+            "body_too_large",
+            f"request body of {int(content_length):,} bytes is over the limit of {max_bytes:,} bytes (--max-bytes)",
+        )
 
 
 async def read_body(chunks: Any, max_bytes: int) -> bytes:
@@ -92,8 +99,9 @@ async def read_body(chunks: Any, max_bytes: int) -> bytes:
     async for chunk in chunks:
         size += len(chunk)
         if size > max_bytes:
-            raise BadRequest(413, "body_too_large", f"request body is over the limit of {max_bytes:,} bytes "
-                                                    "(--max-bytes)")
+            raise BadRequest(
+                413, "body_too_large", f"request body is over the limit of {max_bytes:,} bytes (--max-bytes)"
+            )
         parts.append(chunk)
     return b"".join(parts)
 
@@ -105,7 +113,9 @@ async def file_from_form(form: Any) -> bytes:
     if not chosen:
         raise BadRequest(400, "missing_file", "the multipart form has no file field; send the image as field 'file'")
     if len(files) > 1:
-        raise BadRequest(400, "too_many_files", f"the multipart form has {len(files)} files; send one image per request")
+        raise BadRequest(
+            400, "too_many_files", f"the multipart form has {len(files)} files; send one image per request"
+        )
     return await chosen[0].read()
 
 
@@ -117,8 +127,11 @@ def decode_image(data: bytes, pp: PreprocessConfig, max_pixels: int | None) -> n
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
-                raise BadRequest(413, "too_many_pixels", f"image is {w}x{h} = {w * h:,} pixels, over the limit of "
-                                                         f"{max_pixels:,} (--max-pixels)")
+                raise BadRequest(
+                    413,
+                    "too_many_pixels",
+                    f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)",
+                )
             img.seek(0)
             return preprocess(ImageOps.exif_transpose(img), pp)
     except BadRequest:

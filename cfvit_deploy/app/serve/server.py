@@ -81,8 +81,11 @@ def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMe
     return BatchingEngine(lambda: StageRunner(create_backend(manifest, options.provider, session)), config, observer)
 
 
-def build_app(export_dir: str | Path, options: ServeOptions | None = None,
-              on_load_error: Callable[[Exception], None] | None = None) -> Any:
+def build_app(
+    export_dir: str | Path,
+    options: ServeOptions | None = None,
+    on_load_error: Callable[[Exception], None] | None = None,
+) -> Any:
     """The ASGI app for `export_dir` with `options` (checked), ready for uvicorn or a test client."""
     options = (options or ServeOptions()).check()
     metrics = ServeMetrics()
@@ -105,8 +108,14 @@ def serve(export_dir: str | Path, options: ServeOptions | None = None, sockets: 
         server.should_exit = True
 
     app = build_app(export_dir, options, stop_on_load_error)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                            lifespan="on", timeout_graceful_shutdown=None)
+    config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=None,
+    )
     server = _Server(config)
     server.run(sockets=sockets)
     if failures:
@@ -134,8 +143,9 @@ def _server_class() -> type:
 
             def stop(sig: int, frame: Any) -> None:
                 self.signals.append(sig)
-                logging.getLogger("uvicorn.error").info("received %s: draining (stop accepting, answer every queued request)",
-                         signal.Signals(sig).name)
+                logging.getLogger("uvicorn.error").info(
+                    "received %s: draining (stop accepting, answer every queued request)", signal.Signals(sig).name
+                )
                 self.handle_exit(sig, frame)
 
             originals = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
