@@ -15,10 +15,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-try:  # the bench orchestration is moving to the application layer
-    import cfvit_deploy.app.bench as bench
-except ImportError:  # pragma: no cover - before the move
-    import runtimes.bench as bench
+import cfvit_deploy.app.bench as bench
+from cfvit_deploy.app.bench.results import latency_stats
 
 from cfvit_deploy.manifest import Manifest
 from runtimes.pipeline import CFViTPipeline, StageTimings
@@ -70,7 +68,7 @@ def export_dir(export_dir_factory):
 def test_latency_stats_against_the_standard_library():
     rng = np.random.default_rng(3)
     seconds = list(rng.uniform(0.001, 0.050, 101))
-    stats = bench.latency_stats(seconds, batch_size=4)
+    stats = latency_stats(seconds, batch_size=4)
     ms = [s * 1e3 for s in seconds]
     q = statistics.quantiles(ms, n=100, method="inclusive")  # q[k-1] is the k-th percentile
     assert stats["p50_ms"] == pytest.approx(statistics.median(ms))
@@ -82,10 +80,10 @@ def test_latency_stats_against_the_standard_library():
 
 def test_stage_times_add_up_to_the_whole_call(export_dir, fake_clock):
     result = bench.run_bench(
-        export_dir, batch_sizes=(2,), fine_fractions=(0.0, 0.5), iterations=2, warmup=0, isolation="inline"
+        export_dir, batch_sizes=(2,), fine_fractions=(0.0, 0.5, 1.0), iterations=2, warmup=0, isolation="inline"
     )
     rows = [r for r in result.rows if r.model == "cfvit" and r.status == "ok"]
-    assert len(rows) == 3  # fractions 0, 0.5 and the eta = 1 row
+    assert len(rows) == 3  # fractions 0, 0.5 and 1
     for r in rows:
         assert r.mean_ms == pytest.approx(1.0) and r.p50_ms == pytest.approx(1.0) and r.p99_ms == pytest.approx(1.0)
         assert r.coarse_ms == pytest.approx(COARSE_S * 1e3) and r.gate_ms == pytest.approx(GATE_S * 1e3)

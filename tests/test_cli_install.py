@@ -110,7 +110,7 @@ def test_torch_side_modules_name_the_extra_without_torch(monkeypatch, module) ->
 
 # -- signals: every command, one line, 130 / 143 -----------------------------------------------------------
 HOLD = {  # command line, and the library function the CLI calls (replaced by "say ready, then wait")
-    "make-data": (["make-data", "{tmp}/data"], "cfvit_deploy.data.synthetic", "make_synthetic_dataset"),
+    "make-data": (["make-data", "{tmp}/data"], "cfvit_deploy.data.synthetic", "generate_synthetic"),
     "train": (["train", "{tmp}/data", "--out", "{tmp}/m.pth"], "cfvit_deploy.training", "train"),
     "validate": (["validate", "{tmp}/exp"], "exporters", "validate"),
     "demo": (["demo", "--out", "{tmp}/demo"], "cfvit_deploy.app.demo", "run_demo"),
@@ -210,9 +210,9 @@ def test_library_logs_go_to_stderr_and_third_party_info_does_not(capfd, monkeypa
         logging.getLogger("runtimes.something").info("library says hello")
         logging.getLogger("some_dependency").info("dependency chatter")
         logging.getLogger("some_dependency").warning("dependency warning")
-        return tmp_path
+        return synthetic.SyntheticResult(tmp_path, "written")
 
-    monkeypatch.setattr(synthetic, "make_synthetic_dataset", noisy)
+    monkeypatch.setattr(synthetic, "generate_synthetic", noisy)
     code, out, err = run(capfd, "make-data", tmp_path / "d")
     assert code == 0
     assert "library says hello" in err and "dependency warning" in err and "dependency chatter" not in err
