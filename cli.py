@@ -658,8 +658,8 @@ def serve_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
     shared_threads: bool = typer.Option(
         False,
-        "--shared-threads/--per-session-threads",
-        help="One process-wide ONNX Runtime pool for both graphs, or one sleeping pool per session (default, as infer).",
+        "--shared-threads",
+        help="One process-wide ONNX Runtime pool for both graphs instead of a pool per session (the default, as infer).",
     ),
     engine: str = typer.Option(
         "local", "--engine", help="local | ray (Ray Serve deployments; pip install 'cfvit-deploy[ray]')."

@@ -1,7 +1,9 @@
 """Interleaved A/B of ONNX Runtime threading for the two-session pipeline (SessionConfig's default).
 
-Candidates: ``spin`` (a spinning intra-op pool per session: ONNX Runtime's default), ``no-spin`` (a pool
-per session whose idle threads sleep) and ``shared`` (one process-wide pool for every session). Each
+Candidates: ``spin-stop`` (SessionConfig()'s default: a pool per session that spins only while its own
+graph runs, ORT's ``session.force_spinning_stop``), ``spin`` (a spinning pool per session: ONNX Runtime's
+default), ``no-spin`` (a pool per session whose idle threads sleep) and ``shared`` (one process-wide pool
+for every session). Each
 measurement is a fresh Python process (the shared pool is process-wide, and a spinning pool left
 behind would disturb the next candidate) that warms up, then times ``CFViTPipeline.run`` calls; the
 candidates run interleaved in a shuffled order per round, so load on the machine hits all of them alike.
@@ -27,8 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = {
-    "spin": {"spin": True},
-    "no-spin": {"spin": False},
+    "spin-stop": {},  # SessionConfig()'s default: per-session pools spinning only while their graph runs
+    "spin": {"spin": True, "stop_spinning": False},  # ONNX Runtime's own default
+    "no-spin": {"spin": False, "stop_spinning": False},
     "shared": {"shared_threads": True},
 }
 

@@ -45,17 +45,19 @@ class SessionConfig:
     """Session settings shared by every backend (the same for every runtime compared in bench).
 
     ``SessionConfig()`` is the measured-fastest threading for the two-session pipeline: one intra-op
-    pool per session (ONNX Runtime's default size), idle threads sleeping (``spin=False``); no
-    process-wide state, so other ONNX Runtime sessions of the process are unaffected.
+    pool per session that spins only while its own graph runs (``spin=True, stop_spinning=True``:
+    ONNX Runtime's ``session.force_spinning_stop``), so the idle session's threads never compete with
+    the busy one's. It matched the process-wide shared pool and beat sleeping pools by 1.7x at batch 1
+    (benchmarks/threading_ab.py, README "Performance"), without the shared pool's process-wide state.
     """
 
     threads: int | None = None  #: intra-op threads (None: runtime default)
     allow_fallback: bool = False  #: accept a silent fallback to CPU instead of raising
-    #: let idle intra-op threads spin between calls. Off by default: the pipeline alternates two
-    #: sessions, and a spinning pool of the idle one competes with the busy one (and with image
-    #: decoding, other processes); per-session pools that sleep measured fastest
-    #: (benchmarks/threading_ab.py, README "Performance"). Pass True for a dedicated, idle machine.
-    spin: bool = False
+    #: per-session pools: let intra-op threads spin for work between ops (fast op dispatch)
+    spin: bool = True
+    #: per-session pools: stop spinning as soon as a Run returns (ORT's session.force_spinning_stop),
+    #: so a pool spins only while its own graph runs and never against the other session's
+    stop_spinning: bool = True
     cache_dir: Path | None = None  #: TensorRT engine/timing caches
     fp16: bool = False  #: TensorRT fp16 kernels
     provider_options: dict[str, Any] = field(default_factory=dict)
@@ -63,10 +65,9 @@ class SessionConfig:
     #: chain the graphs through IOBinding with device-resident intermediates (None: on for cuda and
     #: tensorrt, off for cpu, where binding only adds overhead; True also runs it on the CPU device)
     io_binding: bool | None = None
-    #: all ONNX Runtime sessions of the process share one intra-op pool of `threads` threads, which
-    #: always spins (`spin` is ignored). With per-session pools, the pool of the graph that just ran
-    #: spins against the next graph's; sharing avoids that. Process-wide: once a session uses it,
-    #: every later session of the process must too, with the same `threads`.
+    #: all ONNX Runtime sessions of the process share one intra-op pool of `threads` threads (spinning).
+    #: Process-wide: once a session uses it, every later session of the process must too, with the same
+    #: `threads` (ONNX Runtime cannot mix them), so it is opt-in.
     shared_threads: bool = False
 
 

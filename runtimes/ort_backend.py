@@ -26,9 +26,12 @@ from .take_graph import ROWS, output_name, take_rows_model
 _shared_pool: list[int] = []  #: the size the process-wide ONNX Runtime pool was created with
 
 
-def _use_shared_pool(shared: bool, threads: int | None) -> None:
-    """Create the process-wide intra-op pool once (`threads` or ORT's default); after that, a session
-    without it or with another size is a :class:`UsageError` (ONNX Runtime cannot mix them)."""
+def _use_shared_pool(shared: bool, threads: int | None) -> bool:
+    """Whether a new session runs on the process-wide intra-op pool (created here on first use).
+
+    ONNX Runtime cannot mix the two kinds in one process: once the global pool exists, every session
+    must use it (a session with its own pool, or a pool of another size, is a :class:`UsageError`).
+    """
     from onnxruntime.capi import _pybind_state
 
     size = threads or 0
@@ -38,7 +41,8 @@ def _use_shared_pool(shared: bool, threads: int | None) -> None:
                 "this process already runs ONNX Runtime sessions on the shared thread pool; "
                 "later sessions must use it too (SessionConfig.shared_threads)"
             )
-    elif not _shared_pool:
+        return False
+    if not _shared_pool:
         _pybind_state.set_global_thread_pool_sizes(size, 1)
         _shared_pool.append(size)
     elif _shared_pool[0] != size:
@@ -46,6 +50,7 @@ def _use_shared_pool(shared: bool, threads: int | None) -> None:
             f"the shared ONNX Runtime thread pool of this process has {_shared_pool[0] or 'default'} "
             f"threads; it cannot also have {size or 'default'}"
         )
+    return True
 
 
 @contextlib.contextmanager
@@ -115,14 +120,16 @@ class OrtBackend:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[cfg.graph_optimization]
-        _use_shared_pool(cfg.shared_threads, cfg.threads)
-        if cfg.shared_threads:
+        shared = _use_shared_pool(cfg.shared_threads, cfg.threads)
+        if shared:
             so.use_per_session_threads = False
         elif cfg.threads:
             so.intra_op_num_threads = cfg.threads
             so.inter_op_num_threads = 1
-        if not cfg.spin and not cfg.shared_threads:
+        if not cfg.spin and not shared:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if cfg.stop_spinning and not shared:
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         # No "session.disable_cpu_ep_fallback": ORT rejects it next to an explicit CPU EP, and without
         # one it fails on the shape nodes that CUDA deliberately leaves to the CPU. The check of the
         # active provider below catches the silent fallback instead.
@@ -232,4 +239,6 @@ class OrtBackend:
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.io_device == "cuda":  # CUDA EP also under TensorRT: no engine build for a Gather
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device_id}))
-        return ort.InferenceSession(model, providers=providers)
+        so = ort.SessionOptions()
+        so.use_per_session_threads = not _shared_pool  # ORT: no own pool once the process-wide one exists
+        return ort.InferenceSession(model, sess_options=so, providers=providers)

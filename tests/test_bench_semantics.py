@@ -17,7 +17,6 @@ import pytest
 
 import cfvit_deploy.app.bench as bench
 from cfvit_deploy.app.bench.results import latency_stats
-
 from cfvit_deploy.manifest import Manifest
 from runtimes.pipeline import CFViTPipeline, StageTimings
 

@@ -251,15 +251,19 @@ def _spinning(session) -> str:
     return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
 
 
-def test_default_threading_is_per_session_pools_without_spinning(export_dir_factory):
-    """A plain CFViTPipeline(dir) gets the measured-fastest threading (benchmarks/threading_ab.py)."""
+def test_default_threading_spins_only_while_a_graph_runs(export_dir_factory):
+    """A plain CFViTPipeline(dir) gets the measured-fastest threading (benchmarks/threading_ab.py): a pool
+    per session, spinning during its own Run and stopped when it returns (no process-wide pool)."""
     pipe = CFViTPipeline(export_dir_factory("deit_g7"))
     for session in pipe.backend.sessions.values():
-        assert _spinning(session) == "0"
-        assert session.get_session_options().use_per_session_threads
-    spinning = OrtBackend(pipe.manifest, config=SessionConfig(spin=True), graphs=("coarse",))
-    with pytest.raises(Exception, match="allow_spinning"):  # ORT: an entry that was never set
-        _spinning(spinning.sessions["coarse"])
+        options = session.get_session_options()
+        assert options.use_per_session_threads
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        with pytest.raises(Exception, match="allow_spinning"):  # ORT: never set, so spinning stays on
+            options.get_session_config_entry("session.intra_op.allow_spinning")
+    sleeping = OrtBackend(pipe.manifest, config=SessionConfig(spin=False, stop_spinning=False), graphs=("coarse",))
+    options = sleeping.sessions["coarse"].get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_thread_safe_run(deit_pipe):

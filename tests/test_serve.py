@@ -173,7 +173,7 @@ def client(export_dir):
     from starlette.testclient import TestClient
 
     # per-session pools: ONNX Runtime's shared pool is process-wide, and other tests share this process
-    options = ServeOptions(max_batch=8, max_wait_ms=20, max_bytes=200_000, max_pixels=1_000_000, shared_threads=False)
+    options = ServeOptions(max_batch=8, max_wait_ms=20, max_bytes=200_000, max_pixels=1_000_000)
     app = build_app(export_dir, options)
     with TestClient(app) as c:
         _wait_ready(c)
@@ -430,7 +430,7 @@ def test_cli_refuses_bad_flags_before_listening(export_dir, capsys, args, messag
 def test_cli_exits_1_when_the_sessions_cannot_be_created(export_dir, capsys):
     """--provider cuda on a machine without a usable GPU: one error line, exit 1, no server left."""
     pytest.importorskip("uvicorn")
-    code = cli.main(["serve", str(export_dir), "--provider", "cuda", "--port", "0", "--per-session-threads"])
+    code = cli.main(["serve", str(export_dir), "--provider", "cuda", "--port", "0"])
     err = capsys.readouterr().err
     assert code == 1 and "error: " in err and "cuda" in err.lower() and "Traceback" not in err
 
@@ -482,7 +482,7 @@ def test_serving_never_imports_torch(export_dir):
 import sys
 from starlette.testclient import TestClient
 from cfvit_deploy.app.serve import ServeOptions, build_app
-with TestClient(build_app({str(export_dir)!r}, ServeOptions(shared_threads=False))) as c:
+with TestClient(build_app({str(export_dir)!r}, ServeOptions())) as c:
     import time
     while c.get('/readyz').status_code != 200:
         time.sleep(0.05)

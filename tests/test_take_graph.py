@@ -43,7 +43,11 @@ def test_bytes_equal_onnx_helper(inputs):
 
 
 def test_gathers_rows_like_numpy_take():
-    session = ort.InferenceSession(take_rows_model(FINE_LIKE), providers=["CPUExecutionProvider"])
+    from runtimes import ort_backend
+
+    so = ort.SessionOptions()
+    so.use_per_session_threads = not ort_backend._shared_pool  # the suite's process may hold the shared pool
+    session = ort.InferenceSession(take_rows_model(FINE_LIKE), sess_options=so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {
         "images": rng.standard_normal((5, 3, 4, 4)).astype(np.float32),

@@ -43,8 +43,8 @@ class ServeOptions:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int | None = 40_000_000
     threads: int | None = None  #: intra-op threads per session, or of the shared pool (None: the runtime's default)
-    #: ONNX Runtime's one process-wide pool for both sessions instead of SessionConfig()'s default
-    #: (per-session pools whose idle threads sleep: the measured-fastest threading, the same as infer/bench)
+    #: ONNX Runtime's process-wide pool for both sessions instead of SessionConfig()'s default (a pool per
+    #: session that spins only while its graph runs: the measured fastest, as infer and bench use it)
     shared_threads: bool = False
     engine: str = "local"
     replicas: dict[str, int] = field(default_factory=lambda: {"coarse": 1, "fine": 1})  #: Ray Serve only
