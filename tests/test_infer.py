@@ -660,8 +660,10 @@ def test_cli_progress_bar_on_a_terminal(export_dir, folder, tmp_path, monkeypatc
 
     from rich.console import Console
 
+    from cfvit_deploy.app import cli_app
+
     buf = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=buf, force_terminal=True, width=100))
+    monkeypatch.setattr(cli_app, "console", Console(file=buf, force_terminal=True, width=100))
     assert cli.main(["infer", str(export_dir), str(folder), "-o", str(tmp_path / "r.csv")]) == 1
     assert "infer" in buf.getvalue() and "4/4" in buf.getvalue()
 

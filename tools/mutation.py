@@ -34,6 +34,15 @@ SCOPE: dict[str, list[str]] = {
     "runtimes.pipeline": ["x_softmax", "x_max_softmax", "xǁCFViTPipelineǁrun"],
     "cfvit_deploy.checks": ["x_check_eta"],  # the gate's η check (runtimes.pipeline re-exports it)
     "cfvit_deploy.model": ["xǁCFViTǁselect", "xǁCFViTǁcoarse_stage", "x_confidence", "x_fine_indices"],
+    # the criteria moved from exporters.validation to exporters.criteria: both names, one set of globs
+    "exporters.criteria": [
+        "xǁ_Checkerǁ*",
+        "xǁCriteriaǁ*",
+        "x__softmax_conf",
+        "x_closeness_ratio",
+        "x_relative_logit_error",
+        "x_top2_margin",
+    ],
     "exporters.validation": [
         "xǁ_Checkerǁ*",
         "xǁCriteriaǁ*",

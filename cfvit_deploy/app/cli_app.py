@@ -1,0 +1,70 @@
+"""The Typer app that `cfvit` runs: its root options, the stderr console and the progress bars.
+
+The commands live in :mod:`cfvit_deploy.app.commands_model` (export, validate, train, make-data) and
+:mod:`cfvit_deploy.app.commands_serving` (infer, bench, sweep, demo, serve); ``cli.py`` is the entry point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from cfvit_deploy.app.cli_support import (
+    LIBRARY_LOGGERS,
+    progress_bars,
+    version,
+)
+from cfvit_deploy.errors import UsageError
+from cfvit_deploy.progress import ProgressHook
+
+# rich_markup_mode=None: help is plain text, so "pip install 'cfvit-deploy[ray]'" keeps its brackets
+# (rich markup would eat them) and flags get no "<bool>" placeholder.
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="CF-ViT deployment toolkit: train, export, validate, infer, bench, sweep, demo.",
+)
+console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"cfvit-deploy {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors too."),
+    show_version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+    ),
+) -> None:
+    _state["debug"] = debug
+    if debug:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+def _csv_list(value: str, kind: type, flag: str) -> list:
+    """Parse a comma-separated flag value ("1,4") into a list of `kind`."""
+    try:
+        items = [kind(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} expects comma-separated {kind.__name__} values, got {value!r}") from None
+    if not items:
+        raise UsageError(f"{flag} is empty")
+    return items
+
+
+def progress_hook() -> contextlib.AbstractContextManager[Optional[ProgressHook]]:
+    """Rich progress bars on stderr as a :class:`ProgressHook` (None when stderr is not a terminal)."""
+    return progress_bars(console)
