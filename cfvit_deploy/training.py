@@ -184,6 +184,19 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+def check_train_args(
+    out: Path, init: str | Path | None, resume: str | Path | None, threads: int | None, force: bool
+) -> None:
+    """The flag checks of :func:`train`, cheap and before any work (the CLI runs them before it
+    generates the built-in data for ``--synthetic``)."""
+    if init is not None and resume is not None:
+        raise UsageError("pass either --init or --resume, not both")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    if resume is None or Path(out).resolve() != Path(resume).resolve():
+        check_output(Path(out), force)
+
+
 def train(
     data_dir: str | Path,
     out: str | Path,
@@ -204,12 +217,7 @@ def train(
     `threads` sets torch's intra-op threads (default: the idle cores, see :func:`default_threads`).
     """
     out = Path(out)
-    if init is not None and resume is not None:
-        raise UsageError("pass either --init or --resume, not both")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
-    if resume is None or out.resolve() != Path(resume).resolve():
-        check_output(out, force)
+    check_train_args(out, init, resume, threads, force)
     recipe_in = recipe
     recipe = recipe or TrainRecipe()
     meta: dict[str, Any] = {}

@@ -297,3 +297,13 @@ def test_no_selection_epoch_is_said(data: Path, tmp_path: Path, caplog: pytest.L
     with caplog.at_level("WARNING", logger="cfvit_deploy.training"):
         train(data, tmp_path / "m.pth", replace(TINY, epochs=1, selection_after=1), progress=False)
     assert "no informative-selection epoch" in caplog.text and "--selection-after 1 >= --epochs 1" in caplog.text
+
+
+def test_cli_checks_train_flags_before_generating_the_builtin_data(tmp_path: Path, capsys) -> None:
+    """Issue 13 item 7: `--synthetic` generated the whole data set before `--threads 0` was refused."""
+    code = cli.main(
+        ["train", str(tmp_path / "data"), "--synthetic", "--threads", "0", "--out", str(tmp_path / "m.pth")]
+    )
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "error: --threads must be >= 1, got 0"
+    assert not (tmp_path / "data").exists()

@@ -209,7 +209,7 @@ def train_cmd(
     from dataclasses import replace
 
     from cfvit_deploy.data.synthetic import ensure_synthetic_dataset
-    from cfvit_deploy.training import DEMO_RECIPE, TrainRecipe, resume_recipe, train
+    from cfvit_deploy.training import DEMO_RECIPE, TrainRecipe, check_train_args, resume_recipe, train
 
     given = {
         k: v
@@ -227,6 +227,7 @@ def train_cmd(
     }
     base = resume_recipe(resume) if resume else DEMO_RECIPE if synthetic else TrainRecipe()
     recipe = replace(base, **given)
+    check_train_args(out or resume or Path("cfvit.pth"), init, resume, threads, force)  # before generating data
     if synthetic:
         data = ensure_synthetic_dataset(data)
     result = train(
