@@ -208,7 +208,7 @@ def test_make_data_help_places_labels_csv_in_the_splits() -> None:
     """The help said labels.csv is at the top level; it is in train/ and val/ (what the generator writes)."""
     import inspect
 
-    import cli
+    from cfvit_deploy.app import commands_model
 
-    help_text = inspect.signature(cli.make_data_cmd).parameters["out"].default.help
+    help_text = inspect.signature(commands_model.make_data_cmd).parameters["out"].default.help
     assert "train/ and val/ (class folders + labels.csv each) and meta.json" in help_text
