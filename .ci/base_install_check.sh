@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 FULL=${1:-${FULL_PYTHON:-$ROOT/.venv/bin/python}}
+case $FULL in /*) ;; *) FULL=$ROOT/$FULL ;; esac  # the checks below run from another directory
 FIXTURES=${CFVIT_FIXTURES:-$ROOT/../shared/fixtures/upstream}
 WORK=$(mktemp -d /tmp/cfvit-base-install.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
