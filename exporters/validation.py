@@ -16,7 +16,6 @@ logits, and top-1 / exit agreement counted where the fp32 decision is clear of t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from cfvit_deploy.checkpoints import EMA_KEYS, load_checkpoint
 from cfvit_deploy.checks import check_batch_sizes, check_etas, check_fraction
 from cfvit_deploy.data.reader import list_images, read_images
 from cfvit_deploy.errors import CheckpointError, UsageError
-from cfvit_deploy.manifest import Manifest
+from cfvit_deploy.manifest import Manifest, sha256_file
 from cfvit_deploy.model import CFViT
 from cfvit_deploy.progress import ProgressHook, report
 from runtimes.backends import SessionConfig, check_provider, create_backend
@@ -64,14 +63,6 @@ def _real_images(files: list[Path], manifest: Manifest, report_: ValidationRepor
     return read.images
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_warning(manifest: Manifest, checkpoint: str | Path) -> str | None:
     """A warning when `checkpoint` is not the file the export was made from (its sha256 differs)."""
     recorded = manifest.source.get("checkpoint") or {}
@@ -79,7 +70,7 @@ def checkpoint_warning(manifest: Manifest, checkpoint: str | Path) -> str | None
     path = Path(checkpoint)
     if not want or not path.is_file():
         return None
-    have = _sha256(path)
+    have = sha256_file(path)
     if have == want:
         return None
     return (

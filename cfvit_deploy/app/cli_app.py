@@ -18,7 +18,6 @@ from cfvit_deploy.app.cli_support import (
     progress_bars,
     version,
 )
-from cfvit_deploy.errors import UsageError
 from cfvit_deploy.progress import ProgressHook
 
 # rich_markup_mode=None: help is plain text, so "pip install 'cfvit-deploy[ray]'" keeps its brackets
@@ -52,17 +51,6 @@ def _root(
     if debug:
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).setLevel(logging.DEBUG)
-
-
-def _csv_list(value: str, kind: type, flag: str) -> list:
-    """Parse a comma-separated flag value ("1,4") into a list of `kind`."""
-    try:
-        items = [kind(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} expects comma-separated {kind.__name__} values, got {value!r}") from None
-    if not items:
-        raise UsageError(f"{flag} is empty")
-    return items
 
 
 def progress_hook() -> contextlib.AbstractContextManager[Optional[ProgressHook]]:
