@@ -47,6 +47,7 @@ clean:
 CFVIT_FIXTURES ?= $(abspath $(CURDIR)/../shared/fixtures/upstream)
 .PHONY: mutation mutation-report
 mutation: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[mutation]"
 	rm -rf mutants  # a fresh copy of the code and tests: no stale mutants or test stats
 	CFVIT_FIXTURES=$(CFVIT_FIXTURES) CFVIT_EXPORT_CACHE=$(CURDIR)/.mutation-exports PYTHONPATH=. \
 		$(BIN)/python tools/mutation.py all

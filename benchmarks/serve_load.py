@@ -222,12 +222,23 @@ def goals(result: dict) -> list[dict]:
     b32, n32 = cell["batching"][32]["throughput"], cell["no-batching"][32]["throughput"]
     offline_rate = result["offline"]["infer_images_per_s"]
     added = cell["batching"][1]["p50_ms"] - result["offline"]["pipeline_p50_ms"]
+    # What batching can give at most on this machine: the offline pipeline's batch-32 throughput over its
+    # batch-1 throughput (one image: decode + run). A 2x target above this ceiling cannot be met here.
+    ceiling = offline_rate * result["offline"]["pipeline_p50_ms"] / 1000
+    result["offline"]["batching_ceiling"] = round(ceiling, 3)
     rows = [
         ("c=32 batching / no batching", b32 / n32 if n32 else float("inf"), ">= 2.0x", b32 >= 2 * n32),
+        ("ceiling: offline batch-32 / batch-1 throughput", ceiling, "(reported)", ceiling >= 2.0),
         ("c=32 batching / offline infer", b32 / offline_rate, ">= 0.70", b32 >= 0.7 * offline_rate),
         ("c=1 added latency (ms)", added, "<= 2 ms", added <= 2.0),
     ]
-    return [{"goal": g, "value": round(v, 3), "target": t, "met": bool(m)} for g, v, t, m in rows]
+    return [
+        {"goal": g, "value": round(v, 3), "target": t, "met": None if t == "(reported)" else bool(m)}
+        for g, v, t, m in rows
+    ]
+
+
+_VERDICT = {True: "met", False: "missed", None: "reported"}
 
 
 def table(result: dict) -> str:
@@ -245,14 +256,13 @@ def table(result: dict) -> str:
     lines += [
         "",
         f"offline `infer` (batch 32): {o['infer_images_per_s']:.1f} img/s; pipeline alone, one image "
-        f"(decode + batch-1 run): p50 {o['pipeline_p50_ms']:.1f} ms",
+        f"(decode + batch-1 run): p50 {o['pipeline_p50_ms']:.1f} ms; batching ceiling (offline batch-32 / "
+        f"batch-1 throughput) {o.get('batching_ceiling', float('nan')):.2f}x",
         "",
         "| goal | value | target | |",
         "|---|---:|---|---|",
     ]
-    lines += [
-        f"| {g['goal']} | {g['value']} | {g['target']} | {'met' if g['met'] else 'missed'} |" for g in result["goals"]
-    ]
+    lines += [f"| {g['goal']} | {g['value']} | {g['target']} | {_VERDICT[g['met']]} |" for g in result["goals"]]
     return "\n".join(lines)
 
 

@@ -318,3 +318,77 @@ def test_a_temporary_without_a_pid_is_named_in_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="cfvit_deploy.io"), atomic_write_path(tmp_path / "out.csv") as tmp:
         tmp.write_text("y")
     assert legacy.exists() and str(legacy) in caplog.text
+
+
+# -- the primitives under the no-clobber rename (issue 16: mutation survivors) ------------------------------
+def test_renameat2_is_found_and_used_on_linux(tmp_path):
+    """glibc >= 2.28 has renameat2: the no-clobber move must use it, not silently fall back to link."""
+    import sys
+
+    import cfvit_deploy.io as io
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux only")
+    assert io._load_renameat2() is not None
+    (tmp_path / "a").write_text("a")
+    assert io._rename2(tmp_path / "a", tmp_path / "b", io._RENAME_NOREPLACE) is True
+    assert entries(tmp_path) == ["b"]
+
+
+def test_renameat2_reports_an_existing_destination_as_file_exists(tmp_path):
+    """The errno must reach Python (use_errno): EEXIST becomes FileExistsError, the lost-race signal."""
+    import cfvit_deploy.io as io
+
+    if io._renameat2 is None:
+        pytest.skip("no renameat2 here")
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    with pytest.raises(FileExistsError):
+        io._rename2(tmp_path / "a", tmp_path / "b", io._RENAME_NOREPLACE)
+    assert (tmp_path / "b").read_text() == "b"
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_portable_no_clobber_moves_and_refuses(tmp_path, monkeypatch, kind):
+    """The link/mkdir fallback (no renameat2) puts the output in place, leaves no temporary, and
+    refuses an output that appeared meanwhile with the lost-race message."""
+    import cfvit_deploy.io as io
+
+    monkeypatch.setattr(io, "USE_RENAMEAT2", False)
+    writer = atomic_write_path if kind == "file" else atomic_directory
+    with writer(tmp_path / "out", force=False) as tmp:
+        if kind == "file":
+            tmp.write_text("mine")
+        else:
+            (tmp / "x").write_text("mine")
+    assert entries(tmp_path) == ["out"]
+    assert (tmp_path / "out" if kind == "file" else tmp_path / "out" / "x").read_text() == "mine"
+    with pytest.raises(OutputExistsError) as caught, writer(tmp_path / "again", force=False) as tmp:
+        if kind == "file":
+            tmp.write_text("late")
+            (tmp_path / "again").write_text("first")
+        else:
+            (tmp / "x").write_text("late")
+            (tmp_path / "again").mkdir()
+    assert str(caught.value) == (
+        f"{tmp_path / 'again'} already exists (another run created it while this one was writing); "
+        "pass --force to overwrite it; nothing was written"
+    )
+    assert entries(tmp_path) == ["again", "out"]
+
+
+def test_pid_alive_distinguishes_live_dead_and_invalid_pids(monkeypatch):
+    import cfvit_deploy.io as io
+
+    assert io._pid_alive(os.getpid()) is True
+    assert io._pid_alive(1) is True  # init (or the container's first process) always runs
+    assert io._pid_alive(_dead_pid()) is False
+    assert io._pid_alive(0) is False  # kill(0) would signal our own process group: not a pid
+    assert io._pid_alive(-1) is False
+    assert io._pid_alive(2**70) is False  # OverflowError from os.kill
+
+    def denied(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(io.os, "kill", denied)
+    assert io._pid_alive(12345) is True  # someone else's live process
