@@ -27,7 +27,7 @@ run, when N > 1), headline.json (every target with value = median, range = [min,
 infer runs and the parts' raw results per run), headline.png, latency.png, throughput.png,
 machine.txt, and the block of README.md between the ``bench:begin``/``bench:end`` markers.
 
-    python benchmarks/run_headline.py                  # every target (make bench): ~20 min on 2 cores
+    python benchmarks/run_headline.py                  # every target (make bench)
     python benchmarks/run_headline.py --runs 3         # the same, three runs: median and range
     python benchmarks/run_headline.py --quick          # smoke test of every step on a micro model
     python benchmarks/run_headline.py --skip attention,int8-accuracy,int8-speed   # headline only

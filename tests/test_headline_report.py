@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 try:
     import headline_report as hr
     import headline_targets as ht
+    import run_headline as rh
 finally:
     sys.path.pop(0)
 
@@ -118,3 +119,22 @@ def test_merge_runs_keeps_each_cells_median_run():
     assert merged.rows[0].img_per_s == 20.0 and merged.rows[1].status == "skipped"
     assert merged.settings["runs"] == 3 and merged.machine["load_avg_end"] == [3.0]
     assert hr.merge_runs([result(10.0, 1.0), result(30.0, 2.0)]).rows[0].img_per_s == 10.0  # even: the slower
+
+
+def test_run_headline_options_and_a_failed_part():
+    quick = rh.parse_args(["--quick", "--skip", "attention, int8-speed"])
+    assert (quick.size, quick.rounds, quick.ab_duration, quick.runs) == ("micro", 1, 0.3, 1)
+    assert quick.skip == {"attention", "int8-speed"}
+    full = rh.parse_args(["--runs", "3"])
+    assert (full.size, full.rounds, full.ab_duration, full.runs, full.skip) == ("small", 3, 3.0, 3, set())
+    with pytest.raises(SystemExit):
+        rh.parse_args(["--skip", "attention,bogus"])
+    raw: dict = {}
+    (failed,) = rh._part("attention", raw, lambda: 1 / 0, ht.attention_targets)  # the run goes on
+    assert failed.value is None and failed.met is None and "ZeroDivisionError" in failed.detail
+    assert raw == {"errors": [{"part": "attention", "error": "ZeroDivisionError: division by zero"}]}
+    speed = [
+        {"variant": "fp32", "fine_fraction": 0.24, "img_per_s": 1.0, "speed_vs_fp32": 1.0, "rounds_img_per_s": [1]}
+    ]
+    assert rh._part("int8-speed", raw, lambda: speed, ht.int8_speed_targets) == []
+    assert raw["int8_speed"] == [speed]
