@@ -14,6 +14,8 @@ share of the pool to the fine stage). Each number is the median over rounds. Pip
 the default ``CFViTPipeline(export_dir)`` constructor: what users get.
 
     python benchmarks/attention_ab.py [--rounds 5] [--duration 3] [--work /tmp/cfvit-attention-ab] [--out ab.json]
+
+``run_ab`` is the library twin; ``benchmarks/run_headline.py`` runs it and judges its target.
 """
 
 from __future__ import annotations
@@ -35,20 +37,21 @@ MODES = ("fused", "plain")
 POOL = {1: 25, 32: 64}
 
 
-def export_pair(work: Path) -> dict[str, Path]:
-    """The two exports of one seed-0 DeiT-S-size model (reused when already there)."""
+def export_pair(work: Path, size: str = "small") -> dict[str, Path]:
+    """The two exports of one seed-0 DeiT model of `size` (reused when already there)."""
     import torch
 
     from cfvit_deploy import ModelConfig
     from cfvit_deploy.model import CFViT
     from exporters import export
 
-    dirs = {mode: work / f"deit_s_{mode}" for mode in MODES}
+    stem = "deit_s" if size == "small" else f"deit_{size}"
+    dirs = {mode: work / f"{stem}_{mode}" for mode in MODES}
     work.mkdir(parents=True, exist_ok=True)
     if all((d / "manifest.json").is_file() for d in dirs.values()):
         return dirs
     torch.manual_seed(0)
-    model = CFViT(ModelConfig.named("deit", "small", coarse_grid=7)).eval()
+    model = CFViT(ModelConfig.named("deit", size, coarse_grid=7)).eval()
     for mode, d in dirs.items():
         export(model, d, attention=mode, baseline=True, force=True)
     return dirs
@@ -125,28 +128,16 @@ def _run_cell(export_dir: Path, cell: tuple[str, int, float], duration: float) -
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--duration", type=float, default=3.0, help="seconds per cell and round")
-    p.add_argument("--work", type=Path, default=Path("/tmp/cfvit-attention-ab"))
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--export-dir", help=argparse.SUPPRESS)
-    p.add_argument("--what", help=argparse.SUPPRESS)
-    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        return _worker(args)
-    dirs = export_pair(args.work)
+def run_ab(work: Path, rounds: int = 5, duration: float = 3.0, size: str = "small") -> dict:
+    """Export the pair (once) and measure `rounds` interleaved ABBA rounds: rows (median per cell), ratios."""
+    dirs = export_pair(work, size)
     seconds: dict[tuple[str, str, int, float], list[float]] = {}
-    for r in range(args.rounds):
+    for r in range(rounds):
         order = MODES if r % 2 == 0 else MODES[::-1]  # ABBA: neither side always goes first
         for cell in CELLS:
             for mode in order:
-                seconds.setdefault((mode, *cell), []).append(_run_cell(dirs[mode], cell, args.duration))
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+                seconds.setdefault((mode, *cell), []).append(_run_cell(dirs[mode], cell, duration))
+        print(f"attention A/B: round {r + 1}/{rounds} done", file=sys.stderr)
     med = {key: float(np.median(v)) for key, v in seconds.items()}
     rows = [
         {
@@ -168,18 +159,34 @@ def main() -> None:
         ratios[f"{m}: deit_s_vs_cfvit_b1_f0.24"] = med[(m, "baseline", 1, 1.0)] / med[(m, "pipeline", 1, 0.24)]
         for f in (0.24, 0.52):
             ratios[f"{m}: deit_s_vs_cfvit_b32_f{f}"] = med[(m, "baseline", 32, 1.0)] / med[(m, "pipeline", 32, f)]
-    for row in rows:
+    return {"rows": rows, "ratios": ratios, "rounds": rounds, "duration_s": duration, "size": size}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per cell and round")
+    p.add_argument("--work", type=Path, default=Path("/tmp/cfvit-attention-ab"))
+    p.add_argument("--size", default="small", help="DeiT size of the model (small: DeiT-S; micro: a smoke test)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--export-dir", help=argparse.SUPPRESS)
+    p.add_argument("--what", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return _worker(args)
+    result = run_ab(args.work, args.rounds, args.duration, args.size)
+    for row in result["rows"]:
         print(
             f"{row['attention']:>5} {row['graph']:<8} b{row['batch']:<2} f={row['fine_fraction']}: "
             f"{row['median_ms_per_batch']:9.2f} ms/batch {row['img_per_s']:8.1f} img/s"
         )
-    for name, value in ratios.items():
+    for name, value in result["ratios"].items():
         print(f"{name}: {value:.2f}")
     if args.out:
-        args.out.write_text(
-            json.dumps({"rows": rows, "ratios": ratios, "rounds": args.rounds, "duration_s": args.duration}, indent=2)
-            + "\n"
-        )
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
-"""The headline of `run_headline.py`: target ratios (met/missed), the cross-runtime table with the
-fastest runtime per cell marked, its plot, and the generated block of benchmarks/results/README.md."""
+"""The headline of `run_headline.py`: the cross-runtime table with the fastest runtime per cell marked
+(over ``--runs N``: each cell's median run), its plot, and the generated block of
+benchmarks/results/README.md with every target (median and min-max range; built in `headline_targets`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+
+from headline_targets import Target, ok, row_of, targets
 
 from cfvit_deploy.app.bench import BenchResult, BenchRow
 from cfvit_deploy.extras import require
 from cfvit_deploy.io import atomic_write_path
+
+__all__ = ["Target", "headline_table", "markdown", "merge_runs", "plot_headline", "targets", "write_readme"]
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 #: Headline columns: (batch, model, fine fraction); batch 1 compares latency, batch 32 throughput.
@@ -25,99 +29,20 @@ RUNTIMES = (
 )
 
 
-@dataclass(frozen=True)
-class Target:
-    """One headline ratio and its goal (None: reported only)."""
-
-    name: str
-    value: float | None
-    goal: float | None
-    detail: str = ""
-    within: bool = False  #: goal is a tolerance: |value - 1| <= goal
-
-    @property
-    def met(self) -> bool | None:
-        if self.value is None or self.goal is None:
-            return None
-        return abs(self.value - 1) <= self.goal if self.within else self.value >= self.goal
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "value": self.value, "goal": self.goal, "met": self.met, "detail": self.detail}
-
-    def line(self) -> str:
-        value = "n/a" if self.value is None else f"{self.value:.2f}"
-        goal = "-" if self.goal is None else (f"1 ± {self.goal:g}" if self.within else f">= {self.goal:g}")
-        verdict = (
-            "reported"
-            if self.goal is None and self.value is not None
-            else {True: "met", False: "**MISSED**", None: "not measured"}[self.met]
+def merge_runs(results: list[BenchResult]) -> BenchResult:
+    """The results of ``--runs N`` as one: each cell is the row of its median run by images/s (for an even N
+    the slower of the two middle runs); the machine is the first run's with the last run's end load."""
+    if len(results) == 1:
+        return results[0]
+    key = lambda r: (r.runtime, r.provider, r.precision, r.model, r.batch_size, r.gate, r.target_fine_fraction)  # noqa: E731
+    rows = []
+    for row in results[0].rows:
+        measured = sorted(
+            (r for res in results for r in res.rows if key(r) == key(row) and ok(r)), key=lambda r: r.img_per_s
         )
-        return f"| {self.name} | {value} | {goal} | {verdict} | {self.detail} |"
-
-
-def row_of(
-    result: BenchResult, runtime: str, provider: str, precision: str, batch: int, model: str, fraction: float | None
-) -> BenchRow | None:
-    """The row of one headline cell (measured or not), or None when it was not requested."""
-    for r in result.rows:
-        if (r.runtime, r.provider, r.precision, r.batch_size, r.model) == (
-            runtime,
-            provider,
-            precision,
-            batch,
-            model,
-        ) and (model == "baseline" or r.target_fine_fraction == fraction):
-            return r
-    return None
-
-
-def _ok(row: BenchRow | None) -> BenchRow | None:
-    return row if row is not None and row.status == "ok" else None
-
-
-def _ratio(a: BenchRow | None, b: BenchRow | None) -> float | None:
-    a, b = _ok(a), _ok(b)
-    return None if a is None or b is None else a.img_per_s / b.img_per_s
-
-
-def targets(result: BenchResult, infer_runs: list[dict]) -> list[Target]:
-    """Issue 14's ratios, each from rows of this run, and `cfvit infer` vs the bench row of the same batch."""
-
-    def ort(precision: str, b: int, model: str = "cfvit", f: float | None = None) -> BenchRow | None:
-        return row_of(result, "onnxruntime", "cpu", precision, b, model, f)
-
-    base1, base32 = ort("fp32", 1, "baseline"), ort("fp32", 32, "baseline")
-    out = [
-        Target("fp32 pipeline / DeiT-S fp32, batch 1 latency, f=0.24", _ratio(ort("fp32", 1, f=0.24), base1), 2.4),
-        Target("fp32 pipeline / DeiT-S fp32, batch 32 img/s, f=0.24", _ratio(ort("fp32", 32, f=0.24), base32), 2.6),
-        Target("fp32 pipeline / DeiT-S fp32, batch 32 img/s, f=0.52", _ratio(ort("fp32", 32, f=0.52), base32), 1.8),
-        Target(
-            "int8 pipeline / fp32 pipeline, batch 32 img/s, f=0.24",
-            _ratio(ort("int8", 32, f=0.24), ort("fp32", 32, f=0.24)),
-            2.5,
-        ),
-    ]
-    for run in infer_runs:
-        bench_row = _ok(ort("fp32", run["batch_size"], f=1.0))
-        value = None if bench_row is None or not run.get("img_per_s") else run["img_per_s"] / bench_row.img_per_s
-        detail = run.get("error") or (
-            f"infer {run['img_per_s']:.1f} img/s on {run['images']} files, bench {bench_row.img_per_s:.1f} img/s"
-            if value is not None
-            else ""
-        )
-        out.append(
-            Target(
-                f"`cfvit infer` / bench row, fp32 eta=1, batch {run['batch_size']} (img/s)",
-                value,
-                0.10,
-                detail,
-                within=True,
-            )
-        )
-    for b, f in ((1, 0.24), (32, 0.24)):
-        ov, cpu = row_of(result, "openvino", "openvino", "fp32", b, "cfvit", f), ort("fp32", b, f=f)
-        out.append(Target(f"OpenVINO / ONNX Runtime, fp32 pipeline, batch {b}, f={f:g}", _ratio(ov, cpu), None))
-    return out
+        rows.append(measured[(len(measured) - 1) // 2] if measured else row)
+    machine = {**results[0].machine, "load_avg_end": results[-1].machine.get("load_avg_end")}
+    return BenchResult(rows, machine, {**results[0].settings, "runs": len(results)}, results[0].notes)
 
 
 def _cell_text(row: BenchRow | None, batch: int) -> str:
@@ -135,7 +60,7 @@ def headline_table(result: BenchResult) -> list[str]:
     }
     best = {}
     for col in COLUMNS:
-        measured = [(r.img_per_s, label) for (label, c), r in cells.items() if c == col and _ok(r)]
+        measured = [(r.img_per_s, label) for (label, c), r in cells.items() if c == col and ok(r)]
         best[col] = max(measured)[1] if measured else None
     head = ["runtime"] + [
         f"b{b} {'CF-ViT f=' + format(f, 'g') if m == 'cfvit' else 'DeiT-S'}" + (" latency" if b == 1 else " throughput")
@@ -161,8 +86,8 @@ def plot_headline(result: BenchResult, path: Path) -> Path:
         labels, pipe, base = [], [], []
         for label, rt, prov, prec in RUNTIMES:
             p, d = (
-                _ok(row_of(result, rt, prov, prec, b, "cfvit", 0.24)),
-                _ok(row_of(result, rt, prov, prec, b, "baseline", None)),
+                ok(row_of(result, rt, prov, prec, b, "cfvit", 0.24)),
+                ok(row_of(result, rt, prov, prec, b, "baseline", None)),
             )
             labels.append(label.replace(" ", "\n", 2) + ("" if p or d else "\n(not measured)"))
             pipe.append(p.img_per_s if p else 0.0)
@@ -196,6 +121,10 @@ def _machine_lines(result: BenchResult, elapsed_s: float, mode: str) -> list[str
         f"pass(es), {s['warmup']} warm-up calls, {s['duration_s']} s of timed calls per cell, inputs "
         f"{s['inputs']}. Run took {elapsed_s / 60:.1f} min.",
         "",
+        f"Runs: {s.get('runs', 1)} (`--runs`), fresh measurements of the same exports. Each cell of the "
+        "headline table is its median run (for an even count the slower of the two middle runs); each target "
+        "is the median over the runs, with the min–max range of the runs.",
+        "",
     ]
 
 
@@ -203,7 +132,13 @@ def markdown(result: BenchResult, goals: list[Target], elapsed_s: float, mode: s
     lines = [BEGIN, "", "_Generated by `python benchmarks/run_headline.py`; edit the text outside the markers._", ""]
     lines += _machine_lines(result, elapsed_s, mode)
     lines += ["### Cross-runtime headline", "", *headline_table(result), "", "![headline](headline.png)", ""]
-    lines += ["### Targets", "", "| target | measured | goal | verdict | note |", "|---|---|---|---|---|"]
+    runs = result.settings.get("runs", 1)
+    lines += [
+        "### Targets",
+        "",
+        f"| target | measured (median of {runs} run(s)) | range (min–max) | goal | verdict | note |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += [t.line() for t in goals] + [""]
     reasons = sorted({f"{r.runtime}/{r.provider} {r.precision}: {r.reason}" for r in result.rows if r.status != "ok"})
     if reasons:

@@ -14,6 +14,9 @@ throughput at batch 32, fine fraction 0.24 (synthetic gate: η = the confidence 
 fp32.
 
     python benchmarks/int8_accuracy.py [--work runs/int8] [--deit-s] [--rounds 3] [--out int8.json]
+
+``accuracy_part`` and ``speed_part`` are the library twins; ``benchmarks/run_headline.py`` runs both and
+judges their targets.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 from time import perf_counter
 
@@ -70,17 +74,36 @@ def throughput(pipe, pool: np.ndarray, eta: float, batch: int = 32, seconds: flo
     return n / (perf_counter() - start)
 
 
-def accuracy_part(work: Path) -> list[dict]:
+def demo_data(work: Path, quick: bool = False) -> Path:
+    """The demo's image set under ``work/demo[-quick]/data`` (made once; `quick`: 8 train / 4 val per class)."""
+    from cfvit_deploy.data.synthetic import SyntheticSpec, make_synthetic_dataset
+    from cfvit_deploy.training import DEMO_DATA
+
+    spec = SyntheticSpec(n_train_per_class=8, n_val_per_class=4) if quick else DEMO_DATA
+    return make_synthetic_dataset(work / ("demo-quick" if quick else "demo") / "data", **asdict(spec))
+
+
+def demo_model(work: Path, quick: bool = False) -> tuple[Path, Path]:
+    """The demo's trained checkpoint and its data (trained once; `quick`: tiny data, one epoch, as ``demo --quick``)."""
+    from cfvit_deploy.training import DEMO_RECIPE, train
+
+    data = demo_data(work, quick)
+    ckpt = data.parent / "cfvit-demo.pth"
+    if not ckpt.is_file():
+        recipe = replace(DEMO_RECIPE, epochs=1, selection_after=0) if quick else DEMO_RECIPE
+        train(data, ckpt, recipe, progress=False)
+    return ckpt, data
+
+
+def accuracy_part(work: Path, quick: bool = False, seconds: float = 3.0) -> list[dict]:
+    """fp32 / dynamic / static int8 of the demo model at its default η on the held-out split: top-1, exit
+    rate and batch-32 images/s (`seconds` each), with the changes vs fp32."""
     from cfvit_deploy.manifest import Manifest
-    from cfvit_deploy.training import train_demo
     from exporters import export
     from runtimes.pipeline import CFViTPipeline
 
-    ckpt = work / "demo" / "cfvit-demo.pth"
-    if not ckpt.is_file():
-        train_demo(work / "demo", progress=False)
-    data = work / "demo" / "data"
-    fp32 = work / "demo-export"
+    ckpt, data = demo_model(work, quick)
+    fp32 = work / ("demo-quick-export" if quick else "demo-export")
     if not (fp32 / "manifest.json").is_file():
         export(ckpt, fp32, force=True)
     dirs = build_variants(fp32, data / "train")
@@ -98,7 +121,7 @@ def accuracy_part(work: Path) -> list[dict]:
                 "images": int(len(labels)),
                 "top1": float((pred == labels).mean()),
                 "exit_rate": float(exited.mean()),
-                "img_per_s_b32": throughput(pipe, images, pipe.manifest.default_eta),
+                "img_per_s_b32": throughput(pipe, images, pipe.manifest.default_eta, seconds=seconds),
             }
         )
     base = rows[0]
@@ -116,7 +139,17 @@ def _eta_for_fraction(confidence: np.ndarray, fraction: float) -> float:
     return 0.0 if m <= 0 else 1.0 if m >= c.size else float(c[m])
 
 
-def speed_part(work: Path, rounds: int, fraction: float = 0.24) -> list[dict]:
+def speed_part(
+    work: Path,
+    rounds: int,
+    fraction: float = 0.24,
+    size: str = "small",
+    seconds: float = 3.0,
+    calibration: Path | None = None,
+) -> list[dict]:
+    """fp32 / dynamic / static int8 pipeline images/s of a seed-0 DeiT export of `size` at batch 32 and
+    `fraction` to the fine stage: `rounds` interleaved rounds of `seconds` per variant, median.
+    Static int8 is calibrated on `calibration` (default: the demo's training images, made if missing)."""
     import torch
 
     from cfvit_deploy import ModelConfig
@@ -124,11 +157,11 @@ def speed_part(work: Path, rounds: int, fraction: float = 0.24) -> list[dict]:
     from exporters import export
     from runtimes.pipeline import CFViTPipeline
 
-    fp32 = work / "deit-s"
+    fp32 = work / ("deit-s" if size == "small" else f"deit-{size}")
     if not (fp32 / "manifest.json").is_file():
         torch.manual_seed(0)
-        export(CFViT(ModelConfig.named("deit", "small", coarse_grid=7)).eval(), fp32, force=True)
-    dirs = build_variants(fp32, work / "demo" / "data" / "train")
+        export(CFViT(ModelConfig.named("deit", size, coarse_grid=7)).eval(), fp32, force=True)
+    dirs = build_variants(fp32, calibration or demo_data(work) / "train")
     pipes = {name: CFViTPipeline(d) for name, d in dirs.items()}
     s = pipes["fp32"].image_size
     pool = np.random.default_rng(0).standard_normal((64, 3, s, s)).astype(np.float32)
@@ -139,7 +172,7 @@ def speed_part(work: Path, rounds: int, fraction: float = 0.24) -> list[dict]:
     seen: dict[str, list[float]] = {n: [] for n in pipes}
     for r in range(rounds):
         for n in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-            seen[n].append(throughput(pipes[n], pool, etas[n]))
+            seen[n].append(throughput(pipes[n], pool, etas[n], seconds=seconds))
     base = float(np.median(seen["fp32"]))
     return [
         {
