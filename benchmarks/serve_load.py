@@ -12,7 +12,11 @@ records throughput and p50/p95/p99 latency. It also measures, in this process, o
 image (decode + preprocess + `CFViTPipeline.run` at batch 1: the work the server cannot avoid).
 
 Goals (issue 15), reported as met/missed: at concurrency 32, batching >= 2x no batching and >= 70%
-of offline throughput; at concurrency 1, server p50 - pipeline p50 <= 2 ms.
+of offline throughput; at concurrency 1, server p50 - pipeline p50 <= 2 ms, the server's p50 read from
+its ``Server-Timing`` header (request in to answer out, on the server's clock: the load generator's own
+Python time on the same cores is not the server's); the client-side difference is reported beside it.
+Also reported: the batching ceiling of this machine, offline batch-32 over batch-1 throughput (batching
+cannot give the server more than it gives the pipeline).
 Writes OUT/results.json and OUT/serve_load.png; prints a markdown table.
 The client runs on the same machine as the server and takes CPU from it; on a busy machine the
 numbers are noisy (the JSON records the load average before and after).
@@ -119,11 +123,20 @@ class Server:
         self.exit_code = self.proc.returncode
 
 
+def _server_ms(header: str) -> float:
+    """The ``dur`` of a ``Server-Timing: app;dur=12.345`` header (nan when absent)."""
+    for part in header.split(";"):
+        if part.strip().startswith("dur="):
+            return float(part.strip()[4:])
+    return float("nan")
+
+
 async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, time_limit: float) -> dict:
     """`requests` POSTs from `concurrency` workers (bounded by `time_limit` seconds); latency stats."""
     import httpx
 
     latencies: list[float] = []
+    server_ms: list[float] = []  # the server's own time per request (its Server-Timing header)
     errors = 0
     issued = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -140,6 +153,7 @@ async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, 
                 r = await client.post("/v1/classify", content=body, headers={"content-type": "image/png"})
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
+                    server_ms.append(_server_ms(r.headers.get("server-timing", "")))
                 else:
                     errors += 1
 
@@ -156,6 +170,7 @@ async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, 
         "p50_ms": float(pct[0]),
         "p95_ms": float(pct[1]),
         "p99_ms": float(pct[2]),
+        "server_p50_ms": float(np.nanmedian(server_ms)) if server_ms else float("nan"),
     }
 
 
@@ -221,7 +236,11 @@ def goals(result: dict) -> list[dict]:
     cell = {name: {c["concurrency"]: c for c in s["cells"]} for name, s in result["servers"].items()}
     b32, n32 = cell["batching"][32]["throughput"], cell["no-batching"][32]["throughput"]
     offline_rate = result["offline"]["infer_images_per_s"]
-    added = cell["batching"][1]["p50_ms"] - result["offline"]["pipeline_p50_ms"]
+    # what the server adds, by its own clock (Server-Timing: request in -> answer out, decode included, as in
+    # the pipeline's one-image time); the client-side figure also holds the Python load generator's own
+    # time on the same 2 cores, and is reported beside it
+    added = cell["batching"][1]["server_p50_ms"] - result["offline"]["pipeline_p50_ms"]
+    client_added = cell["batching"][1]["p50_ms"] - result["offline"]["pipeline_p50_ms"]
     # What batching can give at most on this machine: the offline pipeline's batch-32 throughput over its
     # batch-1 throughput (one image: decode + run). A 2x target above this ceiling cannot be met here.
     ceiling = offline_rate * result["offline"]["pipeline_p50_ms"] / 1000
@@ -230,7 +249,8 @@ def goals(result: dict) -> list[dict]:
         ("c=32 batching / no batching", b32 / n32 if n32 else float("inf"), ">= 2.0x", b32 >= 2 * n32),
         ("ceiling: offline batch-32 / batch-1 throughput", ceiling, "(reported)", ceiling >= 2.0),
         ("c=32 batching / offline infer", b32 / offline_rate, ">= 0.70", b32 >= 0.7 * offline_rate),
-        ("c=1 added latency (ms)", added, "<= 2 ms", added <= 2.0),
+        ("c=1 added latency, server's clock (ms)", added, "<= 2 ms", added <= 2.0),
+        ("c=1 added latency, client's clock (ms)", client_added, "(reported)", client_added <= 2.0),
     ]
     return [
         {"goal": g, "value": round(v, 3), "target": t, "met": None if t == "(reported)" else bool(m)}
@@ -243,14 +263,15 @@ _VERDICT = {True: "met", False: "missed", None: "reported"}
 
 def table(result: dict) -> str:
     lines = [
-        "| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server | concurrency | req/s | p50 ms | p95 ms | p99 ms | server p50 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in result["servers"].items():
         for c in s["cells"]:
             lines.append(
                 f"| {name} (max-batch {s['max_batch']}) | {c['concurrency']} | {c['throughput']:.1f} | "
-                f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} | {c['errors']} |"
+                f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} | {c.get('server_p50_ms', float('nan')):.1f} | "
+                f"{c['errors']} |"
             )
     o = result["offline"]
     lines += [

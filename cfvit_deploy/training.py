@@ -218,20 +218,7 @@ def train(
     """
     out = Path(out)
     check_train_args(out, init, resume, threads, force)
-    recipe_in = recipe
-    recipe = recipe or TrainRecipe()
-    meta: dict[str, Any] = {}
-    state: dict[str, Any] = {"epoch": 0, "step": 0}
-    if resume is not None:
-        model, meta, state, recipe = _load_resume(Path(resume), recipe_in)
-    splits = find_splits(data_dir, val_fraction, recipe.seed)
-    if resume is not None and meta.get("class_names") != splits.classes:
-        raise UsageError(f"the classes of {data_dir} differ from those the resumed run was trained on")
-    if resume is None:
-        torch.manual_seed(recipe.seed)
-        model = CFViT(recipe.model_config(len(splits.classes)), drop_path_rate=recipe.drop_path).train()
-        if init is not None:
-            _init_weights(model, Path(init))
+    model, meta, state, recipe, splits = _start(data_dir, recipe, init, resume, val_fraction)
     cfg = model.config
     pp = PreprocessConfig.for_model(cfg)
     train_set = ImageFolderDataset(splits.train, pp, train=True, seed=recipe.seed, crop_scale=recipe.crop_scale)
@@ -270,6 +257,31 @@ def train(
             _save(out, model, meta, {"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict()})
     assert val is not None
     return TrainResult(out, splits.classes, history, val, time.perf_counter() - start)
+
+
+def _start(
+    data_dir: str | Path,
+    recipe: TrainRecipe | None,
+    init: str | Path | None,
+    resume: str | Path | None,
+    val_fraction: float | None,
+) -> tuple[CFViT, dict[str, Any], dict[str, Any], TrainRecipe, Any]:
+    """The model to train (new, from `init`'s weights, or resumed with its metadata, training state and
+    recipe) and the data splits."""
+    meta: dict[str, Any] = {}
+    state: dict[str, Any] = {"epoch": 0, "step": 0}
+    if resume is not None:
+        model, meta, state, recipe = _load_resume(Path(resume), recipe)
+    recipe = recipe or TrainRecipe()
+    splits = find_splits(data_dir, val_fraction, recipe.seed)
+    if resume is not None and meta.get("class_names") != splits.classes:
+        raise UsageError(f"the classes of {data_dir} differ from those the resumed run was trained on")
+    if resume is None:
+        torch.manual_seed(recipe.seed)
+        model = CFViT(recipe.model_config(len(splits.classes)), drop_path_rate=recipe.drop_path).train()
+        if init is not None:
+            _init_weights(model, Path(init))
+    return model, meta, state, recipe, splits
 
 
 def _train_epoch(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -218,6 +219,8 @@ def test_http_answers_equal_infer_rows(client, export_dir, images, mixed_eta, in
         assert body["label"] == body["topk"][0]["label"] and body["eta"] == mixed_eta
         assert body["export"]["manifest_sha256"] == digest
         assert len(body["refined_patches"]) == body["patches"]
+        timing = re.fullmatch(r"app;dur=(\d+\.\d{3})", r.headers["server-timing"])
+        assert timing and 0 < float(timing.group(1)) < 60_000  # the server's own ms for the request
 
 
 @pytest.mark.parametrize(
