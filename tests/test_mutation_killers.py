@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -87,3 +90,98 @@ def test_extreme_aspect_ratio_uses_the_configured_filter(w, h):
     one_level = 1 / 255 / min(pp.std)
     np.testing.assert_allclose(preprocess(img, pp), expected, rtol=0, atol=2.01 * one_level)
     assert np.abs(preprocess(img, pp) - expected).mean() < 0.05 * one_level
+
+
+def test_decoder_errors_name_their_type(tmp_path, monkeypatch):
+    """A decoder's ValueError/SyntaxError/EOFError is reported with its type and message."""
+    from PIL import ImageOps
+
+    from cfvit_deploy.preprocessing import load_image
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
+
+    def broken(img):
+        raise SyntaxError("broken PNG file")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    with pytest.raises(ImageError) as caught:
+        load_image(tmp_path / "a.png")
+    assert str(caught.value) == f"{tmp_path / 'a.png'}: cannot decode image (SyntaxError: broken PNG file)"
+
+
+# -- colour modes: what is composited on white, and what converts like PIL's convert("RGB") ---------------
+def test_a_transparency_key_on_a_gray_image_is_ignored_like_pil_convert():
+    from cfvit_deploy.preprocessing import _to_rgb
+
+    gray = Image.fromarray(np.array([[0, 200]], np.uint8), "L")
+    gray.info["transparency"] = 0
+    np.testing.assert_array_equal(np.asarray(_to_rgb(gray)), np.asarray(gray.convert("RGB")))
+    assert np.asarray(_to_rgb(gray))[0, 0].tolist() == [0, 0, 0]  # black, not composited on white
+
+
+def test_palette_with_alpha_is_composited_on_white():
+    from cfvit_deploy.preprocessing import _to_rgb
+
+    pa = Image.new("PA", (2, 1))
+    pa.putpalette([10, 20, 30] * 256)
+    pa.putpixel((0, 0), (0, 0))  # fully transparent
+    pa.putpixel((1, 0), (0, 255))  # opaque palette colour 0
+    assert np.asarray(_to_rgb(pa)).tolist() == [[[255, 255, 255], [10, 20, 30]]]
+
+
+# -- renameat2 as loaded: errno reaches Python, the return code is an int ---------------------------------
+def test_loaded_renameat2_reports_eexist_through_errno(tmp_path):
+    import ctypes
+    import errno
+    import sys
+
+    import cfvit_deploy.io as io
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux only")
+    func = io._load_renameat2()
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    ctypes.set_errno(0)
+    rc = func(io._AT_FDCWD, bytes(tmp_path / "a"), io._AT_FDCWD, bytes(tmp_path / "b"), io._RENAME_NOREPLACE)
+    assert rc == -1 and ctypes.get_errno() == errno.EEXIST
+
+
+# -- --force on folders without RENAME_EXCHANGE: the old output goes to a pid-tagged temporary beside it ----
+def test_portable_force_replace_parks_the_old_folder_beside_it(tmp_path, monkeypatch):
+    import re
+    import tempfile
+
+    import cfvit_deploy.io as io
+
+    monkeypatch.setattr(io, "USE_RENAMEAT2", False)
+    made = []
+    real = tempfile.mkdtemp
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "old.txt").write_text("old")
+    with io.atomic_directory(tmp_path / "export", force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        monkeypatch.setattr(tempfile, "mkdtemp", spy)
+    parked = [p for p in made if p.endswith(".old")]
+    assert len(parked) == 1 and Path(parked[0]).parent == tmp_path
+    assert re.fullmatch(rf"\.export\.{os.getpid()}\.\w+\.old", Path(parked[0]).name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert [p.name for p in (tmp_path / "export").iterdir()] == ["new.txt"]
+
+
+def test_force_replace_of_a_folder_that_vanished_moves_the_new_one_in(tmp_path):
+    import cfvit_deploy.io as io
+
+    if io._renameat2 is None:
+        pytest.skip("no renameat2 here")
+    new = tmp_path / ".export.tmp"
+    new.mkdir()
+    (new / "a").write_text("a")
+    io._replace_dir(new, tmp_path / "export")  # RENAME_EXCHANGE finds no target: FileNotFoundError path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert (tmp_path / "export" / "a").read_text() == "a"

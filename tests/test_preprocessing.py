@@ -111,7 +111,8 @@ def test_bilinear_interpolation_is_used_when_configured():
     np.testing.assert_allclose(preprocess(img, PreprocessConfig(224, 256, "bilinear")), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("w, h", [(2000, 7), (5, 1500), (1200, 40)])
+# (6000, 600) downscales across the band too: its margin must cover the filter's support
+@pytest.mark.parametrize("w, h", [(2000, 7), (5, 1500), (1200, 40), (6000, 600)])
 def test_extreme_aspect_ratio_matches_full_resize(w, h):
     """Very wide/tall images resample only the cropped region; the result equals the full resize + crop."""
     img = noise(w, h, seed=w + h)
@@ -137,6 +138,7 @@ def test_extreme_aspect_ratio_never_materializes_the_full_resize(monkeypatch):
     monkeypatch.setattr(Image.Image, "resize", spy)
     assert preprocess(noise(5000, 3), PP).shape == (3, 224, 224)
     assert preprocess(noise(2, 4000), PP).shape == (3, 224, 224)
+    assert preprocess(noise(100, 1000), PP).shape == (3, 224, 224)  # 10:1 already takes the banded path
     assert sizes and max(w * h for w, h in sizes) <= 4 * 256 * 256, sizes
 
 
