@@ -41,7 +41,7 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# -- mutation testing (not in CI; about 30 min on 2 cores): mutmut on the gate/merge, selection/EMA,
+# -- mutation testing (not in CI; 36 min measured on a 2-core AVX2 machine): mutmut on the gate/merge, selection/EMA,
 # validation criteria, manifest verification, atomic writes and preprocessing; see docs/mutation.md.
 # Writes benchmarks/results/mutation/report.md (score + survivors, with the reasons in accepted.json).
 CFVIT_FIXTURES ?= $(abspath $(CURDIR)/../shared/fixtures/upstream)

@@ -200,3 +200,110 @@ def test_checkpoint_warning_names_both_files_and_checksums(tmp_path):
         f"--checkpoint {other} (sha256 {have[:12]}…) is not the checkpoint this export was made from "
         f"(runs/mine.pth, sha256 {want[:12]}…): the checks compare the graphs with another model"
     )
+
+
+# -- every field of a check row, at the bounds ------------------------------------------------------------
+def test_check_rows_carry_name_input_and_batch():
+    check = checker("fp32")
+    ref = np.array([[2.0, -1.0]])
+    check.close("a", ref, ref)
+    assert (check.report.checks[-1].input, check.report.checks[-1].batch) == ("", 0)
+    check.input, check.batch = "random", 8
+    check.close("b", ref, ref)
+    check.top1("c", ref, ref)
+    check.exits("d", np.array([0.9], np.float32), np.array([0.9], np.float32), 0.5)
+    check.patches("e", np.array([[0]]), np.array([[0]]), np.array([[1.0, 0.0]]))
+    rows = check.report.checks[1:]
+    assert [(c.name, c.input, c.batch) for c in rows] == [(n, "random", 8) for n in "bcde"]
+    reduced = checker("int8")
+    reduced.close("f", ref, ref, logits=True)
+    reduced.close("g", ref, ref)
+    reduced.top1("h", ref, ref)
+    reduced.exits("i", np.array([0.9], np.float32), np.array([0.9], np.float32), 0.5)
+    assert [c.name for c in reduced.report.checks] == list("fghi")
+
+
+def test_fp32_closeness_at_exactly_the_bound_passes_and_just_above_fails():
+    crit = Criteria(atol=0.5, rtol=0.25, exact=True, min_top1=1.0, min_exit=1.0)  # binary fractions: exact
+    check = _Checker(ValidationReport("e", "c", "cpu", "fp32", [1], [0.5]), crit)
+    ref = np.array([[2.0, 0.0]])
+    check.close("x", ref + [[1.0, 0.0]], ref)  # error 1.0 = 0.5 + 0.25 * 2: exactly the bound
+    check.close("x", ref + [[1.25, 0.0]], ref)  # 1.25x the bound
+    check.close("x", ref + [[2.0, 0.0]], ref, scale=2.0)  # the scale multiplies the bound: passes
+    assert [(c.passed, c.value) for c in check.report.checks] == [(True, 1.0), (False, 1.25), (True, 1.0)]
+    assert [c.threshold for c in check.report.checks] == [1.0, 1.0, 1.0]
+
+
+def test_closeness_bound_uses_the_largest_reference_magnitude_even_below_one():
+    ref = np.array([[0.5, -0.25]])
+    assert closeness_ratio(ref + [[0.1, 0.0]], ref, 0.0, 0.2) == pytest.approx(0.1 / (0.2 * 0.5))
+
+
+def test_reduced_precision_logits_at_exactly_the_bound_pass():
+    crit = Criteria(atol=0.05, rtol=0.05, exact=False, min_top1=0.9, min_exit=0.9, max_rel_err=0.25)
+    check = _Checker(ValidationReport("e", "c", "int8", "int8", [1], [0.5]), crit)
+    ref = np.array([[1.0, -1.0], [1.0, -1.0]])  # std exactly 1
+    check.close("logits", ref + 0.25, ref, logits=True)  # RMS error exactly 0.25
+    check.close("logits", ref + 0.5, ref, logits=True)
+    first, second = check.report.checks
+    assert (first.passed, first.value, first.threshold, first.metric) == (
+        True,
+        0.25,
+        0.25,
+        "RMS error / std of fp32 logits",
+    )
+    assert not second.passed and second.value == 0.5
+    assert first.info["relative_rms_err"] == 0.25 and first.info["closeness_ratio"] == pytest.approx(0.25 / 0.1)
+
+
+def test_reduced_precision_non_logits_are_reported_with_their_ratio():
+    crit = Criteria(atol=0.5, rtol=0.25, exact=False, min_top1=0.9, min_exit=0.9, max_rel_err=0.2)
+    check = _Checker(ValidationReport("e", "c", "int8", "int8", [1], [0.5]), crit)
+    ref = np.array([[2.0, 0.0]])
+    check.close("tokens", ref + [[3.0, 0.0]], ref)  # 3x the bound: reported, not judged
+    c = check.report.checks[-1]
+    assert (c.passed, c.value, c.threshold) == (True, 3.0, 1.0) and c.info["max_abs_err"] == 3.0
+
+
+def test_default_scale_is_one():
+    check = checker("fp32")
+    ref = np.array([[2.0, 0.0]])
+    bound = 1e-4 + 1e-4 * 2.0
+    check.close("logits", ref + [[1.5 * bound, 0.0]], ref)
+    assert not check.report.checks[-1].passed and check.report.checks[-1].value == pytest.approx(1.5)
+
+
+def test_precisions_without_their_own_bound_get_the_int8_bound():
+    assert Criteria.for_precision("optimized", None, None, None, None).max_rel_err == 0.2
+
+
+def test_an_empty_decisive_set_is_a_full_agreement():
+    check = checker("int8")
+    ref = np.array([[1.0, 1.0]])  # no margin at all: no decisive image
+    check.top1("t", ref + [[0.1, -0.1]], ref)
+    c = check.report.checks[-1]
+    assert c.passed and c.value == 1.0 and c.info["decisive"] == 0
+
+
+def test_reduced_precision_top1_rms_value():
+    check = checker("int8")
+    ref = np.array([[10.0, 0.0], [0.0, 10.0]])
+    got = ref + np.array([[0.5, -0.5], [0.0, 1.0]])
+    check.top1("t", got, ref)
+    assert check.report.checks[-1].info["rms_logit_err"] == pytest.approx(np.sqrt((0.25 + 0.25 + 0 + 1) / 4))
+
+
+@pytest.mark.parametrize(
+    "scores, same",
+    [
+        ([1.0, 1.000005], False),  # relative difference 5e-6: above rtol 1e-6, a different patch
+        ([1.0, 1.0000005], True),  # 5e-7: a tie
+        ([0.0, 5e-9], False),  # near zero: above atol 1e-9
+        ([0.0, 5e-10], True),
+    ],
+)
+def test_patch_score_ties_use_tight_tolerances(scores, same):
+    check = checker("fp32")
+    score = np.array([[scores[0], scores[1], -1.0]])
+    check.patches("sel", np.array([[1]]), np.array([[0]]), score)
+    assert check.report.checks[-1].passed is same

@@ -127,3 +127,20 @@ def test_format_version_messages():
         f"this export has format_version {MIN_FORMAT_VERSION - 1}, older than any this cfvit-deploy reads "
         f"({MIN_FORMAT_VERSION} to {FORMAT_VERSION}): re-export it with `cfvit export`"
     )
+
+
+def test_an_unreadable_manifest_is_named(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    write_export(tmp_path / "exp")
+    real = Path.read_bytes
+
+    def denied(self):
+        if self.name == "manifest.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ManifestError) as caught:
+        Manifest.load(tmp_path / "exp")
+    assert str(caught.value) == f"cannot read {tmp_path / 'exp' / 'manifest.json'}: Permission denied"

@@ -185,3 +185,91 @@ def test_force_replace_of_a_folder_that_vanished_moves_the_new_one_in(tmp_path):
     io._replace_dir(new, tmp_path / "export")  # RENAME_EXCHANGE finds no target: FileNotFoundError path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert (tmp_path / "export" / "a").read_text() == "a"
+
+
+# -- io's small pieces ---------------------------------------------------------------------------------------
+def test_remove_of_a_missing_path_is_quiet(tmp_path):
+    import cfvit_deploy.io as io
+
+    io._remove(tmp_path / "missing")
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    io._remove(tmp_path / "f")
+    io._remove(tmp_path / "d")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rename2_falls_back_on_an_unsupported_flag_and_names_other_errors(tmp_path):
+    import errno
+
+    import cfvit_deploy.io as io
+
+    if io._renameat2 is None:
+        pytest.skip("no renameat2 here")
+    (tmp_path / "a").write_text("a")
+    # NOREPLACE | EXCHANGE together is EINVAL: treated like an unsupported flag (use the fallback)
+    assert io._rename2(tmp_path / "a", tmp_path / "b", io._RENAME_NOREPLACE | io._RENAME_EXCHANGE) is False
+    with pytest.raises(FileNotFoundError) as caught:
+        io._rename2(tmp_path / "missing", tmp_path / "b", io._RENAME_NOREPLACE)
+    err = caught.value
+    assert (err.errno, err.strerror, err.filename) == (errno.ENOENT, os.strerror(errno.ENOENT), str(tmp_path / "b"))
+
+
+def test_portable_force_replace_puts_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    import cfvit_deploy.io as io
+
+    monkeypatch.setattr(io, "USE_RENAMEAT2", False)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "old.txt").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src).name.endswith(".tmp"):  # the new folder's move into place fails
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    with (
+        pytest.raises(OSError, match="Input/output error"),
+        io.atomic_directory(tmp_path / "export", force=True) as tmp,
+    ):
+        (tmp / "new.txt").write_text("new")
+        monkeypatch.setattr(io.os, "replace", failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert [p.name for p in (tmp_path / "export").iterdir()] == ["old.txt"]
+
+
+def test_portable_force_replace_of_a_folder_that_vanished(tmp_path, monkeypatch):
+    import cfvit_deploy.io as io
+
+    monkeypatch.setattr(io, "USE_RENAMEAT2", False)
+    new = tmp_path / ".export.tmp"
+    new.mkdir()
+    (new / "a").write_text("a")
+    io._replace_dir(new, tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert (tmp_path / "export" / "a").read_text() == "a"
+
+
+def test_stale_temporaries_are_returned_and_logged_exactly(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    import cfvit_deploy.io as io
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    stale = tmp_path / f".out.csv.{proc.pid}.abc123.tmp"
+    stale.write_text("x")
+    legacy = tmp_path / ".out.csv.k2j4h5g1.tmp"
+    legacy.write_text("x")
+    with caplog.at_level("WARNING", logger="cfvit_deploy.io"):
+        removed = io.clean_stale_temporaries(tmp_path / "out.csv")
+    assert removed == [stale] and not stale.exists() and legacy.exists()
+    assert sorted(caplog.messages) == sorted(
+        [
+            f"removed {stale}, left behind by a run (pid {proc.pid}) that was killed while writing out.csv",
+            f"{legacy} looks like a temporary file of an earlier interrupted run; remove it if no run is "
+            "writing out.csv",
+        ]
+    )
