@@ -190,7 +190,10 @@ def offline(export_dir: Path, paths: list[Path], eta: float, threads: int | None
         t0 = time.perf_counter()
         pipeline.run(load_and_preprocess(path, pp)[None], eta)
         one.append(time.perf_counter() - t0)
-    return {"infer_images_per_s": max(rates), "pipeline_p50_ms": median(one[4:]) * 1000}
+    rate, p50_ms = max(rates), median(one[4:]) * 1000
+    # what batching can give at most on this machine: batch-32 throughput over batch-1 throughput (one
+    # image: decode + run); a 2x target above this ceiling cannot be met here
+    return {"infer_images_per_s": rate, "pipeline_p50_ms": p50_ms, "batching_ceiling": rate * p50_ms / 1000}
 
 
 def run(export_dir: Path, out: Path, quick: bool, threads: int | None, eta: float | None) -> dict:
@@ -241,20 +244,16 @@ def goals(result: dict) -> list[dict]:
     # time on the same 2 cores, and is reported beside it
     added = cell["batching"][1]["server_p50_ms"] - result["offline"]["pipeline_p50_ms"]
     client_added = cell["batching"][1]["p50_ms"] - result["offline"]["pipeline_p50_ms"]
-    # What batching can give at most on this machine: the offline pipeline's batch-32 throughput over its
-    # batch-1 throughput (one image: decode + run). A 2x target above this ceiling cannot be met here.
-    ceiling = offline_rate * result["offline"]["pipeline_p50_ms"] / 1000
-    result["offline"]["batching_ceiling"] = round(ceiling, 3)
-    rows = [
+    ceiling = result["offline"]["batching_ceiling"]
+    rows = [  # (goal, value, target, met; None: reported only)
         ("c=32 batching / no batching", b32 / n32 if n32 else float("inf"), ">= 2.0x", b32 >= 2 * n32),
-        ("ceiling: offline batch-32 / batch-1 throughput", ceiling, "(reported)", ceiling >= 2.0),
+        ("ceiling: offline batch-32 / batch-1 throughput", ceiling, "(reported)", None),
         ("c=32 batching / offline infer", b32 / offline_rate, ">= 0.70", b32 >= 0.7 * offline_rate),
         ("c=1 added latency, server's clock (ms)", added, "<= 2 ms", added <= 2.0),
-        ("c=1 added latency, client's clock (ms)", client_added, "(reported)", client_added <= 2.0),
+        ("c=1 added latency, client's clock (ms)", client_added, "(reported)", None),
     ]
     return [
-        {"goal": g, "value": round(v, 3), "target": t, "met": None if t == "(reported)" else bool(m)}
-        for g, v, t, m in rows
+        {"goal": g, "value": round(v, 3), "target": t, "met": None if m is None else bool(m)} for g, v, t, m in rows
     ]
 
 
@@ -270,7 +269,7 @@ def table(result: dict) -> str:
         for c in s["cells"]:
             lines.append(
                 f"| {name} (max-batch {s['max_batch']}) | {c['concurrency']} | {c['throughput']:.1f} | "
-                f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} | {c.get('server_p50_ms', float('nan')):.1f} | "
+                f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['p99_ms']:.1f} | {c['server_p50_ms']:.1f} | "
                 f"{c['errors']} |"
             )
     o = result["offline"]
@@ -278,7 +277,7 @@ def table(result: dict) -> str:
         "",
         f"offline `infer` (batch 32): {o['infer_images_per_s']:.1f} img/s; pipeline alone, one image "
         f"(decode + batch-1 run): p50 {o['pipeline_p50_ms']:.1f} ms; batching ceiling (offline batch-32 / "
-        f"batch-1 throughput) {o.get('batching_ceiling', float('nan')):.2f}x",
+        f"batch-1 throughput) {o['batching_ceiling']:.2f}x",
         "",
         "| goal | value | target | |",
         "|---|---:|---|---|",

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoints import CHECKPOINT_FORMAT, META_KEY, load_checkpoint
 from .config import ModelConfig
-from .data.folder import ImageFolderDataset, find_splits
+from .data.folder import FolderSplits, ImageFolderDataset, find_splits
 from .data.synthetic import SyntheticSpec, make_synthetic_dataset, read_meta
 from .errors import CheckpointError, UsageError
 from .flops import stage_gmacs
@@ -265,7 +265,7 @@ def _start(
     init: str | Path | None,
     resume: str | Path | None,
     val_fraction: float | None,
-) -> tuple[CFViT, dict[str, Any], dict[str, Any], TrainRecipe, Any]:
+) -> tuple[CFViT, dict[str, Any], dict[str, Any], TrainRecipe, FolderSplits]:
     """The model to train (new, from `init`'s weights, or resumed with its metadata, training state and
     recipe) and the data splits."""
     meta: dict[str, Any] = {}
