@@ -204,6 +204,7 @@ def run(export_dir: Path, out: Path, quick: bool, threads: int | None, eta: floa
     load_before = os.getloadavg()
     result: dict = {
         "export": str(export_dir),
+        "precision": manifest.precision,
         "quick": quick,
         "eta": eta,
         "threads": threads,
@@ -275,6 +276,7 @@ def table(result: dict) -> str:
     o = result["offline"]
     lines += [
         "",
+        f"export precision {result.get('precision', 'fp32')}; "
         f"offline `infer` (batch 32): {o['infer_images_per_s']:.1f} img/s; pipeline alone, one image "
         f"(decode + batch-1 run): p50 {o['pipeline_p50_ms']:.1f} ms; batching ceiling (offline batch-32 / "
         f"batch-1 throughput) {o['batching_ceiling']:.2f}x",
@@ -303,7 +305,9 @@ def plot(result: dict, path: Path) -> None:
     for ax in (a, b):
         ax.set_xticks(list(CONCURRENCY), [str(c) for c in CONCURRENCY])
         ax.legend(fontsize=8)
-    fig.suptitle(f"cfvit serve load test{' (quick)' if result['quick'] else ''}")
+    fig.suptitle(
+        f"cfvit serve load test, {result.get('precision', 'fp32')} export{' (quick)' if result['quick'] else ''}"
+    )
     fig.tight_layout()
     with atomic_write_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

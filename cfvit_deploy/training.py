@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoints import CHECKPOINT_FORMAT, META_KEY, load_checkpoint
 from .config import ModelConfig
+from .cores import usable_threads
 from .data.folder import FolderSplits, ImageFolderDataset, find_splits
 from .data.synthetic import SyntheticSpec, make_synthetic_dataset, read_meta
 from .errors import CheckpointError, UsageError
@@ -106,10 +107,11 @@ def default_threads() -> int:
     """Intra-op threads for training: the cores this process may use that are idle now (at least 1).
 
     On a shared machine, more threads than idle cores make every parallel region wait for a
-    descheduled thread, which is many times slower than one thread.
+    descheduled thread, which is many times slower than one thread. "Now" is a short sample of
+    /proc/stat (:func:`cfvit_deploy.cores.usable_threads`), not the load average, which still counts
+    the work that finished just before (a benchmark part, an export).
     """
-    cores = len(os.sched_getaffinity(0))
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    return usable_threads()
 
 
 @contextlib.contextmanager
