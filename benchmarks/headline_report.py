@@ -106,12 +106,22 @@ def plot_headline(result: BenchResult, path: Path) -> Path:
     return path
 
 
+#: CPU features that decide int8 GEMM speed, fastest first (ONNX Runtime's MLAS uses the first it finds)
+INT8_UNITS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"))
+
+
+def int8_units(flags: list[str]) -> str:
+    """The int8 matrix units of a CPU, by its flags ("none" when it multiplies int8 with plain AVX2 / AVX-512)."""
+    found = [name for flag, name in INT8_UNITS if flag in flags]
+    return " + ".join(found) if found else "none (no VNNI)"
+
+
 def _machine_lines(result: BenchResult, elapsed_s: float, mode: str) -> list[str]:
     m, s = result.machine, result.settings
     peak = m.get("matmul_peak_gflops")
     return [
         f"Machine: {m['cpu_model']}, {m['physical_cores']} cores ({m['logical_cores']} logical), {m['ram_gb']} GB "
-        f"RAM, GPU: {m['gpu'] or 'none'}; AVX-512 VNNI: {'yes' if m['avx512_vnni'] else 'no'}. "
+        f"RAM, GPU: {m['gpu'] or 'none'}; int8 units: {int8_units(m.get('cpu_flags') or [])}. "
         f"onnxruntime {m['versions']['onnxruntime']}, openvino {m['versions']['openvino']}, "
         f"torch {m['versions']['torch']}. fp32 GEMM peak: {'-' if peak is None else f'{peak:.0f}'} GFLOP/s. "
         f"Load average start/end: {m['load_avg_start'][0]:.2f} / {m['load_avg_end'][0]:.2f}.",

@@ -2,7 +2,7 @@
 
 One command, on the loopback only, bounded in requests and time:
 
-    python benchmarks/serve_load.py EXPORT_DIR [--quick] [--out benchmarks/results/serve] [--force]
+    python benchmarks/serve_load.py EXPORT_DIR [--quick] [--provider cpu] [--out benchmarks/results/serve] [--force]
 
 It starts `cfvit serve` twice on 127.0.0.1 (a free port each): with `--max-batch 32` (two-stage
 batching) and with `--max-batch 1` (no batching). For each server and each concurrency (1, 8, 32) a
@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
@@ -48,6 +49,15 @@ from cfvit_deploy.io import atomic_write_path, check_output  # noqa: E402
 from cfvit_deploy.manifest import Manifest  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What both servers and the offline run use: the export, the execution provider, intra-op threads."""
+
+    export_dir: Path
+    provider: str = "cpu"
+    threads: int | None = None
 
 
 def _free_port() -> int:
@@ -74,7 +84,7 @@ def make_images(folder: Path, n: int) -> list[Path]:
 class Server:
     """`cfvit serve` in a subprocess on 127.0.0.1; stopped with SIGTERM (its exit code is kept)."""
 
-    def __init__(self, export_dir: Path, max_batch: int, eta: float, threads: int | None, log: Path) -> None:
+    def __init__(self, setup: Setup, max_batch: int, eta: float, log: Path) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -82,7 +92,9 @@ class Server:
             "-c",
             "import sys, cli; sys.exit(cli.main())",
             "serve",
-            str(export_dir),
+            str(setup.export_dir),
+            "--provider",
+            setup.provider,
             "--port",
             str(self.port),
             "--max-batch",
@@ -90,8 +102,8 @@ class Server:
             "--eta",
             repr(eta),
         ]
-        if threads:
-            cmd += ["--threads", str(threads)]
+        if setup.threads:
+            cmd += ["--threads", str(setup.threads)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         with open(log, "w") as f:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -174,14 +186,14 @@ async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, 
     }
 
 
-def offline(export_dir: Path, paths: list[Path], eta: float, threads: int | None, repeats: int) -> dict:
+def offline(setup: Setup, paths: list[Path], eta: float, repeats: int) -> dict:
     """Offline `infer` throughput (batch 32) and the pipeline's own one-image latency, on `paths`."""
     from cfvit_deploy.preprocessing import load_and_preprocess
     from runtimes import CFViTPipeline
     from runtimes.backends import SessionConfig
     from runtimes.infer import infer
 
-    pipeline = CFViTPipeline(export_dir, "cpu", SessionConfig(threads=threads))
+    pipeline = CFViTPipeline(setup.export_dir, setup.provider, SessionConfig(threads=setup.threads))
     infer(pipeline, paths[:32], eta=eta)  # warm-up
     rates = [infer(pipeline, paths, eta=eta, batch_size=32).images_per_s for _ in range(repeats)]
     pp = pipeline.manifest.preprocessing
@@ -196,18 +208,19 @@ def offline(export_dir: Path, paths: list[Path], eta: float, threads: int | None
     return {"infer_images_per_s": rate, "pipeline_p50_ms": p50_ms, "batching_ceiling": rate * p50_ms / 1000}
 
 
-def run(export_dir: Path, out: Path, quick: bool, threads: int | None, eta: float | None) -> dict:
-    manifest = Manifest.load(export_dir)
+def run(setup: Setup, quick: bool, eta: float | None) -> dict:
+    manifest = Manifest.load(setup.export_dir)
     eta = manifest.default_eta if eta is None else eta
     requests = 48 if quick else 512
     time_limit = 20.0 if quick else 120.0
     load_before = os.getloadavg()
     result: dict = {
-        "export": str(export_dir),
+        "export": str(setup.export_dir),
+        "provider": setup.provider,
         "precision": manifest.precision,
         "quick": quick,
         "eta": eta,
-        "threads": threads,
+        "threads": setup.threads,
         "requests_per_cell": requests,
         "time_limit_per_cell_s": time_limit,
         "machine": {
@@ -221,9 +234,9 @@ def run(export_dir: Path, out: Path, quick: bool, threads: int | None, eta: floa
     with tempfile.TemporaryDirectory(prefix="cfvit-serve-load-") as tmp:
         paths = make_images(Path(tmp), 64)
         bodies = [p.read_bytes() for p in paths]
-        result["offline"] = offline(export_dir, paths, eta, threads, repeats=1 if quick else 3)
+        result["offline"] = offline(setup, paths, eta, repeats=1 if quick else 3)
         for name, max_batch in (("batching", 32), ("no-batching", 1)):
-            server = Server(export_dir, max_batch, eta, threads, Path(tmp) / f"{name}.log")
+            server = Server(setup, max_batch, eta, Path(tmp) / f"{name}.log")
             try:
                 server.wait_ready(120)
                 asyncio.run(load(server.base, bodies, 8, 16, time_limit))  # warm-up, not recorded
@@ -320,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve")
     parser.add_argument("--quick", action="store_true", help="48 requests per cell, 20 s limit: proves the script")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per session (server and offline)")
+    parser.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | openvino (server and offline)")
     parser.add_argument("--eta", type=float, default=None, help="exit threshold (default: the manifest's)")
     parser.add_argument("--force", action="store_true", help="replace existing results in --out")
     args = parser.parse_args(argv)
@@ -331,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     except CFViTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    result = run(args.export_dir, args.out, args.quick, args.threads, args.eta)
+    result = run(Setup(args.export_dir, args.provider, args.threads), args.quick, args.eta)
     with atomic_write_path(json_path) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "serve_load.png")
