@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -86,13 +87,17 @@ def demo_data(work: Path, quick: bool = False) -> Path:
 
 def demo_model(work: Path, quick: bool = False) -> tuple[Path, Path]:
     """The demo's trained checkpoint and its data (trained once; `quick`: tiny data, one epoch, as ``demo --quick``)."""
+    from cfvit_deploy.checkpoints import checkpoint_metadata
     from cfvit_deploy.training import DEMO_RECIPE, train
 
     data = demo_data(work, quick)
     ckpt = data.parent / "cfvit-demo.pth"
-    if not ckpt.is_file():
-        recipe = replace(DEMO_RECIPE, epochs=1, selection_after=0) if quick else DEMO_RECIPE
-        train(data, ckpt, recipe, progress=False)
+    recipe = replace(DEMO_RECIPE, epochs=1, selection_after=0) if quick else DEMO_RECIPE
+    if not ckpt.is_file() or checkpoint_metadata(ckpt).get("recipe") != recipe.to_dict():
+        # missing, or trained with another recipe: (re)train, and drop the exports made from the old model
+        for stale in work.glob("demo-*export*"):
+            shutil.rmtree(stale)
+        train(data, ckpt, recipe, progress=False, force=True)
     return ckpt, data
 
 

@@ -238,7 +238,7 @@ def test_cli_make_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 @pytest.mark.slow
 def test_demo_recipe_puts_fine_above_coarse(tmp_path: Path) -> None:
-    """The demo recipe (about 2-3 minutes on 2 cores) learns, and the fine stage clearly beats the coarse."""
+    """The demo recipe (about 2.5 minutes on 2 cores) learns, and the fine stage clearly beats the coarse."""
     val = train_demo(tmp_path, progress=False).val
     assert val.fine_acc >= 0.5 and val.fine_acc >= val.coarse_acc + 0.05
 
