@@ -29,6 +29,9 @@ ORT_PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 PROVIDERS = (*ORT_PROVIDERS, "openvino")
+#: The graphs a backend loads when none are named: the pair the pipeline runs (baseline.onnx and
+#: single.onnx are loaded only by the commands that run them).
+DEFAULT_GRAPHS = ("coarse", "fine")
 
 
 class Backend(Protocol):
@@ -85,8 +88,9 @@ def create_backend(
 ) -> Backend:
     """The backend serving `provider` ("cpu", "cuda", "tensorrt" via ONNX Runtime; "openvino").
 
-    The implementation's module is imported here, on first use, so an install without OpenVINO
-    never imports it and the interface never depends on an implementation.
+    `graphs` are the graphs it loads (default :data:`DEFAULT_GRAPHS`). The implementation's module is
+    imported here, on first use, so an install without OpenVINO never imports it and the interface
+    never depends on an implementation.
     """
     check_provider(provider)
     if provider == "openvino":

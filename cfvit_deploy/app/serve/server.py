@@ -49,9 +49,14 @@ class ServeOptions:
     engine: str = "local"
     replicas: dict[str, int] = field(default_factory=lambda: {"coarse": 1, "fine": 1})  #: Ray Serve only
     log_level: str = "info"
+    #: "pair" (coarse and fine batched separately, the fine stage across requests) | "single" (single.onnx)
+    graph: str = "pair"
 
     def check(self) -> ServeOptions:
         check_choice(self.engine, ENGINES, "--engine")
+        check_choice(self.graph, ("pair", "single"), "--graph")
+        if self.graph == "single" and self.engine != "local":
+            raise UsageError("--graph single runs on --engine local (the Ray deployments are the two stages)")
         check_positive_int(self.max_bytes, "--max-bytes")
         if self.max_pixels is not None:
             check_positive_int(self.max_pixels, "--max-pixels")
@@ -67,7 +72,8 @@ class ServeOptions:
 def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMetrics) -> Any:
     """The engine for `options.engine`: local two-stage batching, or Ray Serve deployments."""
     from runtimes.backends import SessionConfig, check_provider, create_backend
-    from runtimes.batching import BatchingEngine, EngineConfig, EngineObserver, StageRunner
+    from runtimes.batching import BatchingEngine, EngineConfig, EngineObserver, SingleGraphRunner, StageRunner
+    from runtimes.pipeline import graphs_for
 
     check_provider(options.provider)
     config = EngineConfig(options.max_batch, options.max_wait_ms, options.max_queue, options.eta)
@@ -78,7 +84,9 @@ def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMe
 
         return RayServeEngine(export_dir, config, options.provider, options.threads, options.replicas, observer)
     session = SessionConfig(threads=options.threads, shared_threads=options.shared_threads)
-    return BatchingEngine(lambda: StageRunner(create_backend(manifest, options.provider, session)), config, observer)
+    graphs = graphs_for(options.graph, manifest)  # only the graphs it runs (never baseline.onnx)
+    runner = SingleGraphRunner if options.graph == "single" else StageRunner
+    return BatchingEngine(lambda: runner(create_backend(manifest, options.provider, session, graphs)), config, observer)
 
 
 def build_app(
