@@ -284,7 +284,9 @@ class BatchingEngine:
                 continue
             # a new array per batch: the fine inputs of the requests that go on keep views into it
             images = np.stack([ticket.image for ticket in batch])
-            run = functools.partial(runner.run_coarse, etas=np.array([t.eta for t in batch], np.float32))
+            run = runner.run_coarse
+            if isinstance(runner, SingleGraphRunner):  # the graph gates: it takes each request's η
+                run = functools.partial(run, etas=np.array([t.eta for t in batch], np.float32))
             state.coarse_busy = True
             try:
                 rows = await self._run("coarse", run, images, len(batch))
