@@ -273,3 +273,30 @@ def test_variant_single_graph_is_composed_from_the_variant_stages(small_export, 
         np.testing.assert_array_equal(a.exited, b.exited)
         np.testing.assert_array_equal(a.informative_idx, b.informative_idx)
         np.testing.assert_allclose(a.logits, b.logits, atol=1e-3)
+
+
+# -- bench ----------------------------------------------------------------------------------------------------
+def test_bench_measures_the_single_graph_beside_the_pair(small_export, export_dir_factory):
+    from cfvit_deploy.app.bench import run_bench
+
+    r = run_bench(
+        small_export,
+        graphs="pair,single",
+        batch_sizes=(1, 4),
+        fine_fractions=(0.24, 0.52),
+        iterations=1,
+        warmup=1,
+        isolation="inline",
+    )
+    for model in ("cfvit", "cfvit-single"):
+        rows = r.find(model=model)
+        assert [(x.batch_size, x.target_fine_fraction) for x in rows] == [(1, 0.24), (1, 0.52), (4, 0.24), (4, 0.52)]
+        assert all(x.status == "ok" and x.speedup_vs_baseline is not None for x in rows), [x.reason for x in rows]
+    pair, single = r.find(model="cfvit"), r.find(model="cfvit-single")
+    # the same synthetic gate sends the same images to the fine stage; single.onnx has no stage split
+    assert [x.fine_fraction for x in single] == [x.fine_fraction for x in pair]
+    assert all(x.coarse_ms is None and x.fine_ms is None for x in single)
+    with pytest.raises(UsageError, match="--single-graph"):
+        run_bench(export_dir_factory("deit_g7"), graphs="single", iterations=1, isolation="inline")
+    with pytest.raises(UsageError, match="--graph"):
+        run_bench(small_export, graphs="triple", iterations=1, isolation="inline")
