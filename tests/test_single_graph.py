@@ -233,19 +233,24 @@ def test_validate_fails_a_single_graph_that_drops_the_fine_answer(small_export, 
 
     broken = tmp_path / "broken"
     shutil.copytree(small_export, broken)
-    model = onnx.load(str(broken / "single.onnx"))
-    if_node = next(n for n in model.graph.node if n.op_type == "If")
-    then = next(a.g for a in if_node.attribute if a.name == "then_branch")
-    merge = next(n for n in then.node if n.output[0] == "then/logits")
-    merge.op_type, merge.input[:] = "Identity", ["coarse/coarse_logits"]
-    onnx.save(model, str(broken / "single.onnx"))
-    data = json.loads((broken / "manifest.json").read_text())
-    data["graphs"]["single"]["sha256"] = sha256_file(broken / "single.onnx")
-    (broken / "manifest.json").write_text(json.dumps(data))
+    _drop_fine_answer(broken)
     report = validate(broken, _small_model(), batch_sizes=(2,), etas=(0.5,))
     failed = {c.name for c in report.failed}
     assert any("single graph: logits vs PyTorch [eta=1]" in n for n in failed), failed
     assert not any(not n.startswith("single graph") for n in failed)  # the pair still passes
+
+
+def _drop_fine_answer(export_dir: Path) -> None:
+    """Make single.onnx's merge keep the coarse logits for every row (and record the new sha256)."""
+    model = onnx.load(str(export_dir / "single.onnx"))
+    if_node = next(n for n in model.graph.node if n.op_type == "If")
+    then = next(a.g for a in if_node.attribute if a.name == "then_branch")
+    merge = next(n for n in then.node if n.output[0] == "then/logits")
+    merge.op_type, merge.input[:] = "Identity", ["coarse/coarse_logits"]
+    onnx.save(model, str(export_dir / "single.onnx"))
+    data = json.loads((export_dir / "manifest.json").read_text())
+    data["graphs"]["single"]["sha256"] = sha256_file(export_dir / "single.onnx")
+    (export_dir / "manifest.json").write_text(json.dumps(data))
 
 
 def _small_model() -> CFViT:
@@ -300,3 +305,44 @@ def test_bench_measures_the_single_graph_beside_the_pair(small_export, export_di
         run_bench(export_dir_factory("deit_g7"), graphs="single", iterations=1, isolation="inline")
     with pytest.raises(UsageError, match="--graph"):
         run_bench(small_export, graphs="triple", iterations=1, isolation="inline")
+
+
+# -- the commands -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_export_single_graph_validate_and_a_broken_merge_exits_1(tmp_path, capsys):
+    """`cfvit export --single-graph` then `cfvit validate`: 0; the same with the fine answer dropped: 1."""
+    import shutil
+
+    from cfvit_deploy.checkpoints import save_checkpoint
+
+    ckpt = save_checkpoint(_small_model(), tmp_path / "small.pth")
+    out = tmp_path / "export"
+    assert cli.main(["export", str(ckpt), "--out", str(out), "--num-heads", "3", "--single-graph"]) == 0
+    assert "single" in Manifest.load(out).graphs
+    args = ["--batch-sizes", "1,3", "--etas", "0.5"]
+    assert cli.main(["validate", str(out), *args]) == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    _drop_fine_answer(broken)
+    capsys.readouterr()
+    assert cli.main(["validate", str(broken), "--report", str(tmp_path / "r.json"), *args]) == 1
+    assert "FAILED | single graph: logits vs PyTorch" in capsys.readouterr().out
+
+
+def test_sweep_with_the_single_graph_equals_the_pairs(small_export, tmp_path):
+    from cfvit_deploy.app.sweep import sweep
+
+    rng = np.random.default_rng(6)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((100, 100)).save(
+                tmp_path / "data" / c / f"{i}.png"
+            )
+    results = {
+        g: sweep(small_export, tmp_path / "data", "0,0.115,1", graph=g, batch_size=4) for g in ("pair", "single")
+    }
+    strip = [[(r.eta, r.accuracy, r.exit_rate) for r in res.rows] for res in results.values()]
+    assert strip[0] == strip[1]
+    with pytest.raises(UsageError, match="--graph"):
+        sweep(small_export, tmp_path / "data", "0.5", graph="triple")
