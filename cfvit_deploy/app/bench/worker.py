@@ -112,7 +112,10 @@ def _measure_onnx(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -
         )
         return {"times": times}
     single = cell.model == "cfvit-single"
-    pipe = CFViTPipeline(spec["export_dir"], cell.provider, config=config, graph="single" if single else "pair")
+    if single:
+        pipe = CFViTPipeline(spec["export_dir"], cell.provider, config=config, graph="single")
+    else:  # exactly as users build it
+        pipe = CFViTPipeline(spec["export_dir"], cell.provider, config=config)
     eta = cell.value
     if cell.gate == "fine_fraction":
         confidence = np.concatenate([pipe.run(b, 0.0).confidence for b in batches])
