@@ -316,3 +316,54 @@ def test_exact_is_the_default_everywhere(tmp_path):
     exact = preprocessing.preprocess(load_image(tmp_path / "a.jpg"), PP)
     np.testing.assert_array_equal(load_and_preprocess(tmp_path / "a.jpg", PP), exact)
     np.testing.assert_array_equal(load_and_preprocess(tmp_path / "a.jpg", PP, None), exact)  # old positional form
+
+
+@pytest.mark.parametrize(("w", "h"), [(1, 1), (37, 300), (640, 480), (3000, 200), (257, 2600)])
+@pytest.mark.parametrize("mode", ["L", "I;16", "I"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_gray_images_resampled_as_one_band_equal_the_rgb_path_bit_for_bit(tmp_path, w, h, mode, interpolation):
+    """load_and_preprocess resamples gray as "L" (a third of the work); preprocess(load_image()) as RGB."""
+    pp = PreprocessConfig(crop_size=224, resize_size=256, interpolation=interpolation)
+    rng = np.random.default_rng(w * h)
+    if mode == "L":
+        img = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8))
+    elif mode == "I;16":
+        img = Image.frombytes(mode, (w, h), rng.integers(0, 65536, (h, w), dtype=np.uint16).astype("<u2").tobytes())
+    else:
+        img = Image.fromarray(rng.integers(-10, 70000, (h, w), dtype=np.int32), "I")
+    path = tmp_path / "gray.png" if mode != "I" else tmp_path / "gray.tif"
+    img.save(path)
+    np.testing.assert_array_equal(load_and_preprocess(path, pp), preprocessing.preprocess(load_image(path), pp))
+
+
+# -- the decode mode through infer, sweep and serve ------------------------------------------------------
+def test_decode_mode_reaches_infer_and_its_summary(export_dir_factory, tmp_path):
+    import json
+
+    from runtimes.infer import infer
+
+    export_dir = export_dir_factory("deit_g7")
+    (tmp_path / "photo.jpg").write_bytes(encoded(smooth(1600, 1200), "JPEG", quality=95))
+    rows = {}
+    for decode in DECODE_MODES:
+        out = tmp_path / f"{decode}.csv"
+        s = infer(export_dir, [tmp_path / "photo.jpg"], decode=decode, output=out)
+        assert s.errors == 0 and s.decode == decode
+        assert json.loads((tmp_path / f"{decode}.csv.summary.json").read_text())["decode"] == decode
+        rows[decode] = out.read_text().splitlines()[1]
+    assert rows["fast"] != rows["exact"]  # the mode was really used (the confidences differ slightly)
+    with pytest.raises(UsageError, match="--decode"):
+        infer(export_dir, [tmp_path / "photo.jpg"], decode="quick")
+
+
+@pytest.mark.parametrize("command", ["infer", "sweep", "serve"])
+def test_cli_refuses_an_unknown_decode_mode(export_dir_factory, tmp_path, capsys, command):
+    import cli
+
+    export_dir = export_dir_factory("deit_g7")
+    (tmp_path / "class_a").mkdir()
+    (tmp_path / "class_a" / "a.png").write_bytes(encoded(smooth(64, 64), "PNG"))
+    extra = {"infer": [str(tmp_path)], "sweep": [str(tmp_path), "--out", str(tmp_path / "s")], "serve": []}
+    assert cli.main([command, str(export_dir), *extra[command], "--decode", "quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--decode" in err and "Traceback" not in err
