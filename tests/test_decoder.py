@@ -367,3 +367,23 @@ def test_cli_refuses_an_unknown_decode_mode(export_dir_factory, tmp_path, capsys
     assert cli.main([command, str(export_dir), *extra[command], "--decode", "quick"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--decode" in err and "Traceback" not in err
+
+
+def test_pixel_budget_admits_alone_sheds_beyond_and_gives_back():
+    from cfvit_deploy.app.serve.decoding import REASON_CODES, PixelBudget
+    from cfvit_deploy.app.serve.requests import BadRequest
+
+    budget = PixelBudget(100)
+    budget.take(150)  # alone: always admitted, whatever its size
+    with pytest.raises(BadRequest) as info:
+        budget.take(1)
+    assert (info.value.status, info.value.code) == (503, "decode_busy")
+    budget.give_back(150)
+    budget.take(60)
+    budget.take(40)  # exactly the limit
+    with pytest.raises(BadRequest):
+        budget.take(1)
+    budget.give_back(60)
+    budget.give_back(40)
+    assert budget.in_flight == 0
+    assert set(REASON_CODES) == set(ImageError.REASONS)  # every reason has its answer
