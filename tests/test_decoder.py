@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import time
 import tracemalloc
 import zlib
 
@@ -265,7 +266,7 @@ def test_fast_non_jpeg_uses_the_reducing_resize():
     assert not np.array_equal(fast, load_and_preprocess(data, PP))  # the reduction did happen
 
 
-@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
 def test_fast_applies_exif_orientation(monkeypatch, orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -387,3 +388,30 @@ def test_pixel_budget_admits_alone_sheds_beyond_and_gives_back():
     budget.give_back(40)
     assert budget.in_flight == 0
     assert set(REASON_CODES) == set(ImageError.REASONS)  # every reason has its answer
+
+
+def test_serve_decodes_in_the_mode_it_was_given(export_dir_factory, tmp_path):
+    """`serve --decode fast` answers what `infer --decode fast` computes for the same JPEG."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from cfvit_deploy.app.serve import ServeOptions, build_app
+    from runtimes.infer import infer
+
+    export_dir = export_dir_factory("deit_g7")
+    data = encoded(smooth(1600, 1200, seed=3), "JPEG", quality=95)
+    (tmp_path / "photo.jpg").write_bytes(data)
+    want = {}
+    for decode in DECODE_MODES:
+        infer(
+            export_dir, [tmp_path / "photo.jpg"], decode=decode, eta=0.0, on_row=lambda r, d=decode: want.update({d: r})
+        )
+    assert want["fast"].confidence != want["exact"].confidence
+    for decode in DECODE_MODES:
+        with TestClient(build_app(export_dir, ServeOptions(decode=decode))) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "server not ready in time"
+                time.sleep(0.05)
+            answer = client.post("/v1/classify?eta=0", content=data, headers={"content-type": "image/jpeg"}).json()
+        assert answer["confidence"] == pytest.approx(want[decode].confidence, abs=1e-6)
