@@ -57,3 +57,36 @@ def test_committed_results_carry_their_verdicts(folder):
     assert result["goals"] == serve_load.goals(result)
     assert result["precision"] in ("fp32", "int8")
     assert "| c=32 batching / no batching |" in serve_load.table(result)
+
+
+# -- --protocol v2 / both (issue 27) ------------------------------------------------------------------
+def test_v2_load_requests_are_what_the_server_parses():
+    from cfvit_deploy.app.serve.v2_codec import parse_infer_request
+
+    (path, body, headers), *_ = serve_load.requests_for([b"\x89PNG fake"], "v2")
+    assert path == "/v2/models/cfvit/infer"
+    request = parse_infer_request(body, headers["Inference-Header-Content-Length"])
+    assert request.inputs["IMAGE"].data == [b"\x89PNG fake"] and request.binary_data_output
+
+
+def test_protocol_comparison_judges_the_c32_ratio_on_medians():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_protocols
+    finally:
+        sys.path.pop(0)
+
+    def runs(*rates):
+        return [
+            {"throughput": r, "p50_ms": 1, "p95_ms": 2, "p99_ms": 3, "server_p50_ms": 1, "errors": 0} for r in rates
+        ]
+
+    cells = {
+        "v1": {1: runs(10, 10, 10), 8: runs(20, 20, 20), 32: runs(30, 100, 20)},  # median 30 (not the mean 50)
+        "v2": {1: runs(9, 9, 9), 8: runs(21, 21, 21), 32: runs(27, 26, 28)},  # median 27: 0.90 of v1, met
+    }
+    goals = {g["goal"]: (g["value"], g["met"]) for g in serve_protocols.goals(serve_protocols.summary(cells))}
+    assert goals["c=32 v2 binary / v1 throughput"] == (0.9, True)
+    assert goals["c=1 v2 binary / v1 throughput"] == (0.9, None)  # reported only
+    cells["v2"][32] = runs(26, 26, 26)
+    assert serve_protocols.goals(serve_protocols.summary(cells))[-1]["met"] is False
