@@ -293,20 +293,16 @@ def _raw(server: str, body: bytes | dict, headers: dict | None = None, model: st
     return httpx.post(f"{server}/v2/models/{model}/infer", content=content, headers=headers or {}, timeout=TIMEOUT)
 
 
-def _binary_image_request(data: list[bytes], shape: list[int] | None = None) -> tuple[bytes, dict]:
+def _binary_image_request(
+    data: list[bytes], shape: list[int] | None = None, eta: float | None = None
+) -> tuple[bytes, dict]:
+    """IMAGE in binary (as tritonclient sends it), ETA in JSON when given, the outputs in binary."""
     blob = b"".join(len(d).to_bytes(4, "little") + d for d in data)
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "IMAGE",
-                    "datatype": "BYTES",
-                    "shape": shape or [len(data)],
-                    "parameters": {"binary_data_size": len(blob)},
-                }
-            ]
-        }
-    ).encode()
+    image = {"name": "IMAGE", "datatype": "BYTES", "shape": shape or [len(data)]}
+    inputs = [{**image, "parameters": {"binary_data_size": len(blob)}}]
+    if eta is not None:
+        inputs.append({"name": "ETA", "datatype": "FP32", "shape": [1], "data": [eta]})
+    header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
     return header + blob, {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -432,3 +428,27 @@ def test_a_request_that_would_overfill_the_queue_is_refused_whole(export_dir):
         assert infer(4).status_code == 200 and engine.pending == 0
         text = c.get("/metrics").text
         assert 'cfvit_requests_total{protocol="v2",status="503"} 1.0' in text
+
+
+# -- Ray Serve -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ray_engine_serves_the_v2_routes(export_dir, images, mixed_eta, infer_rows):
+    """`--engine ray` on a local 2-CPU Ray cluster: the same v2 routes, the same answers."""
+    pytest.importorskip("ray.serve")
+    from starlette.testclient import TestClient
+    from tritonclient.http import InferResult
+
+    from cfvit_deploy.app.serve.ray_engine import RayServeEngine
+
+    engine = RayServeEngine(export_dir, EngineConfig(max_batch=4, max_wait_ms=50), threads=1, ray_init={"num_cpus": 2})
+    with TestClient(create_app(engine, export_dir, Limits(), ServeMetrics())) as c:
+        deadline = time.monotonic() + 4 * TIMEOUT
+        while c.get("/v2/models/cfvit/ready").status_code != 200:
+            assert time.monotonic() < deadline, "Ray Serve not ready in time"
+            time.sleep(0.2)
+        body, headers = _binary_image_request([p.read_bytes() for p in images], eta=mixed_eta)
+        r = c.post("/v2/models/cfvit/versions/1/infer", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    result = InferResult.from_response_body(r.content, header_length=int(r.headers["inference-header-content-length"]))
+    _same_as_rows(result, infer_rows)
+    assert engine.pending == 0
