@@ -198,7 +198,11 @@ async def load(
                 path, body, headers = calls[issued % len(calls)]
                 issued += 1
                 t0 = time.perf_counter()
-                r = await client.post(path, content=body, headers=headers)
+                try:
+                    r = await client.post(path, content=body, headers=headers)
+                except httpx.TransportError:  # a connection reset or timeout: an error, and the run goes on
+                    errors += 1
+                    continue
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
                     server_ms.append(_server_ms(r.headers.get("server-timing", "")))

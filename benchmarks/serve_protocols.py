@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 from statistics import median
@@ -62,6 +63,9 @@ def compare(setup: Setup, quick: bool, eta: float | None, rounds: int) -> dict:
                         )
         finally:
             server.stop()
+            if server.exit_code != 0:  # say why, before the temporary folder goes
+                log = (Path(tmp) / "server.log").read_text(errors="replace")
+                print(f"cfvit serve exited with {server.exit_code}; its log ends:\n{log[-3000:]}", file=sys.stderr)
     result["exit_code"] = server.exit_code
     result["machine"]["loadavg_after"] = os.getloadavg()
     result["cells"] = cells

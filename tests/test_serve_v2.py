@@ -266,7 +266,8 @@ def test_a_bad_image_among_good_ones_is_a_400_naming_it(client, images):
             client.infer(MODEL, [_image_input(data)])
         assert info.value.status() == "400"
         assert info.value.message().startswith(f"IMAGE[{index}]: ") and reason in info.value.message()
-    assert client.infer(MODEL, [_image_input(good)]).as_numpy("LABEL").shape == (4,)  # the server goes on
+    result = client.infer(MODEL, [_image_input(good)], model_version="1")  # the server goes on (versioned route)
+    assert result.as_numpy("LABEL").shape == (4,)
 
 
 def test_metrics_count_v2_requests_and_their_images(client, server, images):
@@ -384,9 +385,10 @@ class _Gated(StageRunner):
 
     def __init__(self, runner: StageRunner, go: threading.Event) -> None:
         super().__init__(runner.backend)
-        self.go = go
+        self.go, self.entered = go, threading.Event()
 
     def run_coarse(self, images):
+        self.entered.set()
         assert self.go.wait(TIMEOUT)
         return super().run_coarse(images)
 
@@ -430,6 +432,68 @@ def test_a_request_that_would_overfill_the_queue_is_refused_whole(export_dir):
         assert 'cfvit_requests_total{protocol="v2",status="503"} 1.0' in text
 
 
+def test_a_client_that_goes_away_costs_nothing(export_dir):
+    """A v2 request whose client disconnects while its images queue: nothing is sent, no image of it
+    reaches a graph, and every unit of the queue it took is given back."""
+    import asyncio
+
+    from starlette.testclient import TestClient
+
+    go = threading.Event()
+    go.set()
+    runner = lambda: _Gated(StageRunner(create_backend(Manifest.load(export_dir), "cpu")), go)  # noqa: E731
+    sizes: list[int] = []
+    engine = BatchingEngine(runner, EngineConfig(max_batch=4, max_wait_ms=0, max_queue=8))
+    app = create_app(engine, export_dir, Limits(), ServeMetrics())
+    body, headers = _binary_image_request([_png(i) for i in range(3)])
+
+    async def disconnecting() -> list:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list = []
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.3)  # its three images are queued by now; then the client goes away
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        raw = [(k.lower().encode(), v.encode()) for k, v in {**headers, "content-length": str(len(body))}.items()]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST"}
+        scope |= {"scheme": "http", "path": "/v2/models/cfvit/infer", "raw_path": b"/v2/models/cfvit/infer"}
+        scope |= {"query_string": b"", "root_path": "", "headers": raw, "client": ("127.0.0.1", 1)}
+        scope |= {"server": ("127.0.0.1", 80), "state": {}}
+        await asyncio.wait_for(app(scope, receive, send), TIMEOUT)
+        return [m for m in sent if m["type"] == "http.response.start" and m["status"] != 499]
+
+    with TestClient(app) as c:
+        deadline = time.monotonic() + TIMEOUT
+        while c.get("/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        go.clear()
+        engine.runner.entered.clear()
+        engine.observer.on_batch = lambda stage, n, s: stage == "coarse" and sizes.append(n)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            one, one_headers = _binary_image_request([_png()])
+            held = pool.submit(lambda: c.post("/v2/models/cfvit/infer", content=one, headers=one_headers))
+            assert engine.runner.entered.wait(TIMEOUT)  # its image is in the coarse graph, held by `go`
+            sent = c.portal.call(disconnecting)
+            assert engine.pending == 4  # the gone request's three units are still the engine's
+            go.set()
+            assert held.result(TIMEOUT).status_code == 200
+        while engine.pending:  # the batcher skips the cancelled images and gives their units back
+            assert time.monotonic() < deadline
+            c.get("/v2/health/live")
+            time.sleep(0.01)
+        assert sent == [] and sizes == [1]  # nothing sent; only the held request's image reached the graph
+        assert 'cfvit_requests_total{protocol="v2",status="499"} 1.0' in c.get("/metrics").text
+
+
 # -- Ray Serve -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ray_engine_serves_the_v2_routes(export_dir, images, mixed_eta, infer_rows):
@@ -438,7 +502,7 @@ def test_ray_engine_serves_the_v2_routes(export_dir, images, mixed_eta, infer_ro
     from starlette.testclient import TestClient
     from tritonclient.http import InferResult
 
-    from cfvit_deploy.app.serve.ray_engine import RayServeEngine
+    from runtimes.ray_serve import RayServeEngine
 
     engine = RayServeEngine(export_dir, EngineConfig(max_batch=4, max_wait_ms=50), threads=1, ray_init={"num_cpus": 2})
     with TestClient(create_app(engine, export_dir, Limits(), ServeMetrics())) as c:

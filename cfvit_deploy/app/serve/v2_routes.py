@@ -300,32 +300,30 @@ class V2Routes:
                 )
                 del body
                 plan = await loop.run_in_executor(state.decoder, plan_request, parsed, self.image_size)
-                await admitted.enter_async_context(self._admitted(len(plan.images)))  # held until answered
+                handed = await admitted.enter_async_context(self._admitted(len(plan.images)))
                 images = await self._decode(plan) if plan.encoded else list(plan.images)
-            answers = await self._run(request, images, plan.eta)
+            answers = await self._run(request, images, plan.eta, handed)
         if answers is None:
             return Response(status_code=CLIENT_GONE)
         return self._response(parsed, plan, answers)
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, n: int) -> AsyncIterator[None]:
-        """Hold `n` images of the queue limit for the block, or refuse the whole request."""
-        engine = self.state.engine
-        capacity = engine.config.max_queue
-        if n > capacity:
-            raise V2Error(413, f"{n} images in one request, over --max-queue ({capacity}); split the request")
-        admission = getattr(self.state, "admission", None)  # the app's shared counter, when it has one
-        if admission is None:
-            if engine.pending + n > capacity:
-                raise _busy("full")
-            yield
-            return
+    async def _admitted(self, n: int) -> AsyncIterator[list[int]]:
+        """Take `n` images of the engine's queue (``--max-queue``) at once, or refuse the whole request.
+
+        The units pass to the engine image by image (``submit(..., admitted=True)``), which gives each
+        back when its image is answered; the units of images never submitted are given back here."""
+        admission = self.state.engine.admission
+        if n > admission.capacity:
+            raise V2Error(413, f"{n} images in one request, over --max-queue ({admission.capacity}); split the request")
         if not admission.try_acquire(n):
             raise _busy("full")
+        handed = [0]  # units passed to the engine by _run
         try:
-            yield
+            yield handed
         finally:
-            admission.release(n)
+            if n - handed[0]:
+                admission.release(n - handed[0])
 
     async def _decode(self, plan: Plan) -> list[np.ndarray]:
         """Every image decoded (in the decoder pool), or a 400/413 naming the first bad one's index."""
@@ -341,10 +339,17 @@ class V2Routes:
                 raise result
         return results  # type: ignore[return-value]
 
-    async def _run(self, request: Any, images: list[np.ndarray], eta: float | None) -> list[Any] | None:
-        """The N answers, submitted together (batched with everyone's); None when the client went away."""
+    async def _run(
+        self, request: Any, images: list[np.ndarray], eta: float | None, handed: list[int]
+    ) -> list[Any] | None:
+        """The N answers, submitted together (batched with everyone's); None when the client went away.
+
+        Each submit takes one of the units this request holds (`handed` counts them); one loop turn
+        lets every submit reach the engine, so that a cancelled one gives its unit back there."""
         engine = self.state.engine
-        tasks = [asyncio.ensure_future(engine.submit(image, eta, 1)) for image in images]
+        tasks = [asyncio.ensure_future(engine.submit(image, eta, 1, admitted=True)) for image in images]
+        handed[0] = len(tasks)
+        await asyncio.sleep(0)  # every task takes its first step: its image (and unit) is the engine's now
         work = asyncio.ensure_future(asyncio.gather(*tasks))
         gone = asyncio.ensure_future(_client_gone(request))
         try:
@@ -358,7 +363,7 @@ class V2Routes:
             with contextlib.suppress(asyncio.CancelledError):
                 await work
             return None
-        if work.exception() is not None:  # one refused (a race for the last places) or failed: none answered
+        if work.exception() is not None:  # one failed (a graph error, or shutting down): none is answered
             for task in tasks:
                 task.cancel()
         return work.result()
