@@ -26,7 +26,8 @@ import numpy as np
 from cfvit_deploy import __version__
 from cfvit_deploy.manifest import Manifest
 
-from .requests import BadRequest, check_declared_length, decode_image, read_body
+from .decoding import decode_request
+from .requests import BadRequest, check_declared_length, read_body
 from .v2_codec import BYTES, HEADER_LENGTH, InferRequest, Output, V2Error, encode_response, parse_infer_request
 
 if TYPE_CHECKING:
@@ -326,18 +327,23 @@ class V2Routes:
                 admission.release(n - handed[0])
 
     async def _decode(self, plan: Plan) -> list[np.ndarray]:
-        """Every image decoded (in the decoder pool), or a 400/413 naming the first bad one's index."""
-        state = self.state
-        loop = asyncio.get_running_loop()
-        pp, max_pixels = state.preprocessing, state.limits.max_pixels
-        jobs = [loop.run_in_executor(state.decoder, decode_image, data, pp, max_pixels) for data in plan.images]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        for i, result in enumerate(results):
-            if isinstance(result, BadRequest):
-                raise V2Error(result.status, f"IMAGE[{i}]: {result.message} ({result.code})")
-            if isinstance(result, BaseException):
-                raise result
-        return results  # type: ignore[return-value]
+        """Every image decoded as /v1 decodes its body, or a 400/413/503 naming the first bad one's index.
+
+        One image after another: the request's own images never compete for the decode budget
+        (``--decode-pixels``), so N large ones cannot refuse each other; other requests use the pool's
+        other threads meanwhile."""
+        state, limits = self.state, self.state.limits
+        images = []
+        for i, data in enumerate(plan.images):
+            try:
+                images.append(
+                    await decode_request(
+                        data, state.preprocessing, limits.max_pixels, state.decode_budget, state.decoder, limits.decode
+                    )
+                )
+            except BadRequest as exc:
+                raise V2Error(exc.status, f"IMAGE[{i}]: {exc.message} ({exc.code})") from None
+        return images
 
     async def _run(
         self, request: Any, images: list[np.ndarray], eta: float | None, handed: list[int]
