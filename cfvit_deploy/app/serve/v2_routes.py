@@ -43,6 +43,8 @@ OUTPUTS = (*DEFAULT_OUTPUTS, "LOGITS", "REFINED_PATCHES")
 INPUTS = ("IMAGE", "PIXELS", "ETA")
 RETRY_AFTER_S = 1
 CLIENT_GONE = 499
+#: bodies up to this size are parsed on the event loop (microseconds); larger ones in the decoder pool
+INLINE_BYTES = 64 * 1024
 
 
 def model_metadata(name: str, manifest: Manifest) -> dict[str, Any]:
@@ -109,6 +111,12 @@ def plan_request(request: InferRequest, image_size: int) -> Plan:
     if len(images) == 0:
         raise V2Error(400, "the request has no images (N = 0)")
     return Plan(images, pixels is None, _eta(request), _outputs(request))
+
+
+def parse_and_plan(body: bytes, header_length: str | None, image_size: int) -> tuple[InferRequest, Plan]:
+    """The request parsed from its body, and checked (one call, so that one pool hop does both)."""
+    parsed = parse_infer_request(body, header_length)
+    return parsed, plan_request(parsed, image_size)
 
 
 def _eta(request: InferRequest) -> float | None:
@@ -296,11 +304,12 @@ class V2Routes:
                 body = await read_body(request.stream(), state.limits.max_bytes)
                 if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
                     raise V2Error(400, "compressed request bodies are not accepted (send Content-Encoding: identity)")
-                parsed = await loop.run_in_executor(
-                    state.decoder, parse_infer_request, body, request.headers.get(HEADER_LENGTH)
-                )
-                del body
-                plan = await loop.run_in_executor(state.decoder, plan_request, parsed, self.image_size)
+                args = (body, request.headers.get(HEADER_LENGTH), self.image_size)
+                if len(body) <= INLINE_BYTES:  # bounded work: cheaper here than a hop to the pool
+                    parsed, plan = parse_and_plan(*args)
+                else:  # JSON of many numbers, many BYTES elements: off the event loop
+                    parsed, plan = await loop.run_in_executor(state.decoder, parse_and_plan, *args)
+                del body, args
                 handed = await admitted.enter_async_context(self._admitted(len(plan.images)))
                 images = await self._decode(plan) if plan.encoded else list(plan.images)
             answers = await self._run(request, images, plan.eta, handed)
