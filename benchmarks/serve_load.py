@@ -186,6 +186,7 @@ async def load(
     latencies: list[float] = []
     server_ms: list[float] = []  # the server's own time per request (its Server-Timing header)
     errors = 0
+    kinds: dict[str, int] = {}  # the errors by HTTP status or transport exception
     issued = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
@@ -200,14 +201,16 @@ async def load(
                 t0 = time.perf_counter()
                 try:
                     r = await client.post(path, content=body, headers=headers)
-                except httpx.TransportError:  # a connection reset or timeout: an error, and the run goes on
+                except httpx.TransportError as exc:  # a connection reset or timeout: an error, the run goes on
                     errors += 1
+                    kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
                     continue
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
                     server_ms.append(_server_ms(r.headers.get("server-timing", "")))
                 else:
                     errors += 1
+                    kinds[str(r.status_code)] = kinds.get(str(r.status_code), 0) + 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
@@ -218,6 +221,7 @@ async def load(
         "protocol": protocol,
         "requests": len(latencies),
         "errors": errors,
+        "error_kinds": kinds,
         "seconds": elapsed,
         "throughput": len(latencies) / elapsed if elapsed else 0.0,
         "p50_ms": float(pct[0]),

@@ -58,9 +58,7 @@ def compare(setup: Setup, quick: bool, eta: float | None, rounds: int) -> dict:
             for _ in range(rounds):
                 for c in CONCURRENCY:
                     for protocol in PROTOCOLS:
-                        cells[protocol][c].append(
-                            asyncio.run(load(server.base, bodies, c, requests, time_limit, protocol))
-                        )
+                        cells[protocol][c].append(_cell(server, bodies, c, requests, time_limit, protocol))
         finally:
             server.stop()
             if server.exit_code != 0:  # say why, before the temporary folder goes
@@ -74,13 +72,31 @@ def compare(setup: Setup, quick: bool, eta: float | None, rounds: int) -> dict:
     return result
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the server process (all its threads: HTTP, decoding, both graphs)."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def _cell(server: Server, bodies: list[bytes], c: int, requests: int, time_limit: float, protocol: str) -> dict:
+    """One load cell, with the server's CPU time per answered request: unlike throughput, it hardly
+    depends on how many other jobs share the cores, so it shows a protocol's own cost on a busy machine."""
+    before = _cpu_seconds(server.proc.pid)
+    cell = asyncio.run(load(server.base, bodies, c, requests, time_limit, protocol))
+    used = _cpu_seconds(server.proc.pid) - before
+    cell["server_cpu_ms_per_request"] = 1000 * used / cell["requests"] if cell["requests"] else float("nan")
+    return cell
+
+
 def summary(cells: dict) -> list[dict]:
     """Per protocol and concurrency: the median over the rounds of throughput and latency percentiles."""
     rows = []
     for protocol, by_c in cells.items():
         for c, runs in by_c.items():
             row = {"protocol": protocol, "concurrency": int(c), "rounds": len(runs)}
-            for key in ("throughput", "p50_ms", "p95_ms", "p99_ms", "server_p50_ms"):
+            for key in ("throughput", "p50_ms", "p95_ms", "p99_ms", "server_p50_ms", "server_cpu_ms_per_request"):
                 row[key] = round(median(r[key] for r in runs), 3)
             row["errors"] = sum(r["errors"] for r in runs)
             rows.append(row)
@@ -105,6 +121,18 @@ def goals(cells: dict) -> list[dict]:
                 "met": bool(ratio >= GOAL_RATIO) if judged else None,
             }
         )
+    # the server's CPU per request, v1 / v2: what the throughput ratio would be on cores the server had alone
+    pairs = zip(_at(cells["v1"], 32), _at(cells["v2"], 32), strict=True)
+    ratios = [v1["server_cpu_ms_per_request"] / v2["server_cpu_ms_per_request"] for v1, v2 in pairs]
+    out.append(
+        {
+            "goal": "c=32 server CPU per request, v1 / v2",
+            "value": round(median(ratios), 3),
+            "rounds": [round(r, 3) for r in ratios],
+            "target": "(reported)",
+            "met": None,
+        }
+    )
     return out
 
 
@@ -115,13 +143,13 @@ def _at(by_concurrency: dict, c: int) -> list[dict]:
 
 def table(result: dict) -> str:
     lines = [
-        "| protocol | concurrency | req/s (median) | p50 ms | p95 ms | p99 ms | server p50 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| protocol | concurrency | req/s (median) | p50 ms | p95 ms | p99 ms | server p50 ms | server CPU ms/req | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(result["summary"], key=lambda r: (r["concurrency"], r["protocol"])):
         lines.append(
             f"| {r['protocol']} | {r['concurrency']} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
-            f"{r['p99_ms']:.1f} | {r['server_p50_ms']:.2f} | {r['errors']} |"
+            f"{r['p99_ms']:.1f} | {r['server_p50_ms']:.2f} | {r['server_cpu_ms_per_request']:.2f} | {r['errors']} |"
         )
     verdict = {True: "met", False: "missed", None: "reported"}
     lines += ["", "| goal (median of the rounds' ratios) | value | rounds | target | |", "|---|---:|---|---|---|"]

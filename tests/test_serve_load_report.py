@@ -77,9 +77,8 @@ def test_protocol_comparison_judges_the_c32_ratio_on_medians():
         sys.path.pop(0)
 
     def runs(*rates):
-        return [
-            {"throughput": r, "p50_ms": 1, "p95_ms": 2, "p99_ms": 3, "server_p50_ms": 1, "errors": 0} for r in rates
-        ]
+        cell = {"p50_ms": 1, "p95_ms": 2, "p99_ms": 3, "server_p50_ms": 1, "errors": 0}
+        return [{**cell, "throughput": r, "server_cpu_ms_per_request": 100 / r} for r in rates]
 
     cells = {  # the rounds drift (a busy machine): each round's v2 cell is judged against its own v1 cell
         "v1": {1: runs(10, 10, 10), 8: runs(20, 20, 20), 32: runs(30, 100, 20)},
@@ -88,8 +87,9 @@ def test_protocol_comparison_judges_the_c32_ratio_on_medians():
     goals = {g["goal"]: (g["value"], g["rounds"], g["met"]) for g in serve_protocols.goals(cells)}
     assert goals["c=32 v2 binary / v1 throughput"] == (0.9, [0.9, 0.95, 0.85], True)  # median of the ratios
     assert goals["c=1 v2 binary / v1 throughput"][2] is None  # reported only
+    assert goals["c=32 server CPU per request, v1 / v2"] == (0.9, [0.9, 0.95, 0.85], None)
     cells["v2"][32] = runs(26, 95, 17)  # ratios 0.867, 0.95, 0.85
-    assert serve_protocols.goals(cells)[-1]["met"] is False
+    assert serve_protocols.goals(cells)[2]["met"] is False  # c=32
     summary = {(r["protocol"], r["concurrency"]): r for r in serve_protocols.summary(cells)}
     assert summary[("v1", 32)]["throughput"] == 30  # the median of the rounds, not the mean
 
