@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import time
 import tracemalloc
 import zlib
 
@@ -265,7 +266,7 @@ def test_fast_non_jpeg_uses_the_reducing_resize():
     assert not np.array_equal(fast, load_and_preprocess(data, PP))  # the reduction did happen
 
 
-@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
 def test_fast_applies_exif_orientation(monkeypatch, orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -316,3 +317,101 @@ def test_exact_is_the_default_everywhere(tmp_path):
     exact = preprocessing.preprocess(load_image(tmp_path / "a.jpg"), PP)
     np.testing.assert_array_equal(load_and_preprocess(tmp_path / "a.jpg", PP), exact)
     np.testing.assert_array_equal(load_and_preprocess(tmp_path / "a.jpg", PP, None), exact)  # old positional form
+
+
+@pytest.mark.parametrize(("w", "h"), [(1, 1), (37, 300), (640, 480), (3000, 200), (257, 2600)])
+@pytest.mark.parametrize("mode", ["L", "I;16", "I"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_gray_images_resampled_as_one_band_equal_the_rgb_path_bit_for_bit(tmp_path, w, h, mode, interpolation):
+    """load_and_preprocess resamples gray as "L" (a third of the work); preprocess(load_image()) as RGB."""
+    pp = PreprocessConfig(crop_size=224, resize_size=256, interpolation=interpolation)
+    rng = np.random.default_rng(w * h)
+    if mode == "L":
+        img = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8))
+    elif mode == "I;16":
+        img = Image.frombytes(mode, (w, h), rng.integers(0, 65536, (h, w), dtype=np.uint16).astype("<u2").tobytes())
+    else:
+        img = Image.fromarray(rng.integers(-10, 70000, (h, w), dtype=np.int32), "I")
+    path = tmp_path / "gray.png" if mode != "I" else tmp_path / "gray.tif"
+    img.save(path)
+    np.testing.assert_array_equal(load_and_preprocess(path, pp), preprocessing.preprocess(load_image(path), pp))
+
+
+# -- the decode mode through infer, sweep and serve ------------------------------------------------------
+def test_decode_mode_reaches_infer_and_its_summary(export_dir_factory, tmp_path):
+    import json
+
+    from runtimes.infer import infer
+
+    export_dir = export_dir_factory("deit_g7")
+    (tmp_path / "photo.jpg").write_bytes(encoded(smooth(1600, 1200), "JPEG", quality=95))
+    rows = {}
+    for decode in DECODE_MODES:
+        out = tmp_path / f"{decode}.csv"
+        s = infer(export_dir, [tmp_path / "photo.jpg"], decode=decode, output=out)
+        assert s.errors == 0 and s.decode == decode
+        assert json.loads((tmp_path / f"{decode}.csv.summary.json").read_text())["decode"] == decode
+        rows[decode] = out.read_text().splitlines()[1]
+    assert rows["fast"] != rows["exact"]  # the mode was really used (the confidences differ slightly)
+    with pytest.raises(UsageError, match="--decode"):
+        infer(export_dir, [tmp_path / "photo.jpg"], decode="quick")
+
+
+@pytest.mark.parametrize("command", ["infer", "sweep", "serve"])
+def test_cli_refuses_an_unknown_decode_mode(export_dir_factory, tmp_path, capsys, command):
+    import cli
+
+    export_dir = export_dir_factory("deit_g7")
+    (tmp_path / "class_a").mkdir()
+    (tmp_path / "class_a" / "a.png").write_bytes(encoded(smooth(64, 64), "PNG"))
+    extra = {"infer": [str(tmp_path)], "sweep": [str(tmp_path), "--out", str(tmp_path / "s")], "serve": []}
+    assert cli.main([command, str(export_dir), *extra[command], "--decode", "quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--decode" in err and "Traceback" not in err
+
+
+def test_pixel_budget_admits_alone_sheds_beyond_and_gives_back():
+    from cfvit_deploy.app.serve.decoding import REASON_CODES, PixelBudget
+    from cfvit_deploy.app.serve.requests import BadRequest
+
+    budget = PixelBudget(100)
+    budget.take(150)  # alone: always admitted, whatever its size
+    with pytest.raises(BadRequest) as info:
+        budget.take(1)
+    assert (info.value.status, info.value.code) == (503, "decode_busy")
+    budget.give_back(150)
+    budget.take(60)
+    budget.take(40)  # exactly the limit
+    with pytest.raises(BadRequest):
+        budget.take(1)
+    budget.give_back(60)
+    budget.give_back(40)
+    assert budget.in_flight == 0
+    assert set(REASON_CODES) == set(ImageError.REASONS)  # every reason has its answer
+
+
+def test_serve_decodes_in_the_mode_it_was_given(export_dir_factory, tmp_path):
+    """`serve --decode fast` answers what `infer --decode fast` computes for the same JPEG."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from cfvit_deploy.app.serve import ServeOptions, build_app
+    from runtimes.infer import infer
+
+    export_dir = export_dir_factory("deit_g7")
+    data = encoded(smooth(1600, 1200, seed=3), "JPEG", quality=95)
+    (tmp_path / "photo.jpg").write_bytes(data)
+    want = {}
+    for decode in DECODE_MODES:
+        infer(
+            export_dir, [tmp_path / "photo.jpg"], decode=decode, eta=0.0, on_row=lambda r, d=decode: want.update({d: r})
+        )
+    assert want["fast"].confidence != want["exact"].confidence
+    for decode in DECODE_MODES:
+        with TestClient(build_app(export_dir, ServeOptions(decode=decode))) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "server not ready in time"
+                time.sleep(0.05)
+            answer = client.post("/v1/classify?eta=0", content=data, headers={"content-type": "image/jpeg"}).json()
+        assert answer["confidence"] == pytest.approx(want[decode].confidence, abs=1e-6)
