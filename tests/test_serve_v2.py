@@ -516,3 +516,13 @@ def test_ray_engine_serves_the_v2_routes(export_dir, images, mixed_eta, infer_ro
     result = InferResult.from_response_body(r.content, header_length=int(r.headers["inference-header-content-length"]))
     _same_as_rows(result, infer_rows)
     assert engine.pending == 0
+
+
+@pytest.mark.parametrize("name", ["a/b", "", "-x", "cf vit", "x" * 200])
+def test_cli_refuses_a_model_name_that_is_no_url_segment(export_dir, capsys, name):
+    import cli
+
+    # --port 70000 is refused too, later: without the name check the test fails instead of serving
+    assert cli.main(["serve", str(export_dir), "--model-name", name, "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model-name must be") and "Traceback" not in err
