@@ -335,7 +335,7 @@ def table(result: dict) -> str:
     o = result["offline"]
     lines += [
         "",
-        f"export precision {result.get('precision', 'fp32')}; "
+        f"export precision {result.get('precision', 'fp32')}; protocol {result.get('protocol', 'v1')}; "
         f"offline `infer` (batch 32): {o['infer_images_per_s']:.1f} img/s; pipeline alone, one image "
         f"(decode + batch-1 run): p50 {o['pipeline_p50_ms']:.1f} ms; batching ceiling (offline batch-32 / "
         f"batch-1 throughput) {o['batching_ceiling']:.2f}x",
