@@ -2,8 +2,10 @@
 
 :class:`StageRunner` holds the pieces :class:`runtimes.batching.BatchingEngine` batches and the Ray
 Serve deployments call: the coarse graph on a batch, the gate per request, the fine graph on the fine
-inputs of several requests, and the answer for one image, built by :func:`runtimes.infer.rows_for_batch`
-from the same arrays :class:`~runtimes.pipeline.CFViTPipeline` computes, so it equals ``cfvit infer``'s row.
+inputs of several requests, and the answer for one image, built by :func:`runtimes.rows.rows_for_batch`
+from the arrays :mod:`runtimes.gate` computes for :class:`~runtimes.pipeline.CFViTPipeline` too (confidence,
+the float32 ``>= η`` decision, the merge), so it equals ``cfvit infer``'s row. A batch of requests may
+mix η: :meth:`StageRunner.gate` decides them all at once with one η per request.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import numpy as np
 from cfvit_deploy.manifest import Manifest
 
 from .backends import Backend
-from .infer import InferRow, rows_for_batch
-from .pipeline import NOT_REFINED, PipelineResult, StageTimings, max_softmax
+from .gate import exits, max_softmax, merge
+from .pipeline import PipelineResult, StageTimings
+from .rows import InferRow, rows_for_batch
 
 STAGES = ("coarse", "fine")
 
@@ -47,6 +50,7 @@ class Answer:
     row: InferRow
     refined: tuple[int, ...]  #: coarse patches refined by the fine stage (empty when it exited)
     eta: float
+    logits: np.ndarray | None = None  #: (classes,) float32 logits of the stage that answered
 
 
 class StageRunner:
@@ -68,7 +72,7 @@ class StageRunner:
 
     def run_coarse(self, images: np.ndarray, etas: np.ndarray | None = None) -> list[CoarseRow]:
         """Coarse graph on a (B, 3, S, S) float32 batch -> one :class:`CoarseRow` per image (the
-        requests' η, `etas`, are for :class:`SingleGraphRunner`; the gate here is :meth:`exits`)."""
+        requests' η, `etas`, are for :class:`SingleGraphRunner`; the gate here is :meth:`gate`)."""
         out = self.backend.run("coarse", {"images": images})
         out["images"] = images
         confidence = max_softmax(out["coarse_logits"])
@@ -99,9 +103,14 @@ class StageRunner:
     def answer(self, coarse: CoarseRow, eta: float, topk: int, fine: FineRow | None = None) -> Answer:
         """The answer for one image, computed as ``cfvit infer`` computes its row."""
         exited = fine is None
-        k = self.manifest.model.k
-        informative = np.full((1, k), NOT_REFINED, np.int64) if exited else fine.informative_idx[None]
-        logits = (coarse.logits if exited else fine.logits)[None].astype(np.float32, copy=True)
+        todo = np.arange(0 if exited else 1)
+        logits, informative = merge(
+            coarse.logits[None],
+            todo,
+            None if fine is None else fine.logits[None],
+            None if fine is None else fine.informative_idx[None],
+            self.manifest.model.k,
+        )
         result = PipelineResult(
             logits=logits,
             exited=np.array([exited]),
@@ -113,16 +122,20 @@ class StageRunner:
         )
         row = rows_for_batch(result, [""], self.labels, min(topk, self.manifest.num_classes))[0]
         refined = () if exited else tuple(int(i) for i in informative[0] if i >= 0)
-        return Answer(row=row, refined=refined, eta=eta)
+        return Answer(row=row, refined=refined, eta=eta, logits=logits[0])
+
+    def gate(self, rows: Sequence[CoarseRow], etas: Sequence[float]) -> np.ndarray:
+        """(B,) bool: which of `rows` exit, each at its own request's η (the paper's gate, float32 >= η)."""
+        return exits(np.array([row.confidence for row in rows], np.float32), np.array(etas, np.float32))
 
     def exits(self, coarse: CoarseRow, eta: float) -> bool:
-        """The paper's gate, as the pipeline computes it (float32 confidence >= η)."""
-        return bool((np.array([coarse.confidence], np.float32) >= eta)[0])
+        """The gate for one request (see :meth:`gate`)."""
+        return bool(self.gate([coarse], [eta])[0])
 
 
 class SingleGraphRunner(StageRunner):
     """The same calls on ``single.onnx``: :meth:`run_coarse` runs the whole graph with each request's η,
-    so every row it returns is final (:meth:`exits` is always True and nothing goes to the fine queue)."""
+    so every row it returns is final (:meth:`gate` says "exits" for every row: nothing goes to the fine queue)."""
 
     def __init__(self, backend: Backend) -> None:
         super().__init__(backend)
@@ -151,8 +164,9 @@ class SingleGraphRunner(StageRunner):
         s = self.image_size
         self.run_coarse(np.zeros((1, 3, s, s), np.float32), np.ones(1, np.float32))
 
-    def exits(self, coarse: CoarseRow, eta: float) -> bool:
-        return True  # the graph already ran the fine stage where its gate said so
+    def gate(self, rows: Sequence[CoarseRow], etas: Sequence[float]) -> np.ndarray:
+        """Every row is final: the graph already ran the fine stage where its own gate said so."""
+        return np.ones(len(rows), bool)
 
     def answer(self, coarse: CoarseRow, eta: float, topk: int, fine: FineRow | None = None) -> Answer:
         return super().answer(coarse, eta, topk, coarse.fine if fine is None else fine)
