@@ -9,6 +9,10 @@ nothing behind. With ``force`` the replacement is atomic too (``rename`` for fil
 
 The writer's pid in the temporary name lets the next run writing the same output remove what a
 killed run (SIGKILL, power loss) left behind; temporaries of live processes are left alone.
+
+A disk that refuses the output (full, read-only, over quota, not writable) is an :class:`OutputError`
+naming the output and the reason, one line for the CLI; the temporary is removed and the previous
+output, if any, is left as it was.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError, UsageError
+from .errors import OutputError, OutputExistsError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,61 @@ def _umask_mode(base: int) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return base & ~mask
+
+
+# -- disk errors -----------------------------------------------------------------------------------
+#: errors that mean "this output cannot be written here", whatever wrote it
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM})
+#: of those, the ones that can only come from writing (EACCES/EPERM can come from reading an input too)
+_WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def disk_error_reason(exc: BaseException) -> str | None:
+    """Why a write failed ("No space left on device", ...) when `exc` is a disk error, else None.
+
+    Also recognises libraries that report a failed write without an errno: pyarrow's OSError carries
+    only the message, and torch.save's RuntimeError says "file write failed".
+    """
+    if isinstance(exc, OSError):
+        if exc.errno in DISK_ERRNOS:
+            return exc.strerror or os.strerror(exc.errno)
+        text = str(exc)
+        return next((os.strerror(e) for e in sorted(DISK_ERRNOS) if os.strerror(e) in text), None)
+    if isinstance(exc, RuntimeError) and "file write failed" in str(exc):
+        return "the write failed (is the disk full?)"
+    return None
+
+
+def _is_output_file(file: Path, path: Path, temporary: Path | None) -> bool:
+    """`file` is the output `path`, one of its temporaries, or inside the `temporary` folder."""
+    file = Path(os.path.abspath(file))
+    if file.name.startswith((path.name, f".{path.name}")):
+        return True
+    return temporary is not None and (
+        file == Path(os.path.abspath(temporary)) or Path(os.path.abspath(temporary)) in file.parents
+    )
+
+
+@contextlib.contextmanager
+def output_errors(path: Path, temporary: Path | None = None) -> Iterator[None]:
+    """Turn a disk error while writing `path` (or its `temporary`) into one :class:`OutputError` line.
+
+    EACCES/EPERM count only when they name no file or the output's own files: a permission error on
+    some other file (an input) is not this output's problem.
+    """
+    try:
+        yield
+    except OSError as exc:
+        reason = disk_error_reason(exc)
+        named = exc.filename is None or _is_output_file(Path(os.fsdecode(exc.filename)), path, temporary)
+        if reason is None or (exc.errno not in _WRITE_ONLY_ERRNOS and exc.errno in DISK_ERRNOS and not named):
+            raise
+        raise OutputError(f"cannot write {path}: {reason}") from exc
+    except RuntimeError as exc:
+        reason = disk_error_reason(exc)
+        if reason is None:
+            raise
+        raise OutputError(f"cannot write {path}: {reason}") from exc
 
 
 # -- renameat2 ---------------------------------------------------------------------------------------
@@ -217,15 +276,17 @@ def atomic_write_path(path: Path, force: bool = True) -> Iterator[Path]:
     if not force and os.path.lexists(path):
         raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
     clean_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    with output_errors(path):
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, _umask_mode(0o666))
-        if force:
-            os.replace(tmp, path)
-        else:
-            _rename_noreplace_file(Path(tmp), path)
+        with output_errors(path, Path(tmp)):
+            yield Path(tmp)
+            os.chmod(tmp, _umask_mode(0o666))
+            if force:
+                os.replace(tmp, path)
+            else:
+                _rename_noreplace_file(Path(tmp), path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -243,19 +304,21 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     check_output(path, force)
     clean_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    with output_errors(path):
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        os.chmod(tmp, _umask_mode(0o777))
-        if force and os.path.lexists(path):
-            _replace_dir(tmp, path)
-        elif force:
-            try:
-                _rename_noreplace_dir(tmp, path)
-            except OutputExistsError:  # appeared meanwhile: --force replaces it
+        with output_errors(path, tmp):
+            yield tmp
+            os.chmod(tmp, _umask_mode(0o777))
+            if force and os.path.lexists(path):
                 _replace_dir(tmp, path)
-        else:
-            _rename_noreplace_dir(tmp, path)
+            elif force:
+                try:
+                    _rename_noreplace_dir(tmp, path)
+                except OutputExistsError:  # appeared meanwhile: --force replaces it
+                    _replace_dir(tmp, path)
+            else:
+                _rename_noreplace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

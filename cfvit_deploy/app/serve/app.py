@@ -24,6 +24,7 @@ from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import PreprocessConfig
 
+from .limits import CLOSE_AFTER, Admission, admitted, internal_error, read_body_within
 from .metrics import ServeMetrics
 from .requests import (
     MULTIPART,
@@ -31,10 +32,10 @@ from .requests import (
     Limits,
     check_content_type,
     check_declared_length,
+    check_multipart_complete,
     decode_image,
     file_from_form,
     parse_params,
-    read_body,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class AppState:
     preprocessing: PreprocessConfig
     limits: Limits
     metrics: ServeMetrics
+    #: requests admitted (body being read, decoding, in the engine): at most --max-queue
+    admission: Any = field(default_factory=lambda: Admission(256))
     load_error: str | None = None
     #: decoding threads: as many as `cfvit infer` uses (min(4, cores)); more would only contend
     #: with the graphs' own threads for the cores
@@ -66,10 +69,13 @@ class AppState:
     )
 
 
-def _error(exc: BadRequest, headers: dict[str, str] | None = None) -> Any:
+def _error(exc: BadRequest, headers: dict[str, str] | None = None, request_id: str | None = None) -> Any:
     from starlette.responses import JSONResponse
 
-    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+    body = exc.to_json()
+    if request_id is not None:
+        body["error"]["request_id"] = request_id
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 def _busy(reason: str) -> BadRequest:
@@ -84,9 +90,10 @@ def _busy(reason: str) -> BadRequest:
 async def _image_from_request(request: Any, state: AppState) -> bytes:
     kind = check_content_type(request.headers.get("content-type"))
     check_declared_length(request.headers.get("content-length"), state.limits.max_bytes)
-    body = await read_body(request.stream(), state.limits.max_bytes)
+    body = await read_body_within(request.stream(), state.limits.max_bytes, state.limits.body_timeout)
     if kind != MULTIPART:
         return body
+    check_multipart_complete(request.headers.get("content-type"), body)
     from starlette.requests import Request
 
     async def replay() -> dict[str, Any]:
@@ -156,18 +163,21 @@ async def _classify(request: Any, state: AppState) -> Any:
 
     start = perf_counter()
     try:
-        response = await _answer(request, state)
+        async with admitted(state.admission):  # before the body is read: a refused request buffers nothing
+            response = await _answer(request, state)
     except ClientDisconnect:  # gone while its body was read: nothing to answer
         response = Response(status_code=CLIENT_GONE)
     except BadRequest as exc:
         response = _error(exc)
     except EngineBusy as exc:
         response = _error(_busy(exc.reason), {"Retry-After": str(RETRY_AFTER_S)})
-    except Exception as exc:  # a failing graph: the server goes on
-        log.exception("classify failed")
-        response = _error(BadRequest(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+    except Exception as exc:  # a failing graph: the server goes on, the client learns nothing internal
+        error, request_id = internal_error(exc)
+        response = _error(error, {"X-Request-ID": request_id}, request_id)
     if response.status_code == 503 and "retry-after" not in response.headers:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    if response.status_code in CLOSE_AFTER:
+        response.headers["Connection"] = "close"
     seconds = perf_counter() - start
     # the server's own time for this request (W3C Server-Timing), so a client can tell it from the network's
     response.headers["Server-Timing"] = f"app;dur={seconds * 1000:.3f}"
@@ -231,6 +241,7 @@ def create_app(
     limits: Limits | None = None,
     metrics: ServeMetrics | None = None,
     on_load_error: Callable[[Exception], None] | None = None,
+    admission: Any = None,
 ) -> Any:
     """The Starlette app serving `engine` for the export in `export_dir`.
 
@@ -245,6 +256,8 @@ def create_app(
     manifest = Manifest.load(export_dir, verify=False)
     metrics = metrics or ServeMetrics()
     state = AppState(engine, export_identity(export_dir), manifest.preprocessing, limits or Limits(), metrics)
+    # one slot per request from its body's first byte to its answer; by default as many as the engine queues
+    state.admission = admission or Admission(getattr(getattr(engine, "config", None), "max_queue", 256))
     metrics.watch(engine)
 
     async def classify(request: Any) -> Any:
