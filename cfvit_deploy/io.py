@@ -70,9 +70,21 @@ _WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
 def disk_error_reason(exc: BaseException) -> str | None:
     """Why a write failed ("No space left on device", ...) when `exc` is a disk error, else None.
 
-    Also recognises libraries that report a failed write without an errno: pyarrow's OSError carries
-    only the message, and torch.save's RuntimeError says "file write failed".
+    Also recognises libraries that report a failed write without an errno (pyarrow's OSError carries
+    only the message, torch.save's RuntimeError says "file write failed") or wrap the OSError in
+    their own exception (its ``__cause__`` or ``__context__``).
     """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        reason = _own_disk_reason(exc)
+        if reason is not None:
+            return reason
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+def _own_disk_reason(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         if exc.errno in DISK_ERRNOS:
             return exc.strerror or os.strerror(exc.errno)
@@ -94,9 +106,10 @@ def _is_output_file(file: Path, path: Path, temporary: Path | None) -> bool:
 
 
 @contextlib.contextmanager
-def output_errors(path: Path, temporary: Path | None = None) -> Iterator[None]:
+def output_errors(path: Path, temporary: Path | None = None, only_output: bool = False) -> Iterator[None]:
     """Turn a disk error while writing `path` (or its `temporary`) into one :class:`OutputError` line.
 
+    Unless the block touches nothing but the output (`only_output`: creating the temporary),
     EACCES/EPERM count only when they name no file or the output's own files: a permission error on
     some other file (an input) is not this output's problem.
     """
@@ -104,11 +117,13 @@ def output_errors(path: Path, temporary: Path | None = None) -> Iterator[None]:
         yield
     except OSError as exc:
         reason = disk_error_reason(exc)
-        named = exc.filename is None or _is_output_file(Path(os.fsdecode(exc.filename)), path, temporary)
+        named = only_output or exc.filename is None or _is_output_file(Path(os.fsdecode(exc.filename)), path, temporary)
         if reason is None or (exc.errno not in _WRITE_ONLY_ERRNOS and exc.errno in DISK_ERRNOS and not named):
             raise
         raise OutputError(f"cannot write {path}: {reason}") from exc
-    except RuntimeError as exc:
+    except OutputError:
+        raise
+    except Exception as exc:  # a library's own exception around the OSError (torch.save, torch.onnx)
         reason = disk_error_reason(exc)
         if reason is None:
             raise
@@ -276,7 +291,7 @@ def atomic_write_path(path: Path, force: bool = True) -> Iterator[Path]:
     if not force and os.path.lexists(path):
         raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
     clean_stale_temporaries(path)
-    with output_errors(path):
+    with output_errors(path, only_output=True):
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -304,7 +319,7 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     check_output(path, force)
     clean_stale_temporaries(path)
-    with output_errors(path):
+    with output_errors(path, only_output=True):
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         with output_errors(path, tmp):
