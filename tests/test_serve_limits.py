@@ -390,7 +390,8 @@ def test_internal_error_names_no_internals_and_logs_the_traceback_once(client, c
     engine = client.app.state.serve.engine
     secret = "/secret/tmp/upload-1234 gs -dSAFER -sDEVICE=pnmraw"
 
-    async def broken(*args, **kwargs):
+    async def broken(*args, admitted=False, **kwargs):  # a graph that fails: the engine gives the unit back
+        engine.admission.release()
         raise RuntimeError(secret)
 
     original, engine.submit = engine.submit, broken
@@ -413,3 +414,18 @@ def test_truncated_access_log_filter():
     assert TruncatedAccessLog(200).filter(record)
     assert len(record.args[2]) < 250 and record.args[2].startswith("/x?aaa") and record.args[4] == 200
     assert len(record.getMessage()) < 300
+
+
+def test_every_outcome_gives_its_admission_unit_back(client):
+    """One counter holds a request from before its body is read to its answer: refused, failed and
+    answered requests all give their unit back (a leak would shrink --max-queue for good)."""
+    engine = client.app.state.serve.engine
+    png = {"content": _png_bytes(), "headers": {"content-type": "image/png"}}
+    outcomes = [
+        client.post("/v1/classify", **png).status_code,
+        client.post("/v1/classify", content=b"junk", headers={"content-type": "image/png"}).status_code,
+        client.post("/v1/classify?eta=2", **png).status_code,
+        client.post("/v1/classify", content=b"x", headers={"content-type": "text/plain"}).status_code,
+    ]
+    assert outcomes == [200, 400, 400, 415]
+    assert engine.admission.in_use == 0 and engine.pending == 0

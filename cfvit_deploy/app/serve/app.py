@@ -25,7 +25,7 @@ from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import PreprocessConfig
 from runtimes.engine import EngineBusy, ServingEngine
 
-from .limits import CLOSE_AFTER, Admission, admitted, internal_error, read_body_within
+from .limits import CLOSE_AFTER, Slot, admitted, internal_error, read_body_within
 from .metrics import ServeMetrics
 from .requests import (
     MULTIPART,
@@ -60,8 +60,6 @@ class AppState:
     preprocessing: PreprocessConfig
     limits: Limits
     metrics: ServeMetrics
-    #: requests admitted (body being read, decoding, in the engine): at most --max-queue
-    admission: Any = field(default_factory=lambda: Admission(256))
     load_error: str | None = None
     #: decoding threads: as many as `cfvit infer` uses (min(4, cores)); more would only contend
     #: with the graphs' own threads for the cores
@@ -117,7 +115,7 @@ async def _client_gone(request: Any) -> None:
             return
 
 
-async def _answer(request: Any, state: AppState) -> Any:
+async def _answer(request: Any, state: AppState, slot: Slot) -> Any:
     from starlette.responses import JSONResponse, Response
 
     engine = state.engine
@@ -129,7 +127,7 @@ async def _answer(request: Any, state: AppState) -> Any:
         image = await asyncio.get_running_loop().run_in_executor(
             state.decoder, decode_image, data, state.preprocessing, state.limits.max_pixels
         )
-    work = asyncio.ensure_future(engine.submit(image, eta, topk))
+    work = asyncio.ensure_future(slot.submit(engine, image, eta, topk))
     gone = asyncio.ensure_future(_client_gone(request))
     await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     if not work.done():  # the client went away: drop its request, answer nobody
@@ -162,8 +160,9 @@ async def _classify(request: Any, state: AppState) -> Any:
 
     start = perf_counter()
     try:
-        async with admitted(state.admission):  # before the body is read: a refused request buffers nothing
-            response = await _answer(request, state)
+        # one unit of the engine's counter from before the body is read: a refused request buffers nothing
+        async with admitted(state.engine.admission) as slot:
+            response = await _answer(request, state, slot)
     except ClientDisconnect:  # gone while its body was read: nothing to answer
         response = Response(status_code=CLIENT_GONE)
     except BadRequest as exc:
@@ -240,7 +239,6 @@ def create_app(
     limits: Limits | None = None,
     metrics: ServeMetrics | None = None,
     on_load_error: Callable[[Exception], None] | None = None,
-    admission: Any = None,
 ) -> Any:
     """The Starlette app serving `engine` for the export in `export_dir`.
 
@@ -255,8 +253,6 @@ def create_app(
     manifest = Manifest.load(export_dir, verify=False)
     metrics = metrics or ServeMetrics()
     state = AppState(engine, export_identity(export_dir), manifest.preprocessing, limits or Limits(), metrics)
-    # one slot per request from its body's first byte to its answer; by default as many as the engine queues
-    state.admission = admission or Admission(getattr(getattr(engine, "config", None), "max_queue", 256))
     metrics.watch(engine)
 
     async def classify(request: Any) -> Any:

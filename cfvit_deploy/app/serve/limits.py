@@ -1,10 +1,13 @@
 """What bounds one request in ``cfvit serve``: admission before the body is read, the body deadline,
 and 5xx answers that hide internals (request ids instead of exception text).
 
-Memory is bounded by one formula (docs/serve.md, "Limits and attacks"): a request takes a slot of the
-admission counter (capacity ``--max-queue``) *before* its body is read, and keeps it until it is
-answered, so at most ``--max-queue`` bodies of at most ``--max-bytes`` exist at once; the rest are
-refused with 503 before the server buffers more than the 64 KiB uvicorn reads ahead.
+Memory is bounded by one formula (docs/serve.md, "Limits and attacks"): a request takes a unit of
+the engine's admission counter (:class:`runtimes.admission.Admission`, capacity ``--max-queue``)
+*before* its body is read, and hands it to the engine with its image (``submit(..., admitted=True)``),
+which gives it back when the image is answered. So one counter bounds bodies being read, images
+being decoded and images in the engine together: at most ``--max-queue`` bodies of at most
+``--max-bytes`` exist at once, and the rest are refused with 503 before the server buffers more than
+the 64 KiB uvicorn reads ahead.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from runtimes.admission import Admission
+
 from .requests import BadRequest, read_body
 
 log = logging.getLogger(__name__)
@@ -25,31 +30,30 @@ log = logging.getLogger(__name__)
 CLOSE_AFTER = frozenset({408, 413, 503})
 
 
-class Admission:
-    """A counter of requests admitted (body being read, decoding, or in the engine), at most `capacity`."""
+class Slot:
+    """One admitted request's unit of the counter: released here unless handed to the engine."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity, self.held = capacity, 0
+    def __init__(self, admission: Admission) -> None:
+        self.admission, self.handed = admission, False
 
-    def try_acquire(self, n: int = 1) -> bool:
-        if self.held + n > self.capacity:
-            return False
-        self.held += n
-        return True
-
-    def release(self, n: int = 1) -> None:
-        self.held = max(0, self.held - n)
+    async def submit(self, engine: Any, image: Any, eta: float | None, topk: int) -> Any:
+        """``engine.submit`` with this unit: from here on the engine releases it (also when it refuses)."""
+        self.handed = True  # set in the same step as the engine's admit(): no await in between
+        return await engine.submit(image, eta, topk, admitted=True)
 
 
 @contextlib.asynccontextmanager
-async def admitted(admission: Any) -> AsyncIterator[None]:
-    """Hold one admission slot for the block, or refuse with 503 ``full`` (before any body is read)."""
+async def admitted(admission: Admission) -> AsyncIterator[Slot]:
+    """Take one unit for a request before its body is read, or refuse with 503 ``full``; the unit is
+    given back when the block ends, unless :meth:`Slot.submit` handed it to the engine."""
     if not admission.try_acquire(1):
         raise BadRequest(503, "full", "the server has --max-queue requests in progress; retry later")
+    slot = Slot(admission)
     try:
-        yield
+        yield slot
     finally:
-        admission.release(1)
+        if not slot.handed:
+            admission.release(1)
 
 
 async def read_body_within(chunks: Any, max_bytes: int, timeout: float | None) -> bytes:

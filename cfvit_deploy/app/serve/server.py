@@ -31,7 +31,6 @@ from cfvit_deploy.manifest import Manifest
 from runtimes.engine import ServingEngine
 
 from .app import create_app
-from .limits import Admission
 from .metrics import ServeMetrics
 from .protocol import TruncatedAccessLog, limited_protocol
 from .requests import Limits
@@ -112,7 +111,7 @@ def build_app(
     metrics = ServeMetrics()
     engine = build_engine(export_dir, options, metrics)
     limits = Limits(options.max_bytes, options.max_pixels, options.body_timeout)
-    return create_app(engine, export_dir, limits, metrics, on_load_error, Admission(options.max_queue))
+    return create_app(engine, export_dir, limits, metrics, on_load_error)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
