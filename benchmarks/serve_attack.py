@@ -32,6 +32,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -285,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.out / 'results.json'} already exists; pass --force to overwrite it", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    logs = args.out / "logs"
-    logs.mkdir(exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="serve_attack-logs-"))  # the servers' logs: not results
+    print(f"server logs in {logs}")
     load_before = os.getloadavg()
     cases = {}
     for name in args.cases.split(","):
