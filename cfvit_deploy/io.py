@@ -71,8 +71,7 @@ def disk_error_reason(exc: BaseException) -> str | None:
     """Why a write failed ("No space left on device", ...) when `exc` is a disk error, else None.
 
     Also recognises libraries that report a failed write without an errno (pyarrow's OSError carries
-    only the message, torch.save's RuntimeError says "file write failed") or wrap the OSError in
-    their own exception (its ``__cause__`` or ``__context__``).
+    only the message) or wrap the OSError in their own exception (its ``__cause__`` or ``__context__``).
     """
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -90,8 +89,23 @@ def _own_disk_reason(exc: BaseException) -> str | None:
             return exc.strerror or os.strerror(exc.errno)
         text = str(exc)
         return next((os.strerror(e) for e in sorted(DISK_ERRNOS) if os.strerror(e) in text), None)
-    if isinstance(exc, RuntimeError) and "file write failed" in str(exc):
-        return "the write failed (is the disk full?)"
+    return None
+
+
+def full_or_read_only(folder: Path) -> str | None:
+    """ "No space left on device" or "Read-only file system" when `folder`'s file system is so now.
+
+    For writers whose exception says nothing of the disk: torch.save on a full disk raises
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...``.
+    """
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if st.f_bavail * st.f_frsize < 64 * 1024:  # not even one block of a write left
+        return os.strerror(errno.ENOSPC)
     return None
 
 
@@ -123,8 +137,8 @@ def output_errors(path: Path, temporary: Path | None = None, only_output: bool =
         raise OutputError(f"cannot write {path}: {reason}") from exc
     except OutputError:
         raise
-    except Exception as exc:  # a library's own exception around the OSError (torch.save, torch.onnx)
-        reason = disk_error_reason(exc)
+    except Exception as exc:  # a library's own exception around the OSError (torch.onnx), or none (torch.save)
+        reason = disk_error_reason(exc) or full_or_read_only(path.parent)
         if reason is None:
             raise
         raise OutputError(f"cannot write {path}: {reason}") from exc

@@ -139,10 +139,17 @@ def test_permission_denied_on_another_file_is_not_this_outputs_error(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_torch_save_failure_is_an_output_error(tmp_path):
-    match = "cannot write .*model.pth: the write failed"
+def test_an_exception_that_says_nothing_of_the_disk_is_named_by_the_disk(tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError('[enforce fail ...] unexpected pos 576 vs 534')."""
+    error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    with pytest.raises(RuntimeError, match="unexpected pos"), atomic_write_path(tmp_path / "model.pth"):
+        raise error  # the disk has room: a bug, not a disk error
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((*real(p)[:4], 0, *real(p)[5:])))  # f_bavail 0
+    match = "cannot write .*model.pth: No space left on device"
     with pytest.raises(OutputError, match=match), atomic_write_path(tmp_path / "model.pth"):
-        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter: file write failed")
+        raise error
+    assert os.listdir(tmp_path) == []
 
 
 # -- the commands ------------------------------------------------------------------------------------------
@@ -247,6 +254,9 @@ def test_really_full_and_read_only_disks(capfd, small_disk, export_dir, inputs):
     )
     code = cli.main(["export", str(FIXTURES / "deit_g7.pth"), "-o", str(small_disk / "exp"), "--num-heads", "3"])
     one_error_line(capfd, code, rf"error: cannot write {re.escape(str(small_disk / 'exp'))}: No space left on device")
+    torch = pytest.importorskip("torch")
+    with pytest.raises(OutputError, match="No space left on device"), atomic_write_path(small_disk / "m.pth") as tmp:
+        torch.save({"w": torch.zeros(50_000)}, tmp)  # RuntimeError('... unexpected pos ...') from torch
     (small_disk / "filler").unlink()
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     code = cli.main(["validate", str(export_dir), "--report", str(small_disk / "v.json")])
