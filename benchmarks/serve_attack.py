@@ -37,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -210,6 +211,14 @@ async def _attacker(port: int, payload: bytes, drip: bytes, every: float, hold_s
 
 
 def _attack_summary(results: list[dict]) -> dict:
+    summary = _group_summary(results)
+    kinds = sorted({r["kind"] for r in results if "kind" in r})
+    if len(kinds) > 1:  # e.g. the slow case: header drippers and body drippers apart
+        summary["by_kind"] = {k: _group_summary([r for r in results if r.get("kind") == k]) for k in kinds}
+    return summary
+
+
+def _group_summary(results: list[dict]) -> dict:
     statuses: dict[str, int] = {}
     outcomes: dict[str, int] = {}
     for r in results:
@@ -230,9 +239,14 @@ def _attack_summary(results: list[dict]) -> dict:
 async def _slow(port: int) -> list[dict]:
     head = b"POST /v1/classify HTTP/1.1\r\nhost: a\r\n" + b"x-pad: slow\r\n" * 200
     body_head = _request(b"", 100_000)
-    tasks = [_attacker(port, b"", head, 0.5, 20) for _ in range(100)]
-    tasks += [_attacker(port, body_head, b"\0" * 1000, 0.5, 20) for _ in range(100)]
-    return await asyncio.gather(*tasks)
+    headers = await_all(_attacker(port, b"", head, 0.5, 20) for _ in range(100))
+    bodies = await_all(_attacker(port, body_head, b"\0" * 1000, 0.5, 20) for _ in range(100))
+    done = await asyncio.gather(headers, bodies)
+    return [{**r, "kind": "headers"} for r in done[0]] + [{**r, "kind": "body"} for r in done[1]]
+
+
+async def await_all(coroutines: Any) -> list[dict]:
+    return list(await asyncio.gather(*coroutines))
 
 
 async def _burst(port: int, size: int) -> list[dict]:
