@@ -10,6 +10,7 @@ normal request (a small PNG) every 0.25 s and samples the server's RSS every 0.1
 
 - **slow**: 200 connections that drip bytes (100 send their headers, 100 their body, one byte every
   0.5 s) for 20 s, against ``--header-timeout 5 --body-timeout 10``;
+- **headers**: 20 clients each send 8 MB of headers as fast as the server reads them (at most 15 s);
 - **burst**: 40 clients each send a 20 MB body (``--max-bytes``) and hold its last byte, against
   ``--max-queue 8``: at most 8 bodies may be held, the other 32 must be refused (503) unread;
 - **overload**: 400 clients send a normal request at once, twice, against ``--max-queue 64``.
@@ -249,6 +250,11 @@ async def await_all(coroutines: Any) -> list[dict]:
     return list(await asyncio.gather(*coroutines))
 
 
+async def _header_flood(port: int) -> list[dict]:
+    flood = b"POST /v1/classify HTTP/1.1\r\nhost: a\r\n" + (b"x-pad: " + b"a" * 1000 + b"\r\n") * 8000  # ~8 MB
+    return await asyncio.gather(*(_attacker(port, flood, b"", 1, 15) for _ in range(20)))
+
+
 async def _burst(port: int, size: int) -> list[dict]:
     payload = _request(b"\x89PNG" + b"\0" * (size - 5), size)  # one byte short of the declared length: held
     return await asyncio.gather(*(_attacker(port, payload, b"", 1, 20) for _ in range(40)))
@@ -264,6 +270,7 @@ async def _overload(port: int) -> list[dict]:
 
 CASES = {
     "slow": (["--header-timeout", "5", "--body-timeout", "10"], lambda port: _slow(port)),
+    "headers": ([], lambda port: _header_flood(port)),
     "burst": (["--max-queue", "8", "--max-bytes", str(20 * 2**20)], lambda port: _burst(port, 20 * 2**20)),
     "overload": (["--max-queue", "64"], lambda port: _overload(port)),
 }

@@ -223,6 +223,20 @@ def test_headers_dripped_byte_by_byte_end_with_408(deadline_server):
         assert sock.recv(1) == b""  # and the connection is closed
 
 
+def test_a_flood_of_headers_is_cut_at_64_kib(deadline_server):
+    """httptools keeps every header it parses: 4 s of headers grew the server by 740 MB."""
+    before = deadline_server.rss()
+    with connect(deadline_server.port, 15) as sock:
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nhost: t\r\n")
+        line = b"x-pad: " + b"a" * 1000 + b"\r\n"
+        with contextlib.suppress(OSError):  # the server closes the connection after its answer
+            for _ in range(2000):  # at most 2 MB
+                sock.sendall(line * 16)
+        status, _, body = read_answer(sock)
+    assert status == 431 and b"headers_too_large" in body
+    assert deadline_server.rss() - before < 20 * 2**20
+
+
 def test_idle_connection_is_closed_after_the_header_deadline(deadline_server):
     with connect(deadline_server.port, 15) as sock:
         start = time.monotonic()
