@@ -262,3 +262,15 @@ def test_really_full_and_read_only_disks(capfd, small_disk, export_dir, inputs):
     code = cli.main(["validate", str(export_dir), "--report", str(small_disk / "v.json")])
     one_error_line(capfd, code, rf"error: cannot write {re.escape(str(small_disk / 'v.json'))}: Read-only file system")
     assert sorted(os.listdir(small_disk)) == ["v.json"] and (small_disk / "v.json").read_text() == "old report"
+
+
+@pytest.mark.slow
+def test_train_onto_a_read_only_folder_is_one_line_exit_1(capfd, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    out = tmp_path / "ro"
+    out.mkdir()
+    refuse_folder(monkeypatch, out, errno.EROFS)
+    argv = ["train", tmp_path / "data", "--synthetic", "--coarse-grid", "2", "--epochs", "1", "--batch-size", "10"]
+    code = cli.main([str(a) for a in [*argv, "--out", out / "m.pth", "--no-progress", "--threads", "1"]])
+    one_error_line(capfd, code, rf"error: cannot write {re.escape(str(out / 'm.pth'))}: Read-only file system")
+    assert os.listdir(out) == []
