@@ -107,10 +107,10 @@ def collect_inputs(inputs: Iterable[str | Path], recursive: bool = False) -> lis
     return list(found)
 
 
-def decode_image(path: Path, pp: PreprocessConfig, max_pixels: int | None) -> np.ndarray | str:
+def decode_image(path: Path, pp: PreprocessConfig, max_pixels: int | None, decode: str = "exact") -> np.ndarray | str:
     """The preprocessed image, or why it cannot be read (never raises: one bad file must not stop the run)."""
     try:
-        return load_and_preprocess(path, pp, max_pixels)
+        return load_and_preprocess(path, pp, max_pixels, decode=decode)
     except ImageError as exc:  # its message starts with the path, which the row already has
         return str(exc).removeprefix(f"{path}: ")
     except Exception as exc:  # anything PIL did not anticipate
@@ -128,6 +128,7 @@ class InferJob:
     topk: int  #: capped at the number of classes by the engine's manifest
     max_pixels: int | None
     output: Path | None
+    decode: str = "exact"  #: preprocessing.DECODE_MODES
 
 
 def check_arguments(eta: Any, batch_size: Any, topk: Any, max_pixels: Any) -> float | None:

@@ -73,6 +73,7 @@ class InferSummary:
     interrupted: bool = False
     signal: str | None = None  #: "SIGINT" or "SIGTERM" when interrupted
     engine: str = "local"
+    decode: str = "exact"  #: the decode mode (exact or fast)
     batch_size: int = 0  #: the batch size used (capped at the number of inputs)
     export: dict[str, Any] = field(default_factory=dict)  #: the export's identity
 
@@ -116,6 +117,7 @@ class InferSummary:
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.images_per_s, 2),
             "engine": self.engine,
+            "decode": self.decode,
             "batch_size": self.batch_size,
             "output": None if self.output is None else str(self.output),
             "export": self.export,

@@ -24,6 +24,7 @@ from cfvit_deploy.manifest import Manifest, export_identity
 from cfvit_deploy.preprocessing import PreprocessConfig
 from runtimes.engine import EngineBusy, ServingEngine
 
+from .decoding import PixelBudget, decode_request
 from .limits import CLOSE_AFTER, Slot, admitted, internal_error, read_body_within
 from .metrics import ServeMetrics
 from .requests import (
@@ -33,7 +34,6 @@ from .requests import (
     check_content_type,
     check_declared_length,
     check_multipart_complete,
-    decode_image,
     file_from_form,
     parse_params,
 )
@@ -57,6 +57,10 @@ class AppState:
     decoder: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="cfvit-decode")
     )
+    decode_budget: PixelBudget = field(init=False)  #: pixels being decoded, at most limits.decode_pixels
+
+    def __post_init__(self) -> None:
+        self.decode_budget = PixelBudget(self.limits.decode_pixels)
 
 
 def _error(exc: BadRequest, headers: dict[str, str] | None = None, request_id: str | None = None) -> Any:
@@ -115,8 +119,9 @@ async def _answer(request: Any, state: AppState, slot: Slot) -> Any:
         if not engine.ready:
             raise _busy("closing" if engine.closing else "not ready")
         data = await _image_from_request(request, state)
-        image = await asyncio.get_running_loop().run_in_executor(
-            state.decoder, decode_image, data, state.preprocessing, state.limits.max_pixels
+        limits = state.limits
+        image = await decode_request(
+            data, state.preprocessing, limits.max_pixels, state.decode_budget, state.decoder, limits.decode
         )
     work = asyncio.ensure_future(slot.submit(engine, image, eta, topk))
     gone = asyncio.ensure_future(_client_gone(request))
