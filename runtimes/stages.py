@@ -47,6 +47,7 @@ class Answer:
     row: InferRow
     refined: tuple[int, ...]  #: coarse patches refined by the fine stage (empty when it exited)
     eta: float
+    logits: np.ndarray | None = None  #: (classes,) float32 logits of the stage that answered
 
 
 class StageRunner:
@@ -117,7 +118,7 @@ class StageRunner:
         )
         row = rows_for_batch(result, [""], self.labels, min(topk, self.manifest.num_classes))[0]
         refined = () if exited else tuple(int(i) for i in informative[0] if i >= 0)
-        return Answer(row=row, refined=refined, eta=eta)
+        return Answer(row=row, refined=refined, eta=eta, logits=logits[0])
 
     def gate(self, rows: Sequence[CoarseRow], etas: Sequence[float]) -> np.ndarray:
         """(B,) bool: which of `rows` exit, each at its own request's η (the paper's gate, float32 >= η)."""

@@ -443,3 +443,57 @@ def test_every_outcome_gives_its_admission_unit_back(client):
     ]
     assert outcomes == [200, 400, 400, 415]
     assert engine.admission.in_use == 0 and engine.pending == 0
+
+
+def test_v2_infer_takes_its_unit_before_the_body_and_gives_it_back(client):
+    """The KServe v2 route counts against the same --max-queue from before its body is read."""
+    admission = client.app.state.serve.engine.admission
+    url, headers = "/v2/models/cfvit/infer", {"content-type": "application/json"}
+    assert admission.try_acquire(admission.capacity)  # every unit is held
+    try:
+        r = client.post(url, content=b'{"inputs": []}', headers=headers)
+    finally:
+        admission.release(admission.capacity)
+    assert r.status_code == 503 and r.headers["connection"] == "close" and r.headers["retry-after"] == "1"
+    for body in (b"{not json", b'{"inputs": []}'):  # refused after the body was read: the unit comes back
+        assert client.post(url, content=body, headers=headers).status_code == 400
+    assert admission.in_use == 0
+
+
+def test_v2_internal_error_names_no_internals(client, caplog):
+    import json
+
+    engine = client.app.state.serve.engine
+    secret = "/secret/tmp/upload-1234 gs -dSAFER"
+
+    async def broken(*args, admitted=False, **kwargs):  # a graph that fails: the engine gives the unit back
+        engine.admission.release()
+        raise RuntimeError(secret)
+
+    png = _png_bytes()
+    blob = len(png).to_bytes(4, "little") + png
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}
+            ]
+        }
+    ).encode()
+    original, engine.submit = engine.submit, broken
+    try:
+        with caplog.at_level(logging.ERROR):
+            r = client.post(
+                "/v2/models/cfvit/infer",
+                content=header + blob,
+                headers={
+                    "content-type": "application/octet-stream",
+                    "inference-header-content-length": str(len(header)),
+                },
+            )
+    finally:
+        engine.submit = original
+    assert r.status_code == 500 and secret not in r.text and "RuntimeError" not in r.text, r.text
+    request_id = r.headers["x-request-id"]
+    assert request_id in r.json()["error"]
+    assert [rec for rec in caplog.records if request_id in rec.getMessage()][0].exc_info
+    assert engine.admission.in_use == 0

@@ -369,8 +369,10 @@ def serve_cmd(
     max_connections: int = typer.Option(
         512, "--max-connections", help="Open connections beyond which a new one gets 503 and is closed."
     ),
+    model_name: str = typer.Option("cfvit", "--model-name", help="The model's name on the /v2 routes (KServe v2)."),
 ) -> int:
-    """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, /healthz, /readyz, /metrics.
+    """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, the KServe v2 routes
+    (/v2/models/NAME/infer ...), /healthz, /readyz, /metrics.
 
     SIGTERM stops accepting, answers the requests in flight (at most --drain-timeout) and exits 0; a second
     SIGTERM or Ctrl-C exits at once. See docs/serve.md.
@@ -401,5 +403,6 @@ def serve_cmd(
         header_timeout=header_timeout,
         drain_timeout=drain_timeout,
         max_connections=max_connections,
+        model_name=model_name,
     )
     return serve(export_dir, options)

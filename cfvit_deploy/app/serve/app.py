@@ -37,6 +37,7 @@ from .requests import (
     file_from_form,
     parse_params,
 )
+from .v2_routes import V2Routes
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
@@ -235,8 +236,9 @@ def create_app(
     limits: Limits | None = None,
     metrics: ServeMetrics | None = None,
     on_load_error: Callable[[Exception], None] | None = None,
+    model_name: str = "cfvit",
 ) -> Any:
-    """The Starlette app serving `engine` for the export in `export_dir`.
+    """The Starlette app serving `engine` for the export in `export_dir` (/v1, and /v2 as `model_name`).
 
     The engine is started (sessions created and warmed up) in the background when the app starts,
     and closed, answering every accepted request first, when it shuts down. If it cannot start,
@@ -266,6 +268,7 @@ def create_app(
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *V2Routes(state, manifest, model_name).routes(),  # the Open Inference Protocol (docs/serve.md)
     ]
     app = Starlette(routes=routes, lifespan=_lifespan(state, on_load_error))
     app.state.serve = state

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -66,9 +67,16 @@ class ServeOptions:
     header_timeout: float = 10.0  #: seconds for a request's headers, from connect or the previous answer
     drain_timeout: float = 30.0  #: longest SIGTERM waits for requests in flight before closing them
     max_connections: int = 512  #: open connections beyond which a new one is answered 503 and closed
+    model_name: str = "cfvit"  #: the model's name on the v2 (Open Inference Protocol) routes
 
     def check(self) -> ServeOptions:
         check_choice(self.engine, ENGINES, "--engine")
+        if not isinstance(self.model_name, str) or not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.model_name
+        ):
+            raise UsageError(
+                f"--model-name must be letters, digits, '_', '.' or '-' (URL-safe), got {self.model_name!r}"
+            )
         check_positive_int(self.max_bytes, "--max-bytes")
         if self.max_pixels is not None:
             check_positive_int(self.max_pixels, "--max-pixels")
@@ -119,7 +127,7 @@ def build_app(
     limits = Limits(
         options.max_bytes, options.max_pixels, options.decode_pixels, options.decode, body_timeout=options.body_timeout
     )
-    return create_app(engine, export_dir, limits, metrics, on_load_error)
+    return create_app(engine, export_dir, limits, metrics, on_load_error, model_name=options.model_name)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
