@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cfvit_deploy", "exporters", "runtimes")
 
 
@@ -94,6 +96,7 @@ def find_cycles(packages: Iterable[str] = PACKAGES) -> list[tuple[list[str], lis
 
 
 def main() -> int:
+    sys.path.insert(0, str(ROOT))  # the packages of this checkout, installed or not
     cycles = find_cycles()
     for group, cycle in cycles:
         print(f"{' -> '.join(cycle)}   (group: {', '.join(group)})")
