@@ -9,6 +9,7 @@ from pathlib import Path
 from headline_targets import Target, ok, row_of, targets
 
 from cfvit_deploy.app.bench import BenchResult, BenchRow
+from cfvit_deploy.app.bench.machine import int8_units
 from cfvit_deploy.extras import require
 from cfvit_deploy.io import atomic_write_path
 
@@ -104,16 +105,6 @@ def plot_headline(result: BenchResult, path: Path) -> Path:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
-
-
-#: CPU features that decide int8 GEMM speed, fastest first (ONNX Runtime's MLAS uses the first it finds)
-INT8_UNITS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"))
-
-
-def int8_units(flags: list[str]) -> str:
-    """The int8 matrix units of a CPU, by its flags ("none" when it multiplies int8 with plain AVX2 / AVX-512)."""
-    found = [name for flag, name in INT8_UNITS if flag in flags]
-    return " + ".join(found) if found else "none (no VNNI)"
 
 
 def _machine_lines(result: BenchResult, elapsed_s: float, mode: str) -> list[str]:
