@@ -17,6 +17,9 @@ its ``Server-Timing`` header (request in to answer out, on the server's clock: t
 Python time on the same cores is not the server's); the client-side difference is reported beside it.
 Also reported: the batching ceiling of this machine, offline batch-32 over batch-1 throughput (batching
 cannot give the server more than it gives the pipeline).
+With ``--camera`` every request uploads a 4000x3000 camera JPEG (``camera_images.py``: the demo's
+scenes with textured noise, ~2.7 MB; 16 of them, cycled; 96 requests per cell, quick 16), so the table
+shows what a photo upload costs the server (decode included) next to offline ``infer`` on the same files.
 Writes OUT/results.json and OUT/serve_load.png; prints a markdown table.
 The client runs on the same machine as the server and takes CPU from it; on a busy machine the
 numbers are noisy (the JSON records the load average before and after).
@@ -81,6 +84,16 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+def camera_jpegs(folder: Path, n: int) -> list[Path]:
+    """`n` camera-size JPEGs (benchmarks/camera_images.py), the same on every run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import camera_images
+    finally:
+        sys.path.pop(0)
+    return camera_images.make_camera_jpegs(folder, n)
+
+
 class Server:
     """`cfvit serve` in a subprocess on 127.0.0.1; stopped with SIGTERM (its exit code is kept)."""
 
@@ -143,7 +156,9 @@ def _server_ms(header: str) -> float:
     return float("nan")
 
 
-async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, time_limit: float) -> dict:
+async def load(
+    base: str, bodies: list[bytes], concurrency: int, requests: int, time_limit: float, content_type: str = "image/png"
+) -> dict:
     """`requests` POSTs from `concurrency` workers (bounded by `time_limit` seconds); latency stats."""
     import httpx
 
@@ -162,7 +177,7 @@ async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, 
                 body = bodies[issued % len(bodies)]
                 issued += 1
                 t0 = time.perf_counter()
-                r = await client.post("/v1/classify", content=body, headers={"content-type": "image/png"})
+                r = await client.post("/v1/classify", content=body, headers={"content-type": content_type})
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
                     server_ms.append(_server_ms(r.headers.get("server-timing", "")))
@@ -208,10 +223,10 @@ def offline(setup: Setup, paths: list[Path], eta: float, repeats: int) -> dict:
     return {"infer_images_per_s": rate, "pipeline_p50_ms": p50_ms, "batching_ceiling": rate * p50_ms / 1000}
 
 
-def run(setup: Setup, quick: bool, eta: float | None) -> dict:
+def run(setup: Setup, quick: bool, eta: float | None, camera: bool = False) -> dict:
     manifest = Manifest.load(setup.export_dir)
     eta = manifest.default_eta if eta is None else eta
-    requests = 48 if quick else 512
+    requests = (16 if quick else 96) if camera else (48 if quick else 512)
     time_limit = 20.0 if quick else 120.0
     load_before = os.getloadavg()
     result: dict = {
@@ -219,6 +234,7 @@ def run(setup: Setup, quick: bool, eta: float | None) -> dict:
         "provider": setup.provider,
         "precision": manifest.precision,
         "quick": quick,
+        "images": "4000x3000 camera JPEGs (camera_images.py)" if camera else "small PNGs (make_images)",
         "eta": eta,
         "threads": setup.threads,
         "requests_per_cell": requests,
@@ -232,15 +248,18 @@ def run(setup: Setup, quick: bool, eta: float | None) -> dict:
         "servers": {},
     }
     with tempfile.TemporaryDirectory(prefix="cfvit-serve-load-") as tmp:
-        paths = make_images(Path(tmp), 64)
+        paths = camera_jpegs(Path(tmp), 16) if camera else make_images(Path(tmp), 64)
         bodies = [p.read_bytes() for p in paths]
+        content_type = "image/jpeg" if camera else "image/png"
         result["offline"] = offline(setup, paths, eta, repeats=1 if quick else 3)
         for name, max_batch in (("batching", 32), ("no-batching", 1)):
             server = Server(setup, max_batch, eta, Path(tmp) / f"{name}.log")
             try:
                 server.wait_ready(120)
-                asyncio.run(load(server.base, bodies, 8, 16, time_limit))  # warm-up, not recorded
-                cells = [asyncio.run(load(server.base, bodies, c, requests, time_limit)) for c in CONCURRENCY]
+                asyncio.run(load(server.base, bodies, 8, 16, time_limit, content_type))  # warm-up, not recorded
+                cells = [
+                    asyncio.run(load(server.base, bodies, c, requests, time_limit, content_type)) for c in CONCURRENCY
+                ]
             finally:
                 server.stop()
             result["servers"][name] = {"max_batch": max_batch, "cells": cells, "exit_code": server.exit_code}
@@ -336,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | openvino (server and offline)")
     parser.add_argument("--eta", type=float, default=None, help="exit threshold (default: the manifest's)")
     parser.add_argument("--force", action="store_true", help="replace existing results in --out")
+    parser.add_argument("--camera", action="store_true", help="upload 4000x3000 camera JPEGs instead of small PNGs")
     args = parser.parse_args(argv)
     json_path = args.out / "results.json"
     try:
@@ -345,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     except CFViTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    result = run(Setup(args.export_dir, args.provider, args.threads), args.quick, args.eta)
+    result = run(Setup(args.export_dir, args.provider, args.threads), args.quick, args.eta, args.camera)
     with atomic_write_path(json_path) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "serve_load.png")

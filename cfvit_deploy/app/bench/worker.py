@@ -35,17 +35,23 @@ from cfvit_deploy.manifest import Manifest
 
 from .schema import Cell, json_default
 
-#: Fewest timed calls in duration mode.
+#: Fewest timed calls in duration mode (end-to-end cells: passes over the files, each a whole infer run).
 MIN_ITERATIONS = 5
+MIN_PASSES = 3
 #: The package root, put on the worker's PYTHONPATH (the worker runs this same source tree).
 _ROOT = Path(__file__).resolve().parents[3]
 
 
 def timed_loop(
-    call: Callable[[int], Any], n_batches: int, warmup: int, iterations: int | None, duration: float
+    call: Callable[[int], Any],
+    n_batches: int,
+    warmup: int,
+    iterations: int | None,
+    duration: float,
+    min_iterations: int = MIN_ITERATIONS,
 ) -> tuple[list[float], list[Any]]:
     """`warmup` untimed calls, then timed calls (`iterations`, or at least `duration` seconds and
-    MIN_ITERATIONS calls) ending on a whole pass over the `n_batches` input batches."""
+    `min_iterations` calls) ending on a whole pass over the `n_batches` input batches."""
     for i in range(warmup):
         call(i)
     times: list[float] = []
@@ -58,7 +64,7 @@ def timed_loop(
         times.append(perf_counter() - t0)
         outputs.append(out)
         i += 1
-        done = i >= iterations if iterations else (i >= MIN_ITERATIONS and perf_counter() - start >= duration)
+        done = i >= iterations if iterations else (i >= min_iterations and perf_counter() - start >= duration)
         if done and i % n_batches == 0:
             return times, outputs
 
@@ -134,7 +140,7 @@ def _measure_end_to_end(spec: dict[str, Any], cell: Cell) -> dict[str, Any]:
         return None, None, None, summary.fine
 
     _, iterations, duration = _loop_args(spec)
-    passes, stages = timed_loop(call, 1, 0, iterations, duration)
+    passes, stages = timed_loop(call, 1, 0, iterations, duration, MIN_PASSES)
     per_batch = [t * batch / len(files) for t in passes]
     return {
         "times": per_batch,
