@@ -35,7 +35,7 @@ from cfvit_deploy.checks import check_choice, check_positive_int
 from cfvit_deploy.errors import OutputExistsError, UsageError
 from cfvit_deploy.io import atomic_write_path
 from cfvit_deploy.manifest import Manifest
-from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS, PreprocessConfig
+from cfvit_deploy.preprocessing import DECODE_MODES, DEFAULT_MAX_PIXELS, PreprocessConfig
 from cfvit_deploy.progress import ProgressHook
 
 from .backends import SessionConfig, check_provider
@@ -142,6 +142,7 @@ def infer(
     force: bool = False,
     overlay: str | Path | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    decode: str = "exact",
     workers: int | None = None,
     address: str | None = None,
     num_actors: int | None = None,
@@ -164,6 +165,7 @@ def infer(
     Ctrl-C or SIGTERM (after the rows done so far were written).
     """
     check_choice(engine, ENGINES, "--engine")
+    check_choice(decode, DECODE_MODES, "--decode")
     eta = check_arguments(eta, batch_size, topk, max_pixels)
     ray_options = {
         "address": address,
@@ -176,10 +178,21 @@ def infer(
     paths = find_inputs(inputs, recursive)
     manifest = _manifest(source)
     job = InferJob(
-        paths, eta, fit_batch_size(batch_size, len(paths), manifest), min(topk, manifest.num_classes), max_pixels, out
+        paths,
+        eta,
+        fit_batch_size(batch_size, len(paths), manifest),
+        min(topk, manifest.num_classes),
+        max_pixels,
+        out,
+        decode,
     )
     summary = InferSummary(
-        inputs=len(paths), output=out, engine=engine, batch_size=job.batch_size, export=export_identity(manifest)
+        inputs=len(paths),
+        output=out,
+        engine=engine,
+        decode=decode,
+        batch_size=job.batch_size,
+        export=export_identity(manifest),
     )
     if engine == "ray":
         from .ray_engine import ray_rows
@@ -267,7 +280,7 @@ class LocalEngine:
         self.buffer = np.empty((job.batch_size, 3, s, s), dtype=np.float32)
 
     def _decode(self, path: Path) -> np.ndarray | str:
-        return decode_image(path, self.manifest.preprocessing, self.job.max_pixels)
+        return decode_image(path, self.manifest.preprocessing, self.job.max_pixels, self.job.decode)
 
     def rows(self) -> Iterator[InferRow]:
         """The rows of every input, batch by batch; closing the generator stops the decode threads."""

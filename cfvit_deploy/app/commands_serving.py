@@ -40,6 +40,9 @@ def infer_cmd(
     max_pixels: Optional[int] = typer.Option(
         None, "--max-pixels", help="Largest image accepted (default 89,478,485 pixels)."
     ),
+    decode: str = typer.Option(
+        "exact", "--decode", help="exact | fast (JPEG draft mode and reducing resize: faster on large photos)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite the output file and overlay PNGs."),
     engine: str = typer.Option("local", "--engine", help="local | ray (Ray Data; pip install 'cfvit-deploy[ray]')."),
     address: Optional[str] = typer.Option(
@@ -93,6 +96,7 @@ def infer_cmd(
                 force=force,
                 overlay=overlay,
                 max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                decode=decode,
                 address=address,
                 num_actors=num_actors,
                 actor_threads=actor_threads,
@@ -240,6 +244,7 @@ def sweep_cmd(
         help="Choose the most accurate eta within this measured ms per image (at --batch-size).",
     ),
     write_eta: bool = typer.Option(False, "--write-eta", help="Store the chosen eta as the export's default_eta."),
+    decode: str = typer.Option("exact", "--decode", help="exact | fast (JPEG draft mode, reducing resize)."),
     out: Path = typer.Option(Path("sweep"), "--out", "-o", help="Output folder (sweep.json, sweep.csv, sweep.png)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
@@ -269,6 +274,7 @@ def sweep_cmd(
         allow_fallback=allow_fallback,
         max_drop=max_drop,
         max_latency_ms=max_latency_ms,
+        decode=decode,
         progress=lambda task, done, total: console.print(f"[dim]{task}: eta {done}/{total}[/dim]"),
     )
     table = Table(title=f"cfvit sweep: {result.n_images} images, {provider}, batch {batch_size}")
@@ -350,6 +356,12 @@ def serve_cmd(
         20 * 1024 * 1024, "--max-bytes", help="Largest request body (bytes); beyond it: 413."
     ),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (width x height); beyond it: 413."),
+    decode_pixels: int = typer.Option(
+        64_000_000,
+        "--decode-pixels",
+        help="Most pixels (width x height, summed) decoded at once; beyond it: 503 with Retry-After.",
+    ),
+    decode: str = typer.Option("exact", "--decode", help="exact | fast (JPEG draft mode, reducing resize)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
     shared_threads: bool = typer.Option(
         False,
@@ -382,6 +394,8 @@ def serve_cmd(
         max_queue=max_queue,
         max_bytes=max_bytes,
         max_pixels=max_pixels,
+        decode_pixels=decode_pixels,
+        decode=decode,
         threads=threads,
         shared_threads=shared_threads,
         engine=engine,
