@@ -14,7 +14,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from cfvit_deploy.errors import CFViTError
+from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import PreprocessConfig
+
+from .inference import collect_inputs
 
 #: Inputs whose headers are read (spread over the run: every k-th file).
 SAMPLE = 32
@@ -48,3 +52,15 @@ def fast_decode_hint(paths: Sequence[Path], pp: PreprocessConfig, decode: str) -
         "hint: most of these images are large JPEGs; --decode fast decodes them several times faster "
         "(JPEG draft mode; accuracy against exact: benchmarks/results/decode_accuracy)"
     )
+
+
+def infer_hint(export_dir: str | Path, inputs: Sequence[str | Path], recursive: bool, decode: str) -> str | None:
+    """:func:`fast_decode_hint` for an `infer` run (None when the export or the inputs are unusable: infer
+    itself reports those)."""
+    if decode != "exact":
+        return None
+    try:
+        pp = Manifest.load(export_dir, verify=False).preprocessing
+        return fast_decode_hint(collect_inputs(list(inputs), recursive), pp, decode)
+    except (CFViTError, OSError):
+        return None

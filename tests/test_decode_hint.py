@@ -42,3 +42,18 @@ def test_the_sample_spreads_over_the_whole_run(tmp_path):
     big = _save(tmp_path / "b.jpg", (800, 600))
     paths = [small] * 100 + [big] * 300  # the large JPEGs come after the first hundred files
     assert large_jpeg_share(paths, PP, sample=8) > 0.5
+
+
+def test_cfvit_infer_prints_the_hint_once_for_large_jpegs_decoded_exactly(export_dir_factory, tmp_path, capsys):
+    import cli
+
+    export_dir = export_dir_factory("deit_g7")
+    photos = [_save(tmp_path / f"p{i}.jpg", (640, 520)) for i in range(2)]
+    assert cli.main(["infer", str(export_dir), *map(str, photos)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("hint:") == 1 and "--decode fast" in err
+    assert cli.main(["infer", str(export_dir), *map(str, photos), "--decode", "fast"]) == 0
+    assert "hint:" not in capsys.readouterr().err
+    small = [_save(tmp_path / f"s{i}.jpg", (300, 300)) for i in range(2)]
+    assert cli.main(["infer", str(export_dir), *map(str, small)]) == 0
+    assert "hint:" not in capsys.readouterr().err

@@ -68,7 +68,11 @@ def infer_cmd(
 
     from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS
     from runtimes.backends import SessionConfig
+    from runtimes.decode_hint import infer_hint
     from runtimes.infer import InferInterrupted, InferRow, infer
+
+    if hint := infer_hint(export_dir, inputs, recursive, decode):
+        print(hint, file=sys.stderr)
 
     def show(row: InferRow) -> None:
         if row.error:
