@@ -43,6 +43,8 @@ import camera_images as cam  # noqa: E402
 import int8_accuracy  # noqa: E402
 
 from cfvit_deploy.io import atomic_write_path  # noqa: E402
+from cfvit_deploy.manifest import Manifest  # noqa: E402
+from cfvit_deploy.preprocessing import PreprocessConfig  # noqa: E402
 
 MODES = ("exact", "fast")
 #: Issue 25's rule for making fast the default: agreement and top-1 difference.
@@ -82,36 +84,60 @@ def classify(pipe, tensors: np.ndarray, eta: float) -> tuple[np.ndarray, np.ndar
     return result.logits.argmax(1), result.exited.astype(bool)
 
 
-def run_study(export_dir: Path, eta: float, count: int, workers: int = 2) -> list[dict]:
+def decode_chunk(first: int, count: int, pp, texture: cam.Texture, workers: int) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """Images first..first+BATCH-1 (below `count`): both modes' tensors, labels, sizes and decode times."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        items = list(pool.map(lambda i: _decode_both(i, texture, pp), range(first, min(first + BATCH, count))))
+    return {
+        key: np.stack([it[key] for it in items]) if key in MODES else np.asarray([it[key] for it in items])
+        for key in ("index", "label", "jpeg_bytes", *MODES, *(f"{m}_s" for m in MODES))
+    }
+
+
+def decode_all(work: Path, count: int, pp, workers: int = 2) -> list[Path]:  # noqa: ANN001
+    """Decode every image with both modes into ``work/decoded`` chunk files (resumable: done chunks are kept)."""
+    folder = work / "decoded" / f"{pp.crop_size}-{pp.resize_size}-{pp.interpolation}"
+    folder.mkdir(parents=True, exist_ok=True)
+    texture: cam.Texture | None = None
+    chunks, start = [], perf_counter()
+    for first in range(0, count, BATCH):
+        path = folder / f"chunk{first:05d}-{min(first + BATCH, count):05d}.npz"
+        if not path.is_file():
+            texture = texture or cam.Texture(0)
+            arrays = decode_chunk(first, count, pp, texture, workers)
+            with atomic_write_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            done = min(first + BATCH, count)
+            print(f"decoded {done}/{count} images, {(perf_counter() - start) / done:.2f} s/image", file=sys.stderr)
+        chunks.append(path)
+    return chunks
+
+
+def run_study(export_dir: Path, eta: float, chunks: list[Path]) -> list[dict]:
     """One row per image: label, both modes' top-1 and stage, pixel difference, decode times."""
     from runtimes.pipeline import CFViTPipeline
 
     pipe = CFViTPipeline(export_dir)
-    pp = pipe.manifest.preprocessing
-    std = np.asarray(pp.std, np.float32)[:, None, None]
-    texture = cam.Texture(0)
+    std = np.asarray(pipe.manifest.preprocessing.std, np.float32)[:, None, None]
     rows: list[dict] = []
-    start = perf_counter()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for first in range(0, count, BATCH):
-            items = list(pool.map(lambda i: _decode_both(i, texture, pp), range(first, min(first + BATCH, count))))
-            preds = {m: classify(pipe, np.stack([it[m] for it in items]), eta) for m in MODES}
-            for j, it in enumerate(items):
-                diff = np.abs(it["exact"] - it["fast"]) * std * 255.0  # grey levels
-                rows.append(
-                    {
-                        "index": it["index"],
-                        "label": it["label"],
-                        "jpeg_bytes": it["jpeg_bytes"],
-                        **{f"{m}_top1": int(preds[m][0][j]) for m in MODES},
-                        **{f"{m}_stage": "coarse" if preds[m][1][j] else "fine" for m in MODES},
-                        "mean_abs_diff_levels": float(diff.mean()),
-                        "max_abs_diff_levels": float(diff.max()),
-                        **{f"{m}_decode_ms": 1000 * it[f"{m}_s"] for m in MODES},
-                    }
-                )
-            done = len(rows)
-            print(f"{done}/{count} images, {(perf_counter() - start) / done:.2f} s/image", file=sys.stderr)
+    for path in chunks:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+        preds = {m: classify(pipe, data[m], eta) for m in MODES}
+        for j in range(len(data["index"])):
+            diff = np.abs(data["exact"][j] - data["fast"][j]) * std * 255.0  # grey levels
+            rows.append(
+                {
+                    "index": int(data["index"][j]),
+                    "label": int(data["label"][j]),
+                    "jpeg_bytes": int(data["jpeg_bytes"][j]),
+                    **{f"{m}_top1": int(preds[m][0][j]) for m in MODES},
+                    **{f"{m}_stage": "coarse" if preds[m][1][j] else "fine" for m in MODES},
+                    "mean_abs_diff_levels": float(diff.mean()),
+                    "max_abs_diff_levels": float(diff.max()),
+                    **{f"{m}_decode_ms": 1000 * float(data[f"{m}_s"][j]) for m in MODES},
+                }
+            )
     return rows
 
 
@@ -183,10 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode_accuracy")
     ap.add_argument("--quick", action="store_true", help="the quick demo model: a smoke test, not a result")
     ap.add_argument("--workers", type=int, default=2, help="decode threads")
+    ap.add_argument(
+        "--decode-only", action="store_true", help="only decode the images (resumable chunks under --work), no model"
+    )
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.decode_only:  # the demo model's evaluation transform (g = 7): crop 224, resize 256
+        decode_all(args.work, args.count, PreprocessConfig(crop_size=224, resize_size=256), args.workers)
+        return 0
     export_dir, eta, choice = demo_export(args.work, args.quick)
-    rows = run_study(export_dir, eta, args.count, args.workers)
+    pp = Manifest.load(export_dir, verify=False).preprocessing
+    rows = run_study(export_dir, eta, decode_all(args.work, args.count, pp, args.workers))
     summary = summarize(rows)
     settings = {
         "eta": eta,
