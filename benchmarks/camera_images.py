@@ -195,8 +195,10 @@ def jpeg_bytes(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     return buf.getvalue()
 
 
-def make_camera_jpegs(folder: str | Path, count: int = 32, seed: int = 0) -> list[Path]:
-    """`count` camera-size JPEGs in `folder` (``<class>_<index>.jpg``), reused when already there."""
+def make_camera_jpegs(
+    folder: str | Path, count: int = 32, seed: int = 0, size: tuple[int, int] = CAMERA_SIZE
+) -> list[Path]:
+    """`count` JPEGs of `size` (default: camera size) in `folder` (``<class>_<index>.jpg``), reused when there."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     texture: Texture | None = None
@@ -204,7 +206,7 @@ def make_camera_jpegs(folder: str | Path, count: int = 32, seed: int = 0) -> lis
     for i in range(count):
         path = folder / f"{syn.CLASSES[i % len(syn.CLASSES)]}_{i:04d}.jpg"
         if not path.is_file():
-            texture = texture or Texture(seed)
+            texture = texture or Texture(seed, size)
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(jpeg_bytes(camera_image(i, texture, seed)))
             tmp.replace(path)

@@ -13,8 +13,10 @@ from cfvit_deploy.app.bench import BenchResult, BenchRow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 try:
+    import camera_images
     import headline_report as hr
     import headline_targets as ht
+    import run_headline as rh
 finally:
     sys.path.pop(0)
 
@@ -105,3 +107,22 @@ def test_fastest_int8_over_fp32_per_runtime_with_the_vnni_goal():
     assert ort.value == pytest.approx(200.0 / 60.0) and ort.goal is None
     no_vnni = BenchResult(_result().rows, {**MACHINE, "cpu_flags": ["avx2"]}, {})
     assert {t.name: t for t in ht.targets(no_vnni, [])}[ov.name].goal is None  # the goal is for VNNI CPUs
+
+
+@pytest.mark.slow
+def test_run_headline_end_to_end_rows_come_from_bench_on_camera_jpegs(export_dir_factory, tmp_path, monkeypatch):
+    """run_headline's end-to-end pass: bench's end-to-end cells on the camera JPEGs, every int8 form (static
+    calibrated on the same photos), only the end-to-end rows kept (small grid, cells in-process)."""
+    import argparse
+    import functools
+
+    camera = tmp_path / "camera"
+    camera_images.make_camera_jpegs(camera, 3, size=(1200, 900))  # a smaller "camera": the same code path
+    monkeypatch.setattr(rh, "BATCHES", (2,))
+    monkeypatch.setattr(rh, "E2E_FRACTIONS", (1.0,))
+    monkeypatch.setattr(rh, "run_bench", functools.partial(rh.run_bench, isolation="inline", iterations=1))
+    args = argparse.Namespace(warmup=0, duration=None, threads=1, quiet_below=None, work=tmp_path)
+    rows = rh.measure_end_to_end(args, export_dir_factory("deit_g7", baseline=True), camera)
+    measured = {(r.runtime, r.precision, r.decode) for r in rows if r.status == "ok"}
+    assert {("onnxruntime", p, d) for p in ("fp32", "int8", "int8-static") for d in ("exact", "fast")} <= measured
+    assert all(r.end_to_end and r.model == "cfvit" for r in rows)
