@@ -126,18 +126,22 @@ def _opened(source: ImageSource, max_pixels: int | None) -> Iterator[Image.Image
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
         with _pil_pixel_limit(max_pixels), Image.open(fp, formats=IMAGE_FORMATS) as img:
-            w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise ImageError(
-                    f"{label}image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
-                    "(possible decompression bomb; raise it with --max-pixels)",
-                    "too_many_pixels",
-                )
+            _check_pixels(img.size, max_pixels, label)
             yield img
     except ImageError:
         raise
     except Exception as exc:
         raise _image_error(exc, source, max_pixels) from None
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, label: str) -> None:
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(
+            f"{label}image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
+            "(possible decompression bomb; raise it with --max-pixels)",
+            "too_many_pixels",
+        )
 
 
 def _image_error(exc: Exception, source: ImageSource, max_pixels: int | None) -> Exception:

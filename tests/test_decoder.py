@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import time
 import tracemalloc
 import zlib
 
@@ -265,7 +266,7 @@ def test_fast_non_jpeg_uses_the_reducing_resize():
     assert not np.array_equal(fast, load_and_preprocess(data, PP))  # the reduction did happen
 
 
-@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
 def test_fast_applies_exif_orientation(monkeypatch, orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -367,3 +368,50 @@ def test_cli_refuses_an_unknown_decode_mode(export_dir_factory, tmp_path, capsys
     assert cli.main([command, str(export_dir), *extra[command], "--decode", "quick"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--decode" in err and "Traceback" not in err
+
+
+def test_pixel_budget_admits_alone_sheds_beyond_and_gives_back():
+    from cfvit_deploy.app.serve.decoding import REASON_CODES, PixelBudget
+    from cfvit_deploy.app.serve.requests import BadRequest
+
+    budget = PixelBudget(100)
+    budget.take(150)  # alone: always admitted, whatever its size
+    with pytest.raises(BadRequest) as info:
+        budget.take(1)
+    assert (info.value.status, info.value.code) == (503, "decode_busy")
+    budget.give_back(150)
+    budget.take(60)
+    budget.take(40)  # exactly the limit
+    with pytest.raises(BadRequest):
+        budget.take(1)
+    budget.give_back(60)
+    budget.give_back(40)
+    assert budget.in_flight == 0
+    assert set(REASON_CODES) == set(ImageError.REASONS)  # every reason has its answer
+
+
+def test_serve_decodes_in_the_mode_it_was_given(export_dir_factory, tmp_path):
+    """`serve --decode fast` answers what `infer --decode fast` computes for the same JPEG."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from cfvit_deploy.app.serve import ServeOptions, build_app
+    from runtimes.infer import infer
+
+    export_dir = export_dir_factory("deit_g7")
+    data = encoded(smooth(1600, 1200, seed=3), "JPEG", quality=95)
+    (tmp_path / "photo.jpg").write_bytes(data)
+    want = {}
+    for decode in DECODE_MODES:
+        infer(
+            export_dir, [tmp_path / "photo.jpg"], decode=decode, eta=0.0, on_row=lambda r, d=decode: want.update({d: r})
+        )
+    assert want["fast"].confidence != want["exact"].confidence
+    for decode in DECODE_MODES:
+        with TestClient(build_app(export_dir, ServeOptions(decode=decode))) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "server not ready in time"
+                time.sleep(0.05)
+            answer = client.post("/v1/classify?eta=0", content=data, headers={"content-type": "image/jpeg"}).json()
+        assert answer["confidence"] == pytest.approx(want[decode].confidence, abs=1e-6)

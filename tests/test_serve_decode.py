@@ -89,7 +89,7 @@ def server(export_dir_factory, fake_gs, tmp_path_factory):
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        yield base, record, log_path
+        yield base, record, log_path, proc.pid
     finally:
         proc.terminate()
         try:
@@ -117,7 +117,7 @@ def _corrupt() -> bytes:
 
 
 def test_eps_body_never_starts_ghostscript(server):
-    base, record, log_path = server
+    base, record, log_path, _ = server
     with httpx.Client(base_url=base, timeout=TIMEOUT) as c:
         raw = c.post("/v1/classify", content=EPS, headers={"content-type": "image/png"})
         form = c.post("/v1/classify", files={"file": ("photo.png", EPS, "image/png")})
@@ -142,7 +142,7 @@ def test_eps_body_never_starts_ghostscript(server):
     ],
 )
 def test_reason_codes_keep_their_4xx_codes(server, body, status, code):
-    base, _, _ = server
+    base, _, _, _ = server
     r = httpx.post(f"{base}/v1/classify", content=body, headers={"content-type": "image/png"}, timeout=TIMEOUT)
     assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
 
@@ -164,7 +164,7 @@ def test_infer_on_an_eps_named_png_is_an_error_row_without_ghostscript(export_di
 
 def test_a_burst_of_large_16_bit_images_is_shed_and_a_photo_still_answered(server):
     """Eight 40-MP 16-bit PNGs (78 KB each) at once, then a normal photo: the photo does not queue behind them."""
-    base, _, log_path = server
+    base, _, _, pid = server
     side = 6320  # 39.9 MP: under the default --max-pixels, over half the default --decode-pixels
     large = _encoded(Image.frombytes("I;16", (side, side), bytes(2 * side * side)), "PNG")
     photo = _photo()
@@ -175,15 +175,27 @@ def test_a_burst_of_large_16_bit_images_is_shed_and_a_photo_still_answered(serve
             r = c.post("/v1/classify", content=body, headers={"content-type": "image/png"})
         return r, time.monotonic() - start
 
+    rss_before = _memory_mb(pid, "VmRSS")
     with ThreadPoolExecutor(9) as pool:
         burst = [pool.submit(post, large) for _ in range(8)]
         time.sleep(0.3)  # the burst arrives first
         normal, normal_s = pool.submit(post, photo).result(TIMEOUT)
         answers = [f.result(TIMEOUT)[0] for f in burst]
-    print(f"normal photo during the burst: {normal_s:.2f} s; burst: {[r.status_code for r in answers]}")
+    peak = _memory_mb(pid, "VmHWM")  # the server's peak RSS so far
+    print(f"normal photo during the burst: {normal_s:.2f} s; burst: {[r.status_code for r in answers]}; ", end="")
+    print(f"server RSS before {rss_before:.0f} MB, peak {peak:.0f} MB")
     assert normal.status_code == 200, normal.text
     assert normal_s < NORMAL_PHOTO_S
     shed = [r for r in answers if r.status_code == 503]
     assert shed and all(r.json()["error"]["code"] == "decode_busy" and r.headers["retry-after"] for r in shed)
     assert all(r.status_code in (200, 503) for r in answers), [r.text for r in answers]
     assert any(r.status_code == 200 for r in answers)  # one at a time is still decoded
+    assert peak - rss_before < 600  # one large decode at a time (eight at once: gigabytes)
+
+
+def _memory_mb(pid: int, field: str) -> float:
+    status = Path(f"/proc/{pid}/status")
+    if not status.exists():
+        pytest.skip("needs /proc to read the server's memory")
+    line = next(line for line in status.read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024

@@ -78,8 +78,12 @@ async def decode_request(
     except ImageError as exc:
         raise bad_image(exc) from None
     budget.take(w * h)
+    try:
+        work = pool.submit(_decode, data, pp, max_pixels, decode)
+    except BaseException:  # the pool is shut down: nothing was queued
+        budget.give_back(w * h)
+        raise
     # the pixels stay counted until the decode itself ends, even if the client goes away before
-    work = pool.submit(_decode, data, pp, max_pixels, decode)
     work.add_done_callback(lambda _: budget.give_back(w * h))
     return await asyncio.wrap_future(work)
 
