@@ -52,6 +52,14 @@ MIN_AGREEMENT, MAX_TOP1_DIFF_POINTS = 0.99, 0.5
 BATCH = 32
 
 
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+
+
 def demo_export(work: Path, quick: bool) -> tuple[Path, float, dict]:
     """The demo model's fp32 export (made once) and the demo's default η for it."""
     from exporters import export
@@ -233,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "camera_size": list(cam.CAMERA_SIZE),
         "jpeg_quality": cam.JPEG_QUALITY,
         "quick": args.quick,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
-        f"load average {os.getloadavg()[0]:.1f}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f}",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_write_path(args.out / "results.json") as tmp:
