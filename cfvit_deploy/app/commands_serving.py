@@ -377,8 +377,10 @@ def serve_cmd(
     ),
     coarse_replicas: int = typer.Option(1, "--coarse-replicas", help="Ray: replicas of the coarse deployment."),
     fine_replicas: int = typer.Option(1, "--fine-replicas", help="Ray: replicas of the fine deployment."),
+    model_name: str = typer.Option("cfvit", "--model-name", help="The model's name on the /v2 routes (KServe v2)."),
 ) -> int:
-    """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, /healthz, /readyz, /metrics.
+    """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, the KServe v2 routes
+    (/v2/models/NAME/infer ...), /healthz, /readyz, /metrics.
 
     SIGTERM stops accepting, answers every queued request and exits 0. See docs/serve.md.
     """
@@ -404,5 +406,6 @@ def serve_cmd(
         shared_threads=shared_threads,
         engine=engine,
         replicas={"coarse": coarse_replicas, "fine": fine_replicas},
+        model_name=model_name,
     )
     return serve(export_dir, options)
