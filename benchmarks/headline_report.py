@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headline_targets import Target, ok, row_of, targets
+from headline_targets import Target, best_int8, ok, row_of, targets
 
 from cfvit_deploy.app.bench import BenchResult, BenchRow
+from cfvit_deploy.app.bench.machine import int8_units
 from cfvit_deploy.extras import require
 from cfvit_deploy.io import atomic_write_path
 
@@ -17,7 +18,8 @@ __all__ = ["Target", "headline_table", "markdown", "merge_runs", "plot_headline"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 #: Headline columns: (batch, model, fine fraction); batch 1 compares latency, batch 32 throughput.
 COLUMNS = ((1, "cfvit", 0.24), (1, "baseline", None), (32, "cfvit", 0.24), (32, "cfvit", 0.52), (32, "baseline", None))
-#: Headline rows: (label, runtime, provider, precision).
+#: Headline rows: (label, runtime, provider, precision). "int8" stands for the runtime's fastest int8 form
+#: (:func:`headline_targets.best_int8`), named in the label.
 RUNTIMES = (
     ("ONNX Runtime CPU fp32", "onnxruntime", "cpu", "fp32"),
     ("ONNX Runtime CPU int8", "onnxruntime", "cpu", "int8"),
@@ -32,6 +34,41 @@ SINGLE_RUNTIMES = (
     ("ONNX Runtime CPU fp32, single.onnx", "onnxruntime", "cpu", "fp32"),
     ("OpenVINO CPU fp32, single.onnx", "openvino", "openvino", "fp32"),
 )
+#: Runtimes with end-to-end rows (camera JPEGs: decode + preprocessing + pipeline through infer).
+END_TO_END = RUNTIMES[:4]
+DECODES = ("exact", "fast")
+FORM_NAMES = {"int8": "dynamic", "int8-static": "static QDQ"}
+
+
+def headline_rows(result: BenchResult) -> list[tuple[str, str, str, str, str | None]]:
+    """(label, runtime, provider, precision, decode) of every headline row: the model-only rows (with the
+    single.onnx rows when the run measured model ``cfvit-single``), then the end-to-end rows (the pair) per
+    decode mode; int8 rows run (and name) their runtime's fastest int8 form."""
+    rows = []
+    single = list(SINGLE_RUNTIMES) if any(r.model == "cfvit-single" for r in result.rows) else []
+    for decode in (None, *DECODES):
+        if decode and not any(r.decode == decode for r in result.rows):
+            continue
+        for label, rt, prov, prec in END_TO_END if decode else (*RUNTIMES, *single):
+            if prec == "int8":
+                prec = best_int8(result, rt, prov)
+                label = f"{label} ({FORM_NAMES.get(prec, prec)})"
+            where = f"camera JPEGs end to end, decode {decode}" if decode else "model only (tensors)"
+            rows.append((f"{label}: {where}", rt, prov, prec, decode))
+    return rows
+
+
+def gated_model(label: str, model: str) -> str:
+    """The bench model of a headline row's column: ``cfvit-single`` for the CF-ViT columns of a single.onnx
+    row (its DeiT-S columns are the same baseline as every row's), else the column's own."""
+    single = label.split(":")[0] in {name for name, *_ in SINGLE_RUNTIMES}
+    return "cfvit-single" if single and model == "cfvit" else model
+
+
+def machine_label(machine: dict) -> str:
+    """A short name of the machine a row ran on: CPU model, cores, int8 units."""
+    cpu = str(machine.get("cpu_model", "?")).replace("(R)", "").replace("(TM)", "").replace(" CPU", "")
+    return f"{cpu}, {machine.get('physical_cores', '?')} cores, int8: {machine.get('int8_units', '?')}"
 
 
 def merge_runs(results: list[BenchResult]) -> BenchResult:
@@ -39,7 +76,11 @@ def merge_runs(results: list[BenchResult]) -> BenchResult:
     the slower of the two middle runs); the machine is the first run's with the last run's end load."""
     if len(results) == 1:
         return results[0]
-    key = lambda r: (r.runtime, r.provider, r.precision, r.model, r.batch_size, r.gate, r.target_fine_fraction)  # noqa: E731
+    fields = ("runtime", "provider", "precision", "model", "batch_size", "gate", "target_fine_fraction", "decode")
+
+    def key(r: BenchRow) -> tuple:
+        return tuple(getattr(r, f) for f in fields)
+
     rows = []
     for row in results[0].rows:
         measured = sorted(
@@ -59,30 +100,41 @@ def _cell_text(row: BenchRow | None, batch: int) -> str:
 
 
 def headline_table(result: BenchResult) -> list[str]:
-    """Markdown: one row per runtime, one column per headline cell, the fastest runtime of each column in bold."""
+    """Markdown: one row per runtime (model only, then end to end per decode mode), one column per headline
+    cell, the fastest row of each column in bold (among model-only rows, and among end-to-end rows)."""
+    rows = headline_rows(result)
     cells = {
-        (label, col): row_of(result, rt, prov, prec, *col) for label, rt, prov, prec in RUNTIMES for col in COLUMNS
+        (label, (b, model, f)): row_of(result, rt, prov, prec, b, gated_model(label, model), f, decode)
+        for label, rt, prov, prec, decode in rows
+        for b, model, f in COLUMNS
     }
-    single = [r for r in SINGLE_RUNTIMES if any(x.model == "cfvit-single" for x in result.rows)]
-    for label, rt, prov, prec in single:
-        for b, model, f in COLUMNS:
-            cells[(label, (b, model, f))] = row_of(result, rt, prov, prec, b, "cfvit-single" if f else model, f)
     best = {}
     for col in COLUMNS:
-        measured = [(r.img_per_s, label) for (label, c), r in cells.items() if c == col and ok(r)]
-        best[col] = max(measured)[1] if measured else None
-    head = ["runtime"] + [
+        for e2e in (False, True):
+            measured = [
+                (cells[(label, col)].img_per_s, label)  # type: ignore[union-attr]
+                for label, *_, decode in rows
+                if (decode is not None) == e2e and ok(cells[(label, col)])
+            ]
+            best[(col, e2e)] = max(measured)[1] if measured else None
+    head = ["runtime: input", "machine"] + [
         f"b{b} {'CF-ViT f=' + format(f, 'g') if m == 'cfvit' else 'DeiT-S'}" + (" latency" if b == 1 else " throughput")
         for b, m, f in COLUMNS
     ]
+    machine = machine_label(result.machine)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, *_ in (*RUNTIMES, *single):
+    for label, *_, decode in rows:
         texts = []
         for col in COLUMNS:
             text = _cell_text(cells[(label, col)], col[0])
-            texts.append(f"**{text}** ★" if best[col] == label else text)
-        lines.append(f"| {label} | " + " | ".join(texts) + " |")
-    return lines + ["", "★ fastest runtime of the column (lowest latency / highest throughput)."]
+            texts.append(f"**{text}** ★" if best[(col, decode is not None)] == label else text)
+        lines.append(f"| {label} | {machine} | " + " | ".join(texts) + " |")
+    return lines + [
+        "",
+        "★ fastest row of the column (lowest latency / highest throughput), among the model-only rows and among "
+        "the end-to-end rows. Model only: preallocated tensors; end to end: `cfvit infer` on 4000x3000 camera "
+        "JPEGs (benchmarks/camera_images.py), decode + preprocessing + pipeline, per image of the batch.",
+    ]
 
 
 def plot_headline(result: BenchResult, path: Path) -> Path:
@@ -90,15 +142,16 @@ def plot_headline(result: BenchResult, path: Path) -> Path:
     matplotlib = require("matplotlib", "bench", purpose="the headline plot")
     matplotlib.use("Agg")
     plt = require("matplotlib.pyplot", "bench")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(2, 1, figsize=(14, 9))
     for ax, b in zip(axes, (1, 32), strict=True):
         labels, pipe, base = [], [], []
-        for label, rt, prov, prec in RUNTIMES:
+        for label, rt, prov, prec, decode in headline_rows(result):
             p, d = (
-                ok(row_of(result, rt, prov, prec, b, "cfvit", 0.24)),
-                ok(row_of(result, rt, prov, prec, b, "baseline", None)),
+                ok(row_of(result, rt, prov, prec, b, gated_model(label, "cfvit"), 0.24, decode)),
+                ok(row_of(result, rt, prov, prec, b, "baseline", None, decode)),
             )
-            labels.append(label.replace(" ", "\n", 2) + ("" if p or d else "\n(not measured)"))
+            short = label.split(":")[0] + (f"\nJPEG {decode}" if decode else "")
+            labels.append(short.replace(" ", "\n", 2) + ("" if p or d else "\n(not measured)"))
             pipe.append(p.img_per_s if p else 0.0)
             base.append(d.img_per_s if d else 0.0)
         x = range(len(labels))
@@ -113,16 +166,6 @@ def plot_headline(result: BenchResult, path: Path) -> Path:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
-
-
-#: CPU features that decide int8 GEMM speed, fastest first (ONNX Runtime's MLAS uses the first it finds)
-INT8_UNITS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"))
-
-
-def int8_units(flags: list[str]) -> str:
-    """The int8 matrix units of a CPU, by its flags ("none" when it multiplies int8 with plain AVX2 / AVX-512)."""
-    found = [name for flag, name in INT8_UNITS if flag in flags]
-    return " + ".join(found) if found else "none (no VNNI)"
 
 
 def _machine_lines(result: BenchResult, elapsed_s: float, mode: str) -> list[str]:

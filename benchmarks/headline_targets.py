@@ -116,19 +116,45 @@ def aggregate(runs: list[list[Target]]) -> list[Target]:
 
 
 def row_of(
-    result: BenchResult, runtime: str, provider: str, precision: str, batch: int, model: str, fraction: float | None
+    result: BenchResult,
+    runtime: str,
+    provider: str,
+    precision: str,
+    batch: int,
+    model: str,
+    fraction: float | None,
+    decode: str | None = None,
 ) -> BenchRow | None:
-    """The row of one headline cell (measured or not), or None when it was not requested."""
+    """The row of one headline cell (measured or not), or None when it was not requested. `decode` None:
+    the model-only row (preallocated tensors); "exact" | "fast": the end-to-end row with that decode."""
     for r in result.rows:
-        if (r.runtime, r.provider, r.precision, r.batch_size, r.model) == (
+        if (r.runtime, r.provider, r.precision, r.batch_size, r.model, r.decode) == (
             runtime,
             provider,
             precision,
             batch,
             model,
+            decode,
         ) and (model == "baseline" or r.target_fine_fraction == fraction):
             return r
     return None
+
+
+#: The int8 forms bench measures (``--precisions`` names), each runtime's headline int8 row is its fastest.
+INT8_PRECISIONS = ("int8", "int8-static")
+#: The cell that decides which int8 form is a runtime's fastest: batch 32 throughput at f = 0.24.
+INT8_DECIDER = (32, "cfvit", 0.24)
+
+
+def best_int8(result: BenchResult, runtime: str, provider: str) -> str:
+    """The ``--precisions`` name of `runtime`'s fastest int8 form (batch 32, f = 0.24, model only); "int8"
+    (dynamic) when none was measured."""
+    measured = [
+        (r.img_per_s, p)
+        for p in INT8_PRECISIONS
+        if (r := ok(row_of(result, runtime, provider, p, *INT8_DECIDER))) is not None
+    ]
+    return max(measured)[1] if measured else "int8"
 
 
 def ok(row: BenchRow | None) -> BenchRow | None:
@@ -142,6 +168,8 @@ def _ratio(a: BenchRow | None, b: BenchRow | None) -> float | None:
 
 def targets(result: BenchResult, infer_runs: list[dict]) -> list[Target]:
     """Issue 14's ratios, each from rows of this run, and `cfvit infer` vs the bench row of the same batch."""
+
+    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(result.machine.get("cpu_flags") or []))
 
     def ort(precision: str, b: int, model: str = "cfvit", f: float | None = None) -> BenchRow | None:
         return row_of(result, "onnxruntime", "cpu", precision, b, model, f)
@@ -177,6 +205,36 @@ def targets(result: BenchResult, infer_runs: list[dict]) -> list[Target]:
     for b, f in ((1, 0.24), (32, 0.24)):
         ov, cpu = row_of(result, "openvino", "openvino", "fp32", b, "cfvit", f), ort("fp32", b, f=f)
         out.append(Target(f"OpenVINO / ONNX Runtime, fp32 pipeline, batch {b}, f={f:g}", _ratio(ov, cpu), None))
+    # issue 25.5: each runtime's fastest int8 form against its fp32 (goal for OpenVINO on a VNNI CPU: >= 2x)
+    for runtime, provider, name in (("onnxruntime", "cpu", "ONNX Runtime"), ("openvino", "openvino", "OpenVINO")):
+        form = best_int8(result, runtime, provider)
+        int8 = row_of(result, runtime, provider, form, 32, "cfvit", 0.24)
+        fp32 = row_of(result, runtime, provider, "fp32", 32, "cfvit", 0.24)
+        goal = 2.0 if runtime == "openvino" and vnni else None
+        out.append(Target(f"{name} fastest int8 ({form}) / its fp32, batch 32 img/s, f=0.24", _ratio(int8, fp32), goal))
+    return out + end_to_end_targets(result)
+
+
+#: Issue 25.3: end-to-end throughput on camera JPEGs over model-only throughput, batch 32, eta = 1 (f = 1):
+#: precision -> goal with fast decode (exact is reported beside it).
+END_TO_END_GOALS = {"fp32": 0.80, "int8": 0.55}
+
+
+def end_to_end_targets(result: BenchResult) -> list[Target]:
+    """End-to-end / model-only images/s of the same pipeline, batch 32 (ONNX Runtime CPU), per decode mode:
+    at f = 1 (every image through both stages) against issue 25's goals for fast decode, and at f = 0.24."""
+    out = []
+    for precision, goal in END_TO_END_GOALS.items():
+        for f in (1.0, 0.24):
+            model = row_of(result, "onnxruntime", "cpu", precision, 32, "cfvit", f)
+            for decode in ("fast", "exact"):
+                e2e = row_of(result, "onnxruntime", "cpu", precision, 32, "cfvit", f, decode)
+                if e2e is None:
+                    continue
+                value = _ratio(e2e, model)
+                detail = "" if value is None else f"{e2e.img_per_s:.1f} vs {model.img_per_s:.1f} img/s"  # type: ignore[union-attr]
+                name = f"end-to-end / model-only, {precision} batch 32 f={f:g}, decode {decode} (camera JPEGs)"
+                out.append(Target(name, value, goal if decode == "fast" and f == 1.0 else None, detail))
     return out
 
 

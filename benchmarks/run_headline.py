@@ -9,7 +9,13 @@
    and ``single.onnx``. Every ratio is of two
    rows measured in one run. It also runs ``cfvit infer`` (its library twin, in a fresh process,
    default settings as users get them) on a folder of generated images at batch 1 and 32 and compares
-   its images/s with the bench row of the same pipeline and batch (η = 1).
+   its images/s with the bench row of the same pipeline and batch (η = 1). Every int8 form users can
+   export is measured (dynamic, and static QDQ calibrated on the camera JPEGs below); each runtime's
+   headline int8 row is its fastest form, named. End-to-end rows (issue 25): ONNX Runtime and
+   OpenVINO, fp32 and both int8 forms, ``cfvit infer`` on 4000x3000 camera JPEGs
+   (``camera_images.py``: the demo's scenes with textured noise; 64, quick 8) with each decode mode,
+   beside the model-only rows; their ratio to the model-only row is judged (``--no-end-to-end``
+   leaves them out).
 2. ``attention``: fused vs plain attention export, interleaved ABBA rounds (``attention_ab.run_ab``);
    target: fp32 pipeline batch-1 latency >= 15% lower fused.
 3. ``int8-accuracy``: fp32 / dynamic / static int8 of the demo's trained model
@@ -54,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import attention_ab  # noqa: E402
+import camera_images  # noqa: E402
 import int8_accuracy  # noqa: E402
 from headline_report import markdown, merge_runs, plot_headline, write_readme  # noqa: E402
 from headline_targets import (  # noqa: E402
@@ -76,6 +83,10 @@ BATCHES = (1, 32)
 FRACTIONS = (0.24, 0.52, 1.0)
 NO_GPU = "not measured: no GPU on this machine"
 PARTS = ("attention", "int8-accuracy", "int8-speed")
+#: Every int8 form users can export: dynamic, and static QDQ (calibrated on the camera JPEGs).
+PRECISIONS = ("fp32", "int8", "int8-static")
+#: End-to-end cells on the camera JPEGs (issue 25): every decode mode, these gates.
+E2E_FRACTIONS = (0.24, 0.52, 1.0)
 _INFER = """
 import json, sys
 from runtimes.backends import SessionConfig
@@ -123,6 +134,13 @@ def image_folder(work: Path, count: int) -> Path:
     return folder
 
 
+def camera_folder(work: Path, count: int) -> Path:
+    """`count` 4000x3000 camera JPEGs of the demo's scenes with textured noise (benchmarks/camera_images.py)."""
+    folder = work / f"camera-{count}"
+    camera_images.make_camera_jpegs(folder, count)
+    return folder
+
+
 def infer_run(export_dir: Path, folder: Path, batch: int, threads: int) -> dict:
     """`cfvit infer`'s library twin in a fresh process (as a user runs it): its own images/s."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
@@ -152,29 +170,60 @@ def gpu_rows(result: BenchResult) -> None:
                 )
 
 
-def measure(args: argparse.Namespace, export_dir: Path, ckpt: Path) -> BenchResult:
-    providers = ["cpu", "openvino"] + (["cuda", "tensorrt"] if gpu_name() else [])
+def _bench(**kwargs) -> BenchResult:
     try:
-        result = run_bench(
-            export_dir,
-            providers=providers,
-            precisions=("fp32", "int8"),
-            batch_sizes=BATCHES,
-            fine_fractions=FRACTIONS,
-            graphs=("pair", "single"),  # single.onnx rows beside the pair's
-            warmup=args.warmup,
-            duration=args.duration,
-            threads=args.threads,
-            torch=True,
-            checkpoint=ckpt,
-            quiet_below=args.quiet_below,
-            repeats=args.repeats,
-            cache_dir=args.work / "variants",
-            progress=lambda task, done, total: print(f"[{done}/{total}] {task}", file=sys.stderr),
-        )
+        return run_bench(**kwargs)
     except NothingMeasuredError as exc:  # a runtime missing here is a row of the table, not the end of the run
         print(f"warning: {exc}", file=sys.stderr)
-        result = exc.result
+        return exc.result
+
+
+def measure_end_to_end(args: argparse.Namespace, export_dir: Path, camera: Path) -> list[BenchRow]:
+    """The end-to-end rows: ONNX Runtime and OpenVINO, every precision, `cfvit infer` on the camera JPEGs
+    per decode mode (the model-only cells bench measures beside them are dropped: the main pass has them)."""
+    result = _bench(
+        export_dir=export_dir,
+        providers=["cpu", "openvino"],
+        precisions=PRECISIONS,
+        calibration=camera,
+        batch_sizes=BATCHES,
+        fine_fractions=E2E_FRACTIONS,
+        images=camera,
+        end_to_end=True,  # the pair only (bench's default graph): single.onnx end to end is not a headline row
+        warmup=args.warmup,
+        duration=args.duration,
+        threads=args.threads,
+        quiet_below=args.quiet_below,
+        cache_dir=args.work / "variants",
+        progress=lambda task, done, total: print(f"[e2e {done}/{total}] {task}", file=sys.stderr),
+    )
+    return [r for r in result.rows if r.end_to_end]
+
+
+def measure(args: argparse.Namespace, export_dir: Path, ckpt: Path) -> BenchResult:
+    providers = ["cpu", "openvino"] + (["cuda", "tensorrt"] if gpu_name() else [])
+    camera = camera_folder(args.work, 8 if args.quick else 64)
+    result = _bench(
+        export_dir=export_dir,
+        providers=providers,
+        precisions=PRECISIONS,
+        calibration=camera,
+        batch_sizes=BATCHES,
+        fine_fractions=FRACTIONS,
+        graphs=("pair", "single"),  # single.onnx rows beside the pair's
+        warmup=args.warmup,
+        duration=args.duration,
+        threads=args.threads,
+        torch=True,
+        checkpoint=ckpt,
+        quiet_below=args.quiet_below,
+        repeats=args.repeats,
+        cache_dir=args.work / "variants",
+        progress=lambda task, done, total: print(f"[{done}/{total}] {task}", file=sys.stderr),
+    )
+    if not args.no_end_to_end:
+        result.rows += measure_end_to_end(args, export_dir, camera)
+        result.settings["end_to_end_inputs"] = f"{camera}: 4000x3000 camera JPEGs (benchmarks/camera_images.py)"
     if not gpu_name():
         gpu_rows(result)
     return result
@@ -206,6 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of attention/int8-speed (3; quick 1)")
     ap.add_argument("--ab-duration", type=float, default=None, help="seconds per A/B cell and round (3; quick 0.3)")
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    ap.add_argument("--no-end-to-end", action="store_true", help="leave out the end-to-end rows on camera JPEGs")
     ap.add_argument(
         "--quiet-below",
         type=float,

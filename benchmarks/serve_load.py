@@ -18,6 +18,9 @@ its ``Server-Timing`` header (request in to answer out, on the server's clock: t
 Python time on the same cores is not the server's); the client-side difference is reported beside it.
 Also reported: the batching ceiling of this machine, offline batch-32 over batch-1 throughput (batching
 cannot give the server more than it gives the pipeline).
+With ``--camera`` every request uploads a 4000x3000 camera JPEG (``camera_images.py``: the demo's
+scenes with textured noise, ~2.7 MB; 16 of them, cycled; 96 requests per cell, quick 16), so the table
+shows what a photo upload costs the server (decode included) next to offline ``infer`` on the same files.
 Writes OUT/results.json and OUT/serve_load.png; prints a markdown table.
 
 ``--protocol v2`` drives the Open Inference Protocol route instead (``POST /v2/models/cfvit/infer``, one
@@ -88,6 +91,16 @@ def make_images(folder: Path, n: int) -> list[Path]:
         Image.fromarray(small).resize(size, Image.Resampling.BICUBIC).save(path)
         paths.append(path)
     return paths
+
+
+def camera_jpegs(folder: Path, n: int) -> list[Path]:
+    """`n` camera-size JPEGs (benchmarks/camera_images.py), the same on every run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import camera_images
+    finally:
+        sys.path.pop(0)
+    return camera_images.make_camera_jpegs(folder, n)
 
 
 class Server:
@@ -168,20 +181,28 @@ def v2_request(image: bytes) -> tuple[bytes, dict[str, str]]:
     return header + len(image).to_bytes(4, "little") + image, headers
 
 
-def requests_for(bodies: list[bytes], protocol: str) -> list[tuple[str, bytes, dict[str, str]]]:
+def requests_for(
+    bodies: list[bytes], protocol: str, content_type: str = "image/png"
+) -> list[tuple[str, bytes, dict[str, str]]]:
     """(path, body, headers) per image for `protocol` ("v1": the image as the body; "v2": a binary infer)."""
     if protocol == "v1":
-        return [("/v1/classify", body, {"content-type": "image/png"}) for body in bodies]
+        return [("/v1/classify", body, {"content-type": content_type}) for body in bodies]
     return [(f"/v2/models/{V2_MODEL}/infer", *v2_request(body)) for body in bodies]
 
 
 async def load(
-    base: str, bodies: list[bytes], concurrency: int, requests: int, time_limit: float, protocol: str = "v1"
+    base: str,
+    bodies: list[bytes],
+    concurrency: int,
+    requests: int,
+    time_limit: float,
+    protocol: str = "v1",
+    content_type: str = "image/png",
 ) -> dict:
     """`requests` POSTs from `concurrency` workers (bounded by `time_limit` seconds); latency stats."""
     import httpx
 
-    calls = requests_for(bodies, protocol)
+    calls = requests_for(bodies, protocol, content_type)
 
     latencies: list[float] = []
     server_ms: list[float] = []  # the server's own time per request (its Server-Timing header)
@@ -253,10 +274,10 @@ def offline(setup: Setup, paths: list[Path], eta: float, repeats: int) -> dict:
     return {"infer_images_per_s": rate, "pipeline_p50_ms": p50_ms, "batching_ceiling": rate * p50_ms / 1000}
 
 
-def run(setup: Setup, quick: bool, eta: float | None, protocol: str = "v1") -> dict:
+def run(setup: Setup, quick: bool, eta: float | None, protocol: str = "v1", camera: bool = False) -> dict:
     manifest = Manifest.load(setup.export_dir)
     eta = manifest.default_eta if eta is None else eta
-    requests = 48 if quick else 512
+    requests = (16 if quick else 96) if camera else (48 if quick else 512)
     time_limit = 20.0 if quick else 120.0
     load_before = os.getloadavg()
     result: dict = {
@@ -264,6 +285,7 @@ def run(setup: Setup, quick: bool, eta: float | None, protocol: str = "v1") -> d
         "provider": setup.provider,
         "precision": manifest.precision,
         "quick": quick,
+        "images": "4000x3000 camera JPEGs (camera_images.py)" if camera else "small PNGs (make_images)",
         "eta": eta,
         "protocol": protocol,
         "threads": setup.threads,
@@ -278,15 +300,21 @@ def run(setup: Setup, quick: bool, eta: float | None, protocol: str = "v1") -> d
         "servers": {},
     }
     with tempfile.TemporaryDirectory(prefix="cfvit-serve-load-") as tmp:
-        paths = make_images(Path(tmp), 64)
+        paths = camera_jpegs(Path(tmp), 16) if camera else make_images(Path(tmp), 64)
         bodies = [p.read_bytes() for p in paths]
+        content_type = "image/jpeg" if camera else "image/png"
         result["offline"] = offline(setup, paths, eta, repeats=1 if quick else 3)
         for name, max_batch in (("batching", 32), ("no-batching", 1)):
             server = Server(setup, max_batch, eta, Path(tmp) / f"{name}.log")
             try:
                 server.wait_ready(120)
-                asyncio.run(load(server.base, bodies, 8, 16, time_limit, protocol))  # warm-up, not recorded
-                cells = [asyncio.run(load(server.base, bodies, c, requests, time_limit, protocol)) for c in CONCURRENCY]
+                asyncio.run(
+                    load(server.base, bodies, 8, 16, time_limit, protocol, content_type)
+                )  # warm-up, not recorded
+                cells = [
+                    asyncio.run(load(server.base, bodies, c, requests, time_limit, protocol, content_type))
+                    for c in CONCURRENCY
+                ]
             finally:
                 server.stop()
             result["servers"][name] = {"max_batch": max_batch, "cells": cells, "exit_code": server.exit_code}
@@ -389,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=3, help="--protocol both: interleaved rounds per cell")
     parser.add_argument("--force", action="store_true", help="replace existing results in --out")
+    parser.add_argument("--camera", action="store_true", help="upload 4000x3000 camera JPEGs instead of small PNGs")
     args = parser.parse_args(argv)
     json_path = args.out / "results.json"
     try:
@@ -401,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args.export_dir, args.provider, args.threads)
     if args.protocol == "both":
         return _compare(setup, args, json_path)
-    result = run(setup, args.quick, args.eta, args.protocol)
+    result = run(setup, args.quick, args.eta, args.protocol, args.camera)
     with atomic_write_path(json_path) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "serve_load.png")

@@ -255,8 +255,13 @@ def _local_rows(
     if overlay_dir is not None:
         _prepare_overlay_dir(overlay_dir, names.values(), force)
     pipeline = source if isinstance(source, CFViTPipeline) else CFViTPipeline(manifest, provider, config, graph)
-    engine = LocalEngine(pipeline, job, workers or min(4, os.cpu_count() or 1), overlay_dir, names)
+    engine = LocalEngine(pipeline, job, workers or default_decode_workers(), overlay_dir, names)
     return engine.rows()
+
+
+def default_decode_workers() -> int:
+    """Threads of the local engine's decode-ahead pool when `workers` is not given."""
+    return min(4, os.cpu_count() or 1)
 
 
 def _manifest(source: str | Path | Manifest | CFViTPipeline) -> Manifest:

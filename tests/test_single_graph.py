@@ -307,6 +307,42 @@ def test_bench_measures_the_single_graph_beside_the_pair(small_export, export_di
         run_bench(small_export, graphs="triple", iterations=1, isolation="inline")
 
 
+def test_bench_end_to_end_cells_run_each_graph_and_record_its_threading(small_export, tmp_path, monkeypatch):
+    """--graph pair,single with --end-to-end: per graph, model-only and end-to-end cells; infer gets the
+    pipeline of the cell's graph; every row records the threading it ran with."""
+    from cfvit_deploy.app.bench import run_bench
+    from runtimes import infer as infer_module
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"p{i}.png")
+    graphs_seen, original = [], infer_module.infer
+
+    def spy(source, inputs, **kwargs):
+        graphs_seen.append((source.graph, kwargs["decode"]))
+        return original(source, inputs, **kwargs)
+
+    monkeypatch.setattr(infer_module, "infer", spy)
+    r = run_bench(
+        small_export,
+        graphs="pair,single",
+        batch_sizes=(2,),
+        fine_fractions=(0.5,),
+        images=tmp_path,
+        end_to_end=True,
+        iterations=1,
+        warmup=0,
+        threads=1,
+        isolation="inline",
+    )
+    for model in ("cfvit", "cfvit-single"):
+        rows = r.find(model=model)
+        assert [(x.end_to_end, x.decode) for x in rows] == [(False, None), (True, "exact"), (True, "fast")]
+        assert all(x.status == "ok" for x in rows), [x.reason for x in rows]
+    assert graphs_seen == [("pair", "exact"), ("pair", "fast"), ("single", "exact"), ("single", "fast")]
+    assert all(x.threads == 1 and x.graph_optimization == "all" for x in r.rows)
+
+
 # -- the commands -----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_export_single_graph_validate_and_a_broken_merge_exits_1(tmp_path):

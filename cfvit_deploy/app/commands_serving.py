@@ -69,7 +69,11 @@ def infer_cmd(
 
     from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS
     from runtimes.backends import SessionConfig
+    from runtimes.decode_hint import infer_hint
     from runtimes.infer import InferInterrupted, InferRow, infer
+
+    if hint := infer_hint(export_dir, inputs, recursive, decode):
+        print(hint, file=sys.stderr)
 
     def show(row: InferRow) -> None:
         if row.error:
@@ -130,7 +134,11 @@ def bench_cmd(
     precisions: Optional[str] = typer.Option(
         None,
         "--precisions",
-        help="Comma-separated: fp32, fp16, int8, optimized, int8-optimized (default: the export's).",
+        help="Comma-separated: fp32, fp16, int8 (dynamic), int8-static (calibrated QDQ; needs --calibration), "
+        "optimized, int8-optimized (default: the export's).",
+    ),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", help="Image folder that calibrates the int8-static variant (as `cfvit export`)."
     ),
     batch_sizes: str = typer.Option("1,32", "--batch-sizes", help="Batch sizes: a,b,c or start:stop:step."),
     eta: Optional[str] = typer.Option(None, "--eta", help="Exit thresholds (real gate): a,b,c or start:stop:step."),
@@ -145,6 +153,13 @@ def bench_cmd(
         "--images",
         help="Folder of real images (default: synthetic inputs; unreadable files are skipped and reported).",
     ),
+    end_to_end: bool = typer.Option(
+        False,
+        "--end-to-end",
+        help="Also time every pipeline cell end to end on the --images files: decode + preprocessing + pipeline "
+        "(through infer), once per --decode mode.",
+    ),
+    decode: str = typer.Option("exact,fast", "--decode", help="Decode modes of the --end-to-end cells: exact, fast."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed calls per cell (the first runs both stages)."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="Timed calls per cell."),
     duration: Optional[float] = typer.Option(None, "--duration", help="Seconds of timed calls per cell (default 3)."),
@@ -194,6 +209,9 @@ def bench_cmd(
             etas=eta or (),
             fine_fractions=fine_fraction,
             images=images,
+            end_to_end=end_to_end,
+            decodes=decode,
+            calibration=calibration,
             warmup=warmup,
             iterations=iterations,
             duration=duration,

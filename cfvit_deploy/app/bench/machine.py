@@ -66,6 +66,17 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return (model.group(1).strip() if model else platform.processor()), simd
 
 
+#: CPU features that decide int8 GEMM speed, fastest first (ONNX Runtime's MLAS and OpenVINO's oneDNN
+#: use the best they find): /proc/cpuinfo flag -> name.
+INT8_UNITS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"))
+
+
+def int8_units(flags: list[str]) -> str:
+    """The int8 matrix units of a CPU, by its flags ("none" when it multiplies int8 with plain AVX2 / AVX-512)."""
+    found = [name for flag, name in INT8_UNITS if flag in flags]
+    return " + ".join(found) if found else "none (no VNNI)"
+
+
 def gpu_name() -> str | None:
     """The GPU nvidia-smi reports (name, memory, driver), or None."""
     if shutil.which("nvidia-smi") is None:
@@ -99,6 +110,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": model,
         "cpu_flags": flags,
         "avx512_vnni": "avx512_vnni" in flags,
+        "int8_units": int8_units(flags),
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": os.cpu_count(),
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),

@@ -11,6 +11,7 @@ or random. With real images (``images=``) and ``etas=``, the measured fine fract
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import math
 from collections.abc import Sequence
@@ -35,16 +36,21 @@ from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
 from runtimes.backends import check_provider
 
-from .schema import Cell
+from .schema import INT8_FORMS, Cell
 
 #: ``--precisions`` names -> (precision, optimized): a variant of the fp32 export (exporters.variants).
+#: ``int8`` is dynamic quantization; ``int8-static`` the calibrated QDQ form that ``cfvit export
+#: --precision int8 --calibration FOLDER`` writes (bench builds it from ``calibration=``).
 PRECISIONS = {
     "fp32": ("fp32", False),
     "fp16": ("fp16", False),
     "int8": ("int8", False),
+    "int8-static": ("int8", False),
     "optimized": ("fp32", True),
     "int8-optimized": ("int8", True),
 }
+#: Decode modes of end-to-end cells (cfvit_deploy.preprocessing.DECODE_MODES).
+DECODE_MODES = ("exact", "fast")
 #: Without --eta and --fine-fraction. 1.0 is the both-stages reference (η = 1, every image refined).
 DEFAULT_FINE_FRACTIONS = (0.24, 0.52, 1.0)
 #: Smallest input pool (images); batch 1 cycles through it, so fractions are exact to 1/25.
@@ -74,6 +80,8 @@ class BenchPlan:
     quiet_below: float | None = None
     repeats: int = 1
     batch_sizes: list[int] = field(default_factory=list)
+    calibration: Path | None = None  #: image folder that calibrates the int8-static variant
+    decodes: list[str] = field(default_factory=list)  #: decode modes of the end-to-end cells (none: no such cells)
 
     @property
     def export_precision(self) -> str:
@@ -159,25 +167,36 @@ def torch_checkpoint(manifest: Manifest, checkpoint: str | Path | None) -> Path:
 
 
 def precision_label(manifest: Manifest) -> str:
+    if manifest.precision == "int8" and manifest.quantization == "static":
+        return "int8-static-optimized" if manifest.optimized else "int8-static"
     if manifest.optimized:
         return "optimized" if manifest.precision == "fp32" else f"{manifest.precision}-optimized"
     return manifest.precision
 
 
-def variant_dir(export_dir: Path, manifest: Manifest, precision: str, cache: Path) -> Path:
-    """The export folder holding `precision`: the export itself, or a variant built (once) in `cache`."""
+def variant_dir(
+    export_dir: Path, manifest: Manifest, precision: str, cache: Path, calibration: Path | None = None
+) -> Path:
+    """The export folder holding `precision`: the export itself, or a variant built (once) in `cache`
+    (``int8-static``: calibrated on the `calibration` folder, which is part of the cache key)."""
     if precision == precision_label(manifest):
         return export_dir
+    static = INT8_FORMS.get(precision) == "static"
+    if static and calibration is None:
+        raise UsageError("int8-static needs a calibration image folder (--calibration FOLDER)")
     require("onnx", purpose=f"building the {precision} variant")
     make_variant = importlib.import_module("exporters.variants").make_variant  # torch-free, needs onnx
-    target = cache / manifest.graphs["coarse"].sha256[:16] / precision
+    name = precision
+    if static:
+        name += "-" + hashlib.sha256(str(calibration).encode()).hexdigest()[:12]
+    target = cache / manifest.graphs["coarse"].sha256[:16] / name
     try:
         Manifest.load(target)
         return target
     except ManifestError:
         target.parent.mkdir(parents=True, exist_ok=True)
     prec, optimize = PRECISIONS[precision]
-    make_variant(export_dir, target, prec, optimize, force=True)
+    make_variant(export_dir, target, prec, optimize, force=True, calibration=calibration if static else None)
     return target
 
 
@@ -186,20 +205,50 @@ def pool_size(batch_size: int, available: int | None = None) -> int:
     return batch_size * math.ceil(max(available or MIN_POOL, 1) / batch_size)
 
 
-def load_pool(
-    manifest: Manifest, images: Path | None, batch_sizes: Sequence[int]
-) -> tuple[np.ndarray, int | None, list[tuple[Path, str]]]:
-    """(pool, number of real images, skipped files): preprocessed files from `images` (repeated to whole
-    batches; unreadable files skipped and reported), else seeded normal noise; large enough for
-    :func:`pool_size` of every batch size."""
+@dataclass
+class InputPool:
+    """The model-only cells' input tensors and, with an images folder, the files they came from."""
+
+    pool: np.ndarray
+    n_real: int | None = None  #: number of real images (None: synthetic)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  #: the readable files (what end-to-end cells decode)
+
+
+def load_pool(manifest: Manifest, images: Path | None, batch_sizes: Sequence[int]) -> InputPool:
+    """Preprocessed files from `images` (repeated to whole batches; unreadable files skipped and reported),
+    else seeded normal noise; large enough for :func:`pool_size` of every batch size."""
     s = manifest.image_size
     if images is None:
         size = max(pool_size(b) for b in batch_sizes)
-        return np.random.default_rng(0).standard_normal((size, 3, s, s), dtype=np.float32), None, []
+        return InputPool(np.random.default_rng(0).standard_normal((size, 3, s, s), dtype=np.float32))
     read = read_images(list_images(images, "--images"), manifest.preprocessing, limit=MAX_IMAGES, name="--images")
     n = len(read.images)
     pool = np.stack([read.images[i % n] for i in range(max(pool_size(b, n) for b in batch_sizes))])
-    return pool, n, read.skipped
+    return InputPool(pool, n, read.skipped, [Path(p).absolute() for p in read.paths])
+
+
+def check_end_to_end(
+    end_to_end: bool,
+    decodes: str | Sequence[str],
+    images: str | Path | None,
+    precisions: Sequence[str],
+    calibration: str | Path | None,
+) -> list[str]:
+    """The decode modes of the end-to-end cells ([] without `end_to_end`); int8-static needs `calibration`."""
+    if any(INT8_FORMS.get(p) == "static" for p in precisions) and calibration is None:
+        raise UsageError("--precisions int8-static needs --calibration FOLDER (the images that calibrate it)")
+    if calibration is not None and not Path(calibration).is_dir():
+        raise UsageError(f"--calibration {calibration} is not a folder")
+    if not end_to_end:
+        return []
+    if images is None:
+        raise UsageError("--end-to-end times decoding the files of --images FOLDER: give --images")
+    items = decodes.split(",") if isinstance(decodes, str) else list(decodes)
+    modes = list(dict.fromkeys(check_choice(d.strip(), DECODE_MODES, "--decode") for d in items if d.strip()))
+    if not modes:
+        raise UsageError(f"--decode needs at least one of {', '.join(DECODE_MODES)}")
+    return modes
 
 
 #: The bench model name of each graph kind (``--graph``): the pair, or single.onnx.
@@ -225,8 +274,10 @@ def make_cells(
     gates: list[tuple[str, float]],
     torch: bool,
     graphs: Sequence[str] = ("pair",),
+    decodes: Sequence[str] = (),
 ) -> list[Cell]:
-    """Per runtime x precision x batch size: the baseline, then each gated graph at every gate; torch last."""
+    """Per runtime x precision x batch size: the baseline, then each gated graph at every gate, then that
+    graph end to end on the files at every gate for each decode mode; torch last (model only)."""
     cells = []
     for runtime, provider in runtimes:
         for precision in precisions:
@@ -235,6 +286,8 @@ def make_cells(
                 for graph in graphs:
                     model = GATED_MODELS[graph]
                     cells.extend(Cell(runtime, provider, precision, model, b, g, v) for g, v in gates)
+                    for mode in decodes:
+                        cells.extend(Cell(runtime, provider, precision, model, b, g, v, decode=mode) for g, v in gates)
     if torch:
         for b in batch_sizes:
             cells.append(Cell("torch", "cpu", "fp32", "baseline", b, "none"))

@@ -17,15 +17,17 @@ if TYPE_CHECKING:
 
 
 def _plot_batch(ax: Any, result: BenchResult, b: int, metric: str, label: str) -> None:
-    series = sorted({(r.runtime, r.provider, r.precision) for r in result.find(batch_size=b)})
-    for j, (runtime, provider, precision) in enumerate(series):
+    series = sorted({(r.runtime, r.provider, r.precision, r.decode or "") for r in result.find(batch_size=b)})
+    for j, (runtime, provider, precision, decode) in enumerate(series):
         color = f"C{j % 10}"
         key = dict(runtime=runtime, provider=provider, precision=precision, batch_size=b)
-        points = sorted((r.fine_fraction, getattr(r, metric)) for r in result.find(model="cfvit", **key))
-        name = f"{runtime}/{provider} {precision}"
+        points = sorted(
+            (r.fine_fraction, getattr(r, metric)) for r in result.find(model="cfvit", decode=decode or None, **key)
+        )
+        name = f"{runtime}/{provider} {precision}" + (f" end-to-end {decode}" if decode else "")
         if points:
             ax.plot(*zip(*points, strict=False), marker="o", color=color, label=f"CF-ViT {name}")
-        for r in result.find(model="baseline", **key):
+        for r in result.find(model="baseline", **key) if not decode else ():
             ax.axhline(getattr(r, metric), color=color, linestyle="--", label=f"baseline {name}")
     ax.set(title=f"batch {b}", xlabel="fine fraction (measured)", ylabel=label, xlim=(-0.02, 1.02))
     ax.grid(alpha=0.3)

@@ -38,9 +38,9 @@ def latency_stats(seconds: Sequence[float], batch_size: int) -> dict[str, float]
     return stats
 
 
-def _stage_split(row: BenchRow, stages: list[tuple], cell: Cell, manifest: Manifest) -> None:
-    """Fine fraction, exit rate, per-stage times and GFLOP/s of a pipeline row, from its calls."""
-    b, gm = cell.batch_size, stage_gmacs(manifest.model)
+def _stage_split(row: BenchRow, stages: list[tuple], b: int, manifest: Manifest) -> None:
+    """Fine fraction, exit rate, per-stage times and GFLOP/s of a pipeline row, from its calls of `b` images."""
+    gm = stage_gmacs(manifest.model)
     n_fine = np.array([s[3] for s in stages], dtype=np.float64)
     row.fine_fraction = float(n_fine.sum() / (b * len(stages)))
     row.exit_rate = 1.0 - row.fine_fraction
@@ -61,12 +61,22 @@ def make_row(cell: Cell, raw: dict[str, Any], manifest: Manifest, peak: float | 
     if "times" not in raw:
         return BenchRow.for_cell(cell, isolation, status=raw.get("status", "error"), reason=raw.get("reason", ""))
     stats = latency_stats(raw["times"], cell.batch_size)
-    row = BenchRow.for_cell(cell, isolation, iterations=len(raw["times"]), peak_rss_mb=raw.get("peak_rss_mb"), **stats)
+    row = BenchRow.for_cell(
+        cell,
+        isolation,
+        iterations=len(raw["times"]),
+        peak_rss_mb=raw.get("peak_rss_mb"),
+        decode_workers=raw.get("decode_workers"),
+        **raw.get("session_config", {}),
+        **stats,
+    )
     if cell.model == "baseline":
         row.gmacs_per_image = baseline_gmacs(manifest.model)
     else:
         row.eta = raw["eta"]
-        _stage_split(row, raw["stages"], cell, manifest)
+        _stage_split(row, raw["stages"], raw.get("images_per_call", cell.batch_size), manifest)
+        if "images_per_call" in raw:  # end to end: infer's batches, not one fine run per call
+            row.fine_batch = None
     row.gflops = 2 * row.gmacs_per_image * row.img_per_s
     if peak:
         row.pct_peak = 100 * row.gflops / peak
@@ -178,7 +188,8 @@ def render_table(result: BenchResult) -> Any:
         table.add_column(col, justify="left" if col in ("runtime", "prec", "model", "gate") else "right")
     reasons: dict[str, int] = {}
     for r in result.rows:
-        head = [f"{r.runtime}/{r.provider}", r.precision, r.model, str(r.batch_size), _gate_text(r)]
+        model = f"{r.model} e2e:{r.decode}" if r.end_to_end else r.model
+        head = [f"{r.runtime}/{r.provider}", r.precision, model, str(r.batch_size), _gate_text(r)]
         if r.status != "ok":
             n = reasons.setdefault(r.reason, len(reasons) + 1)
             table.add_row(*head, f"[yellow]{r.status} [{n}][/yellow]", *[""] * 10)

@@ -25,9 +25,11 @@ from cfvit_deploy.progress import ProgressHook, report
 
 from . import machine
 from .plan import (
+    DECODE_MODES,
     DEFAULT_DURATION_S,
     BenchPlan,
     absolute,
+    check_end_to_end,
     check_graphs,
     check_request,
     check_timing,
@@ -69,12 +71,16 @@ def make_plan(
     checkpoint: str | Path | None,
     threads: int | None,
     graphs: str | Sequence[str] = ("pair",),
+    end_to_end: bool = False,
+    decodes: str | Sequence[str] = DECODE_MODES,
+    calibration: str | Path | None = None,
     **timing: Any,
 ) -> BenchPlan:
     """Check every argument and resolve every path (against this process's working directory)."""
     provider_list, precision_list, sizes, eta_list, fractions = check_request(
         providers, precisions, batch_sizes, etas, fine_fractions
     )
+    modes = check_end_to_end(end_to_end, decodes, timing["images"], precision_list or [], calibration)
     check_timing(
         timing["warmup"],
         timing["iterations"],
@@ -89,7 +95,8 @@ def make_plan(
     graph_list = check_graphs(graphs, manifest)
     gates = [("fine_fraction", f) for f in fractions] + [("eta", e) for e in eta_list]
     runtimes = [("openvino" if p == "openvino" else "onnxruntime", p) for p in provider_list]
-    cells = make_cells(runtimes, precision_list or [precision_label(manifest)], sizes, gates, torch, graph_list)
+    precisions_used = precision_list or [precision_label(manifest)]
+    cells = make_cells(runtimes, precisions_used, sizes, gates, torch, graph_list, modes)
     return BenchPlan(
         export_dir=export,
         manifest=manifest,
@@ -106,6 +113,8 @@ def make_plan(
         quiet_below=timing["quiet_below"],
         repeats=timing["repeats"],
         batch_sizes=sizes,
+        calibration=absolute(calibration),
+        decodes=modes,
     )
 
 
@@ -123,6 +132,8 @@ def _settings(plan: BenchPlan) -> dict[str, Any]:
         "iterations": plan.iterations,
         "duration_s": None if plan.iterations else plan.duration,
         "inputs": str(plan.images) if plan.images else "synthetic (seeded standard normal)",
+        "end_to_end_decodes": plan.decodes,
+        "calibration": str(plan.calibration) if plan.calibration else None,
         "export": str(plan.export_dir),
         "export_precision": plan.export_precision,
         "model": plan.manifest.model.to_dict(),
@@ -137,7 +148,9 @@ def _cell_folder(plan: BenchPlan, cell: Cell, m: _Measured, cache: Path) -> Path
         try:
             if cell.precision != plan.export_precision:
                 log.info("building the %s variant from the fp32 export", cell.precision)
-            m.variants[cell.precision] = variant_dir(plan.export_dir, plan.manifest, cell.precision, cache)
+            m.variants[cell.precision] = variant_dir(
+                plan.export_dir, plan.manifest, cell.precision, cache, plan.calibration
+            )
         except CFViTError as exc:
             m.variants[cell.precision] = f"cannot build the {cell.precision} variant: {exc}"
     return m.variants[cell.precision]
@@ -204,10 +217,12 @@ def _measure(plan: BenchPlan, progress: ProgressHook | None) -> _Measured:
         "checkpoint": str(plan.checkpoint),
     }
     with tempfile.TemporaryDirectory(prefix="cfvit-bench.") as tmp:
-        pool, n_real, m.skipped_images = load_pool(plan.manifest, plan.images, plan.batch_sizes)
+        loaded = load_pool(plan.manifest, plan.images, plan.batch_sizes)
+        m.skipped_images, n_real = loaded.skipped, loaded.n_real
+        base_spec["files"] = [str(p) for p in loaded.files]
         inputs = Path(tmp) / "inputs.npy"
-        np.save(inputs, pool)
-        del pool
+        np.save(inputs, loaded.pool)
+        del loaded
         cache = plan.cache_dir or Path(tmp) / "variants"
         for rep in range(plan.repeats):  # separate passes: a slow spell of the machine hits one run
             _measure_pass(plan, m, base_spec, inputs, n_real, cache, rep, progress)
@@ -260,6 +275,9 @@ def run_bench(
     etas: str | Sequence[float] = (),
     fine_fractions: str | Sequence[float] | None = None,
     images: str | Path | None = None,
+    end_to_end: bool = False,
+    decodes: str | Sequence[str] = DECODE_MODES,
+    calibration: str | Path | None = None,
     warmup: int = 3,
     iterations: int | None = None,
     duration: float | None = None,
@@ -282,9 +300,14 @@ def run_bench(
     Exactly the gates asked for are measured: `fine_fractions` default to (0.24, 0.52, 1.0) only when no
     `etas` are given; fraction 1.0 is the both-stages (η = 1) reference. `threads` (default: physical
     cores) is the same for every runtime; `graphs` ("pair", "single" or both) are what the gated rows
-    run: the two stage graphs (model ``cfvit``) and/or single.onnx (model ``cfvit-single``); sessions are built with the library's default
-    ``SessionConfig(threads=threads)``, as users get them. `torch` adds PyTorch eager rows from
-    `checkpoint` (default: the checkpoint recorded in the manifest). With `quiet_below` (a CPU %), a
+    run: the two stage graphs (model ``cfvit``) and/or single.onnx (model ``cfvit-single``); sessions
+    are built with the library's default ``SessionConfig(threads=threads)``, as users get them. `torch`
+    adds PyTorch eager rows from `checkpoint` (default: the checkpoint recorded in the manifest). With
+    `end_to_end` (needs `images`), every gated cell (of each graph in `graphs`) is also measured end to
+    end on the files, once per decode mode in `decodes`: ``infer`` on the folder's readable files
+    (decode + preprocessing + pipeline, its decode-ahead pool included) with a pipeline built as users
+    build it. ``int8-static`` in `precisions` is the calibrated QDQ variant, built from the fp32 export
+    with the images of `calibration` (a folder). With `quiet_below` (a CPU %), a
     cell waits (up to a minute) for other processes to use less than that share of the CPUs and is
     measured again (up to QUIET_RETRIES times, keeping the cleanest) when they used more. With `repeats`
     > 1, every cell is measured that many times in separate passes and keeps its fastest run

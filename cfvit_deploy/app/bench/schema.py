@@ -18,6 +18,14 @@ import numpy as np
 from cfvit_deploy.errors import CFViTError
 from cfvit_deploy.io import atomic_directory, atomic_write_path
 
+#: The int8 form of each int8 ``--precisions`` name: dynamic quantization, or static (calibrated QDQ).
+INT8_FORMS = {
+    "int8": "dynamic",
+    "int8-optimized": "dynamic",
+    "int8-static": "static",
+    "int8-static-optimized": "static",
+}
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -30,11 +38,15 @@ class Cell:
     batch_size: int
     gate: str  #: "eta" | "fine_fraction" | "none" (baseline)
     value: float | None = None  #: η or the target fine fraction
+    #: None: model only, on preallocated tensors; "exact" | "fast": end to end on the image files
+    #: (decode + preprocessing + pipeline, through ``infer``) with that decode mode
+    decode: str | None = None
 
     @property
     def label(self) -> str:
         gate = f" {self.gate}={self.value:g}" if self.value is not None else ""
-        return f"{self.runtime}/{self.provider} {self.precision} {self.model} b{self.batch_size}{gate}"
+        e2e = f" end-to-end decode={self.decode}" if self.decode else ""
+        return f"{self.runtime}/{self.provider} {self.precision} {self.model} b{self.batch_size}{gate}{e2e}"
 
 
 @dataclass
@@ -80,11 +92,31 @@ class BenchRow:
     speedup_vs_baseline: float | None = None
     baseline_precision: str | None = None  #: precision of the baseline row the speedup refers to
     isolation: str = "process"
+    #: False: model only, on preallocated tensors; True: decode + preprocessing + pipeline on the files
+    end_to_end: bool = False
+    decode: str | None = None  #: decode mode of an end-to-end row ("exact" | "fast")
+    int8_form: str | None = None  #: "dynamic" | "static" (calibrated QDQ) for int8 rows
+    # the threading the cell ran with (the SessionConfig fields that decide it), and infer's decode pool
+    threads: int | None = None
+    spin: bool | None = None
+    stop_spinning: bool | None = None
+    shared_threads: bool | None = None
+    graph_optimization: str | None = None
+    decode_workers: int | None = None  #: end-to-end rows: infer's decode-ahead threads
 
     @classmethod
     def for_cell(cls, cell: Cell, isolation: str, **values: Any) -> BenchRow:
         row = cls(
-            cell.runtime, cell.provider, cell.precision, cell.model, cell.batch_size, cell.gate, isolation=isolation
+            cell.runtime,
+            cell.provider,
+            cell.precision,
+            cell.model,
+            cell.batch_size,
+            cell.gate,
+            isolation=isolation,
+            end_to_end=cell.decode is not None,
+            decode=cell.decode,
+            int8_form=INT8_FORMS.get(cell.precision),
         )
         if cell.gate == "eta":
             row.eta = cell.value

@@ -15,10 +15,15 @@ MIN_ITERATIONS = 5
 
 
 def timed_loop(
-    call: Callable[[int], Any], n_batches: int, warmup: int, iterations: int | None, duration: float
+    call: Callable[[int], Any],
+    n_batches: int,
+    warmup: int,
+    iterations: int | None,
+    duration: float,
+    min_iterations: int = MIN_ITERATIONS,
 ) -> tuple[list[float], list[Any]]:
     """`warmup` untimed calls, then timed calls (`iterations`, or at least `duration` seconds and
-    MIN_ITERATIONS calls) ending on a whole pass over the `n_batches` input batches."""
+    `min_iterations` calls) ending on a whole pass over the `n_batches` input batches."""
     for i in range(warmup):
         call(i)
     times: list[float] = []
@@ -31,7 +36,7 @@ def timed_loop(
         times.append(perf_counter() - t0)
         outputs.append(out)
         i += 1
-        done = i >= iterations if iterations else (i >= MIN_ITERATIONS and perf_counter() - start >= duration)
+        done = i >= iterations if iterations else (i >= min_iterations and perf_counter() - start >= duration)
         if done and i % n_batches == 0:
             return times, outputs
 

@@ -32,7 +32,7 @@ def measure_torch(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -
             times, _ = timed_loop(
                 lambda i: model.fine_stage_dense(tensors[i % n], None), n, warmup, iterations, duration
             )
-            return {"times": times}
+            return {"times": times, "session_config": {"threads": spec["threads"]}}
         eta = cell.value
         if cell.gate == "fine_fraction":
             conf = torch.cat([confidence(model.coarse_stage(t).logits) for t in tensors]).numpy()
@@ -45,4 +45,4 @@ def measure_torch(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -
         if warmup:
             model.predict(tensors[0], 1.0)
         times, stages = timed_loop(call, n, max(warmup - 1, 0), iterations, duration)
-    return {"times": times, "stages": stages, "eta": eta}
+    return {"times": times, "stages": stages, "eta": eta, "session_config": {"threads": spec["threads"]}}

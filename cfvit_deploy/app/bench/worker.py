@@ -36,6 +36,8 @@ from .timing import MIN_ITERATIONS, eta_for_fine_fraction, timed_loop
 #: the timing helpers live in .timing (below the cells that use them); re-exported here
 __all__ = ["MIN_ITERATIONS", "eta_for_fine_fraction", "measure_cell", "peak_rss_mb", "run_isolated", "timed_loop"]
 
+#: Fewest timed passes of an end-to-end cell in duration mode (each pass is a whole infer run over the files).
+MIN_PASSES = 3
 #: The package root, put on the worker's PYTHONPATH (the worker runs this same source tree).
 _ROOT = Path(__file__).resolve().parents[3]
 
@@ -58,11 +60,72 @@ def _loop_args(spec: dict[str, Any]) -> tuple[int, int | None, float]:
     return spec["warmup"], spec["iterations"], spec["duration"]
 
 
+#: The SessionConfig fields that decide a cell's threading, recorded in its row.
+THREADING_FIELDS = ("threads", "spin", "stop_spinning", "shared_threads", "graph_optimization")
+
+
+def threading_of(config: Any) -> dict[str, Any]:
+    """The threading fields of a SessionConfig, as the row records them."""
+    return {name: getattr(config, name) for name in THREADING_FIELDS}
+
+
+def _pipeline(spec: dict[str, Any], cell: Cell, config: Any) -> Any:
+    """The gated cell's pipeline, exactly as users build it: ``CFViTPipeline(dir, provider, config=...)``,
+    with ``graph="single"`` (``--graph single``) for the single.onnx cells (model ``cfvit-single``)."""
+    from runtimes.pipeline import CFViTPipeline
+
+    if cell.model == "cfvit-single":
+        return CFViTPipeline(spec["export_dir"], cell.provider, config=config, graph="single")
+    return CFViTPipeline(spec["export_dir"], cell.provider, config=config)
+
+
+def _measure_end_to_end(spec: dict[str, Any], cell: Cell) -> dict[str, Any]:
+    """A pipeline cell end to end: ``infer`` over the files (decode with the cell's mode, preprocessing,
+    decode-ahead pool, pipeline), the pipeline built as users build it. One timed call is one pass over
+    the files; its time is reported per batch of `cell.batch_size` so rows compare with model-only rows."""
+    from cfvit_deploy.preprocessing import load_and_preprocess
+    from runtimes.backends import SessionConfig
+    from runtimes.infer import default_decode_workers, infer
+
+    files = [Path(f) for f in spec["files"]]
+    if not files:
+        raise ManifestError("end-to-end cells need image files (--images)")
+    config = SessionConfig(threads=spec["threads"])
+    pipe = _pipeline(spec, cell, config)
+    pp, eta = pipe.manifest.preprocessing, cell.value
+    # one untimed pass: decodes every file once (the OS caches it) and runs both sessions
+    decoded = np.stack([load_and_preprocess(f, pp, decode=cell.decode) for f in files])
+    confidence = np.concatenate(
+        [pipe.run(decoded[i : i + cell.batch_size], 1.0).confidence for i in range(0, len(files), cell.batch_size)]
+    )
+    del decoded
+    if cell.gate == "fine_fraction":
+        eta = eta_for_fine_fraction(confidence, float(cell.value))
+    batch = min(cell.batch_size, len(files))
+
+    def call(i: int) -> tuple[None, None, None, int]:
+        summary = infer(pipe, files, batch_size=batch, eta=eta, decode=cell.decode)
+        return None, None, None, summary.fine
+
+    _, iterations, duration = _loop_args(spec)
+    passes, stages = timed_loop(call, 1, 0, iterations, duration, MIN_PASSES)
+    per_batch = [t * batch / len(files) for t in passes]
+    return {
+        "times": per_batch,
+        "stages": stages,
+        "eta": eta,
+        "images_per_call": len(files),
+        "session_config": threading_of(config),
+        "decode_workers": default_decode_workers(),
+    }
+
+
 def _measure_onnx(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -> dict[str, Any]:
     """A cell of ONNX Runtime or OpenVINO, through the same constructors users call."""
     from runtimes.backends import SessionConfig, create_backend
-    from runtimes.pipeline import CFViTPipeline
 
+    if cell.decode is not None:
+        return _measure_end_to_end(spec, cell)
     config = SessionConfig(threads=spec["threads"])
     n, (warmup, iterations, duration) = len(batches), _loop_args(spec)
     if cell.model == "baseline":
@@ -73,12 +136,9 @@ def _measure_onnx(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -
         times, _ = timed_loop(
             lambda i: backend.run("baseline", {"images": batches[i % n]}), n, warmup, iterations, duration
         )
-        return {"times": times}
+        return {"times": times, "session_config": threading_of(config)}
     single = cell.model == "cfvit-single"
-    if single:
-        pipe = CFViTPipeline(spec["export_dir"], cell.provider, config=config, graph="single")
-    else:  # exactly as users build it
-        pipe = CFViTPipeline(spec["export_dir"], cell.provider, config=config)
+    pipe = _pipeline(spec, cell, config)
     eta = cell.value
     if cell.gate == "fine_fraction":
         confidence = np.concatenate([pipe.run(b, 0.0).confidence for b in batches])
@@ -94,7 +154,7 @@ def _measure_onnx(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -
     if warmup:
         pipe.run(batches[0], 1.0)  # both sessions run at least once, whatever the gate lets through
     times, stages = timed_loop(call, n, max(warmup - 1, 0), iterations, duration)
-    return {"times": times, "stages": stages, "eta": eta}
+    return {"times": times, "stages": stages, "eta": eta, "session_config": threading_of(config)}
 
 
 def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
