@@ -88,6 +88,28 @@ def test_end_to_end_rows_stand_beside_the_model_only_rows_with_the_machine():
     assert not any("end to end" in label for label, *_ in hr.headline_rows(model_only))
 
 
+def test_single_onnx_rows_stand_with_the_model_only_rows_beside_the_end_to_end_rows():
+    """Issue 25 x 26: a run with single.onnx cells and end-to-end cells shows both; the single.onnx row's
+    CF-ViT columns are the cfvit-single cells, its DeiT-S column the common baseline."""
+    single = _row("onnxruntime", "cpu", "fp32", 99.0)
+    single.model = "cfvit-single"
+    baseline = _row("onnxruntime", "cpu", "fp32", 30.0, model="baseline")
+    r = _result()
+    r.rows += [single, baseline]
+    labels = [label for label, *_ in hr.headline_rows(r)]
+    first_e2e = next(i for i, label in enumerate(labels) if "end to end" in label)
+    assert labels.index("ONNX Runtime CPU fp32, single.onnx: model only (tensors)") < first_e2e
+    lines = hr.headline_table(r)
+    row = next(line for line in lines if line.startswith("| ONNX Runtime CPU fp32, single.onnx: model only"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "99.0 img/s" and cells[6] == "30.0 img/s"  # b32 f=0.24 from single.onnx; DeiT-S baseline
+    pair = next(line for line in lines if line.startswith("| ONNX Runtime CPU fp32: model only"))
+    assert [c.strip() for c in pair.strip("|").split("|")][4] == "60.0 img/s"
+    assert any(line.startswith("| ONNX Runtime CPU fp32: camera JPEGs end to end, decode fast") for line in lines)
+    # without cfvit-single cells, no single.onnx rows
+    assert not any("single.onnx" in label for label, *_ in hr.headline_rows(_result()))
+
+
 def test_end_to_end_targets_judge_fast_decode_at_eta_1():
     targets = {t.name: t for t in ht.end_to_end_targets(_result())}
     fast = targets["end-to-end / model-only, fp32 batch 32 f=1, decode fast (camera JPEGs)"]
