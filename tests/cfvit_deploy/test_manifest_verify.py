@@ -7,10 +7,10 @@ import hashlib
 import json
 
 import pytest
-from test_manifest_fuzz import VALID, make_manifest, write_export
 
 from cfvit_deploy.errors import ManifestError
 from cfvit_deploy.manifest import FORMAT_VERSION, MIN_FORMAT_VERSION, Manifest, _check_format_version, sha256_file
+from tests.cfvit_deploy.test_manifest_fuzz import VALID, make_manifest, write_export
 
 
 def test_sha256_of_a_file_larger_than_one_read(tmp_path):

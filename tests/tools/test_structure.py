@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("cfvit_deploy", "exporters", "runtimes")
 SCRIPTS = ("cli", "benchmarks", "tools")
 # TODO(integrator): drop this once branch "ray" (issue 21: infer_ray removed) is merged; then no cycle is allowed.
