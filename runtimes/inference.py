@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from cfvit_deploy.checks import check_batch_size, check_eta, check_positive_int
-from cfvit_deploy.errors import ImageError, UsageError
+from cfvit_deploy.errors import CFViTError, ImageError, UsageError
 from cfvit_deploy.extras import require
 from cfvit_deploy.io import check_output
 from cfvit_deploy.manifest import Manifest
@@ -102,6 +102,8 @@ class InferSummary:
     overlays: int = 0  #: overlay PNGs written
     interrupted: bool = False
     signal: str | None = None  #: "SIGINT" or "SIGTERM" when interrupted
+    reason: str | None = None  #: why an engine stopped the run early (:class:`InferStopped`)
+    warnings: list[str] = field(default_factory=list)  #: what the engine recovered from (e.g. a lost Ray node)
     engine: str = "local"
     batch_size: int = 0  #: the batch size used (capped at the number of inputs)
     export: dict[str, Any] = field(default_factory=dict)  #: the export's identity
@@ -136,6 +138,8 @@ class InferSummary:
         return {
             "status": "interrupted" if self.interrupted else "complete",
             "signal": self.signal,
+            "reason": self.reason,
+            "warnings": self.warnings,
             "inputs": self.inputs,
             "rows": self.rows,
             "classified": self.images,
@@ -159,6 +163,16 @@ class InferInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted, {summary.rows} of {summary.inputs} inputs written")
         self.summary = summary
         self.signal_name = summary.signal or "SIGINT"  #: read by cfvit_deploy.signals.exit_code_for
+
+
+class InferStopped(CFViTError):
+    """An engine could not go on (e.g. no capacity left on a Ray cluster); the output holds the rows done so far.
+
+    Raised by an engine with the reason; :func:`run_rows` keeps the rows, records the reason in the
+    summary and raises it again with ``summary`` set and "interrupted, N of M inputs written" added.
+    """
+
+    summary: InferSummary | None = None
 
 
 def export_identity(manifest: Manifest) -> dict[str, Any]:
@@ -339,7 +353,7 @@ def run_rows(
     `force`, an output that another run put in place meanwhile is an ``OutputExistsError`` (nothing kept).
     """
     start = perf_counter()
-    interrupt: KeyboardInterrupt | None = None
+    interrupt: KeyboardInterrupt | InferStopped | None = None
     with contextlib.ExitStack() as stack:
         sink = None if output is None else stack.enter_context(open_sink(output, topk, force))
         report(progress, "infer", 0, summary.inputs)
@@ -355,6 +369,8 @@ def run_rows(
             interrupt = exc
             summary.interrupted = True
             summary.signal = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        except InferStopped as exc:  # the engine cannot go on: keep what is done, as on an interrupt
+            interrupt, summary.interrupted, summary.reason = exc, True, str(exc)
         finally:
             close = getattr(rows, "close", None)
             if close is not None:
@@ -362,6 +378,11 @@ def run_rows(
             summary.seconds = perf_counter() - start
     if output is not None:
         write_summary(output, summary, force)
+    if isinstance(interrupt, InferStopped):
+        where = f" to {output}" if output is not None else ""
+        interrupt.args = (f"{interrupt}; interrupted, {summary.rows} of {summary.inputs} inputs written{where}",)
+        interrupt.summary = summary
+        raise interrupt
     if interrupt is not None:
         log.debug("interrupted after %d of %d inputs", summary.rows, summary.inputs)
         raise InferInterrupted(summary) from interrupt

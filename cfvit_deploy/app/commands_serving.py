@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from cfvit_deploy.app.cli_support import (
 )
 from cfvit_deploy.errors import UsageError
 from cfvit_deploy.signals import exit_code_for, sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    from runtimes.ray_cluster import RayOptions
 
 
 @app.command("infer")
@@ -53,6 +56,11 @@ def infer_cmd(
         False,
         "--shared-export",
         help="Ray: actors load EXPORT_DIR by path (shared file system), not from the object store.",
+    ),
+    stall_timeout: Optional[float] = typer.Option(
+        None,
+        "--stall-timeout",
+        help="Ray: end the run (rows kept, exit 1) when no batch finishes for this long (s, default 120).",
     ),
 ) -> int:
     """Classify images with the gated two-stage pipeline: one row per input file.
@@ -93,10 +101,7 @@ def infer_cmd(
                 force=force,
                 overlay=overlay,
                 max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
-                address=address,
-                num_actors=num_actors,
-                actor_threads=actor_threads,
-                shared_export=shared_export,
+                ray=ray_options(address, num_actors, actor_threads, shared_export, stall_timeout),
                 on_row=None if output else show,
                 progress=progress,
             )
@@ -105,6 +110,8 @@ def infer_cmd(
             where = f" to {s.output}" if s.output else ""
             print(f"error: interrupted, {s.rows} of {s.inputs} inputs written{where}", file=sys.stderr)
             return exit_code_for(exc)
+    for line in s.warnings:  # faults the engine recovered from (a lost Ray node)
+        print(f"warning: {line}", file=sys.stderr)
     print(
         f"files: {s.inputs}  classified: {s.images}  exited at coarse: {s.exited} ({s.exit_rate:.1%})  "
         f"went to fine: {s.fine}  errors: {s.errors}  {s.images_per_s:.1f} img/s"
@@ -113,6 +120,23 @@ def infer_cmd(
         file=sys.stderr,
     )
     return 1 if s.errors else 0
+
+
+def ray_options(
+    address: Optional[str],
+    num_actors: Optional[int],
+    actor_threads: Optional[int],
+    shared_export: bool,
+    stall_timeout: Optional[float],
+) -> RayOptions | None:
+    """infer's RayOptions from the CLI's Ray flags (None when none was given: the local engine refuses the rest)."""
+    from runtimes.ray_cluster import DEFAULT_STALL_TIMEOUT, RayOptions
+
+    given = (address, num_actors, actor_threads, stall_timeout)
+    if all(v is None for v in given) and not shared_export:
+        return None
+    timeout = DEFAULT_STALL_TIMEOUT if stall_timeout is None else stall_timeout
+    return RayOptions(address, num_actors, actor_threads, shared_export, timeout)
 
 
 @app.command("bench")
