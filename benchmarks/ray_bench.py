@@ -30,8 +30,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtimes.infer import InferSummary, infer  # noqa: E402
-from runtimes.ray_engine import infer_ray, plan_actors  # noqa: E402
+from runtimes.infer import InferSummary, RayOptions, infer  # noqa: E402
+from runtimes.ray_cluster import plan_actors  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "upstream" / "deit_g7.pth"
@@ -119,13 +119,13 @@ def bench_ray(
         "actor_threads": plan.threads,
         "cpus_per_actor": plan.cpus_per_actor,
         **timed(
-            infer_ray,
+            infer,
             repeats,
-            export_dir=export,
+            source=export,
             inputs=images,
+            engine="ray",
             batch_size=BATCH,
-            num_actors=actors,
-            actor_threads=threads,
+            ray=RayOptions(num_actors=actors, actor_threads=threads),
         ),
     }
 

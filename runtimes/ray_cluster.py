@@ -31,6 +31,7 @@ from cfvit_deploy.extras import require
 
 #: Environment for a quiet Ray: no dedup summaries, no Ray Data progress bars or tips.
 _QUIET_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+log = logging.getLogger(__name__)
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 DEFAULT_STALL_TIMEOUT = 120.0  #: seconds without a finished batch before a run ends (``--stall-timeout``)
 _GRANULARITY = 1e-4  #: Ray's resource granularity
@@ -176,21 +177,51 @@ def ray_cluster(address: str = "local") -> Iterator[Any]:
     _quiet_ray()
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     handlers = _python_handlers()
+    with _cluster_messages_to_log():
+        try:
+            if address == "local":
+                ray.init(address="local", num_cpus=_machine_cpus(), include_dashboard=False, **quiet)
+            else:
+                ray.init(address=address, **quiet)
+        except (ConnectionError, ValueError, RuntimeError) as exc:  # nothing there; a bad address; no ray[client]
+            raise UsageError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+        finally:
+            _restore_handlers(handlers)
+        try:
+            yield ray
+        finally:
+            handlers = _python_handlers()
+            ray.shutdown()
+            _restore_handlers(handlers)
+
+
+@contextlib.contextmanager
+def _cluster_messages_to_log() -> Iterator[None]:
+    """Send the cluster's error messages to this module's DEBUG log instead of the driver's stdout.
+
+    Ray's driver prints every error the cluster publishes ("(raylet) Raylet is terminated...", "Task
+    ... failed ... will be retried", a lost node's last 20 log lines) to *stdout*, whatever
+    ``log_to_driver`` says, from a thread that calls ``ray._private.worker.print_to_stdstream``
+    (Ray 2.60). stdout holds the rows of ``cfvit infer`` without ``--output``, and the faults these
+    messages describe are handled and reported by the engine, so they go to the log here.
+    """
+    import importlib
+
+    worker = importlib.import_module("ray._private.worker")
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None:  # another Ray: nothing to redirect
+        yield
+        return
+
+    def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", ()):
+            log.debug("ray %s: %s", data.get("pid"), line)
+
+    worker.print_to_stdstream = to_log
     try:
-        if address == "local":
-            ray.init(address="local", num_cpus=_machine_cpus(), include_dashboard=False, **quiet)
-        else:
-            ray.init(address=address, **quiet)
-    except (ConnectionError, ValueError, RuntimeError) as exc:  # nothing there; a bad address; no ray[client]
-        raise UsageError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+        yield
     finally:
-        _restore_handlers(handlers)
-    try:
-        yield ray
-    finally:
-        handlers = _python_handlers()
-        ray.shutdown()
-        _restore_handlers(handlers)
+        worker.print_to_stdstream = original
 
 
 def _python_handlers() -> dict[int, Any]:

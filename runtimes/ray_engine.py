@@ -150,6 +150,8 @@ class _Driver:
         self.excluded: set[str] = set()  #: nodes that lost an actor (not used again in this run)
         self.generation, self.actors, self.layout = 0, [], None  # type: ignore[var-annotated]
         self.lost_nodes, self.redone, self.relayouts = 0, 0, 0
+        self.fault_at: float | None = None  #: when the last fault was noticed, until a batch finishes after it
+        self.recovered_s = 0.0  #: longest time from noticing a fault to the next finished batch
         self.last_progress = self.last_node_check = monotonic()
 
     # -- the pool -----------------------------------------------------------------------------------
@@ -192,6 +194,7 @@ class _Driver:
         self.flights.clear()
         self.todo.extendleft(reversed(redo))
         self.relayouts += 1
+        self.fault_at = self.fault_at or monotonic()
         log.debug("Ray pool laid out again (%s); %d batches to run again", why, len(redo))
         self._start_pool()
 
@@ -262,6 +265,9 @@ class _Driver:
                 InferRow.from_json({k: v for k, v in r.items() if k != "index"}) for r in records
             ]
             self.last_progress = monotonic()
+            if self.fault_at is not None:
+                self.recovered_s = max(self.recovered_s, self.last_progress - self.fault_at)
+                self.fault_at = None
 
     def _actor_lost(self, flight: _Flight, exc: Exception) -> None:
         if flight.generation != self.generation:
@@ -309,7 +315,8 @@ class _Driver:
         return (
             f"Ray: {self.lost_nodes} node(s) lost during the run; the pool was laid out again "
             f"{self.relayouts} time(s) ({self.layout.describe() if self.layout else 'no pool'}) and "
-            f"{self.redone} of {n} inputs were run again; every input has exactly one row"
+            f"{self.redone} of {n} inputs were run again (work resumed {self.recovered_s:.1f} s after the loss "
+            "was noticed); every input has exactly one row"
         )
 
 
