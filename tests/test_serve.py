@@ -518,7 +518,7 @@ def test_ray_serve_engine_gives_the_local_answers(export_dir, images, mixed_eta,
     pytest.importorskip("ray.serve")
     from starlette.testclient import TestClient
 
-    from cfvit_deploy.app.serve.ray_engine import RayServeEngine
+    from runtimes.ray_serve import RayServeEngine
 
     metrics = ServeMetrics()
     engine = RayServeEngine(

@@ -23,6 +23,7 @@ from typing import Any
 from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import PreprocessConfig
+from runtimes.engine import EngineBusy, ServingEngine
 
 from .metrics import ServeMetrics
 from .requests import (
@@ -53,7 +54,7 @@ def export_identity(export_dir: str | Path) -> dict[str, str]:
 
 @dataclass
 class AppState:
-    engine: Any  #: BatchingEngine or RayEngine: start, close, ready, expect, submit, depth, pending
+    engine: ServingEngine  #: runtimes.batching.BatchingEngine or runtimes.ray_serve.RayServeEngine
     identity: dict[str, str]
     preprocessing: PreprocessConfig
     limits: Limits
@@ -116,7 +117,7 @@ async def _answer(request: Any, state: AppState) -> Any:
     with engine.expect():
         eta, topk = parse_params(request.query_params)
         if not engine.ready:
-            raise _busy("closing" if getattr(engine, "closing", False) else "not ready")
+            raise _busy("closing" if engine.closing else "not ready")
         data = await _image_from_request(request, state)
         image = await asyncio.get_running_loop().run_in_executor(
             state.decoder, decode_image, data, state.preprocessing, state.limits.max_pixels
@@ -151,8 +152,6 @@ async def _classify(request: Any, state: AppState) -> Any:
     """POST /v1/classify: the answer, or one JSON error; every outcome is counted in the metrics."""
     from starlette.requests import ClientDisconnect
     from starlette.responses import Response
-
-    from runtimes.batching import EngineBusy
 
     start = perf_counter()
     try:
@@ -226,7 +225,7 @@ def _lifespan(state: AppState, on_load_error: Callable[[Exception], None] | None
 
 
 def create_app(
-    engine: Any,
+    engine: ServingEngine,
     export_dir: str | Path,
     limits: Limits | None = None,
     metrics: ServeMetrics | None = None,

@@ -20,6 +20,7 @@ from cfvit_deploy.checks import check_choice, check_positive_int
 from cfvit_deploy.errors import CFViTError, UsageError
 from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
+from runtimes.engine import ServingEngine
 
 from .app import create_app
 from .metrics import ServeMetrics
@@ -64,7 +65,7 @@ class ServeOptions:
         return self
 
 
-def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMetrics) -> Any:
+def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMetrics) -> ServingEngine:
     """The engine for `options.engine`: local two-stage batching, or Ray Serve deployments."""
     from runtimes.backends import SessionConfig, check_provider, create_backend
     from runtimes.batching import BatchingEngine, EngineConfig, EngineObserver, StageRunner
@@ -74,7 +75,7 @@ def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMe
     manifest = Manifest.load(export_dir)  # a broken export fails here, before the port is taken
     observer = EngineObserver(on_batch=metrics.on_batch, on_answer=metrics.on_answer)
     if options.engine == "ray":
-        from .ray_engine import RayServeEngine
+        from runtimes.ray_serve import RayServeEngine
 
         return RayServeEngine(export_dir, config, options.provider, options.threads, options.replicas, observer)
     session = SessionConfig(threads=options.threads, shared_threads=options.shared_threads)
