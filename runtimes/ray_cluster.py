@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,30 +174,45 @@ def ray_cluster(address: str = "local") -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    disconnect = connect_ray(address)
+    try:
+        yield ray
+    finally:
+        disconnect()
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None, **init: Any) -> Callable[[], None]:
+    """``ray.init`` for `address` (None or ``local``: a private cluster of `num_cpus`, default this machine's
+    cores), quiet, with Python's signal handlers kept; returns the function that disconnects again."""
+    ray = import_ray()
     _quiet_ray()
-    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     handlers = _python_handlers()
-    with _cluster_messages_to_log():
+    restore_messages = _cluster_messages_to_log()
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False, **init}
+    try:
+        if address in (None, "local"):
+            ray.init(address="local", num_cpus=num_cpus or _machine_cpus(), include_dashboard=False, **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    except (ConnectionError, ValueError, RuntimeError) as exc:  # nothing there; a bad address; no ray[client]
+        restore_messages()
+        raise UsageError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
+    finally:
+        _restore_handlers(handlers)
+
+    def disconnect() -> None:
+        handlers = _python_handlers()
         try:
-            if address == "local":
-                ray.init(address="local", num_cpus=_machine_cpus(), include_dashboard=False, **quiet)
-            else:
-                ray.init(address=address, **quiet)
-        except (ConnectionError, ValueError, RuntimeError) as exc:  # nothing there; a bad address; no ray[client]
-            raise UsageError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
-        finally:
-            _restore_handlers(handlers)
-        try:
-            yield ray
-        finally:
-            handlers = _python_handlers()
             ray.shutdown()
+        finally:
             _restore_handlers(handlers)
+            restore_messages()
+
+    return disconnect
 
 
-@contextlib.contextmanager
-def _cluster_messages_to_log() -> Iterator[None]:
-    """Send the cluster's error messages to this module's DEBUG log instead of the driver's stdout.
+def _cluster_messages_to_log() -> Callable[[], None]:
+    """Send the cluster's error messages to this module's DEBUG log instead of the driver's stdout; returns the undo.
 
     Ray's driver prints every error the cluster publishes ("(raylet) Raylet is terminated...", "Task
     ... failed ... will be retried", a lost node's last 20 log lines) to *stdout*, whatever
@@ -210,18 +225,17 @@ def _cluster_messages_to_log() -> Iterator[None]:
     worker = importlib.import_module("ray._private.worker")
     original = getattr(worker, "print_to_stdstream", None)
     if original is None:  # another Ray: nothing to redirect
-        yield
-        return
+        return lambda: None
 
     def to_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
         for line in data.get("lines", ()):
             log.debug("ray %s: %s", data.get("pid"), line)
 
-    worker.print_to_stdstream = to_log
-    try:
-        yield
-    finally:
+    def restore() -> None:
         worker.print_to_stdstream = original
+
+    worker.print_to_stdstream = to_log
+    return restore
 
 
 def _python_handlers() -> dict[int, Any]:

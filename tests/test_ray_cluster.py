@@ -183,3 +183,58 @@ def test_node_loss_costs_time_not_rows(cluster, export, images, tmp_path) -> Non
     warning, summary = stderr.splitlines()
     assert warning.startswith("warning: Ray: 1 node(s) lost during the run") and "inputs were run again" in warning
     assert summary.startswith(f"files: {N_IMAGES}  classified: {N_IMAGES}")
+
+
+def _post(port: int, body: bytes, timeout: float) -> tuple[int, dict[str, str], float]:
+    """POST an image (every image goes through both stages: eta=1); (status, headers, seconds)."""
+    import http.client
+
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/classify?eta=1&topk=1", body=body, headers={"content-type": "image/jpeg"})
+        response = conn.getresponse()
+        response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, time.monotonic() - started
+    finally:
+        conn.close()
+
+
+def test_serve_keeps_answering_when_a_replica_node_is_lost(cluster, export, images, tmp_path) -> None:
+    """`cfvit serve --engine ray --address` on the two nodes: the worker node killed under load; every request is
+    answered (200, or 503 with Retry-After while a stage has no replica), none hangs, answers come back, and
+    SIGTERM still ends the server cleanly (exit 0, no Ray stack dump)."""
+    from tests.ray_nodes import free_port, ray_env
+
+    if cluster.raylet(len(cluster.nodes) - 1) is None:  # the infer node-loss test took the worker
+        cluster.add_worker()
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "cli.py"), "serve", str(export), "--engine", "ray", "--address"]
+    cmd += [cluster.address, "--port", str(port), "--coarse-replicas", "1", "--fine-replicas", "2", "--threads", "1"]
+    server = subprocess.Popen(cmd, cwd=ROOT, env=ray_env(), stderr=subprocess.PIPE, text=True)
+    body = images[0].read_bytes()
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # ready: /readyz 200 (the deployments are up)
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not get ready"
+            try:
+                if _post(port, body, 30)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        cluster.kill_node(len(cluster.nodes) - 1)
+        statuses: list[int] = []
+        end = time.monotonic() + 150
+        while time.monotonic() < end and not (len(statuses) >= 10 and statuses[-5:] == [200] * 5):
+            status, headers, took = _post(port, body, 90)
+            assert took < 60, f"a request took {took:.0f} s"  # never held: the engine answers within its timeout
+            assert status == 200 or (status == 503 and "retry-after" in headers), status
+            statuses.append(status)
+        assert statuses[-5:] == [200] * 5, statuses  # recovered: answers again after the loss
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert server.returncode == 0, stderr
+    assert "SIGTERM received" not in stderr and "PC: @" not in stderr, stderr

@@ -371,6 +371,9 @@ def serve_cmd(
     ),
     coarse_replicas: int = typer.Option(1, "--coarse-replicas", help="Ray: replicas of the coarse deployment."),
     fine_replicas: int = typer.Option(1, "--fine-replicas", help="Ray: replicas of the fine deployment."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray: local (default, a private cluster), auto, or host:port of a cluster."
+    ),
 ) -> int:
     """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, /healthz, /readyz, /metrics.
 
@@ -396,5 +399,6 @@ def serve_cmd(
         shared_threads=shared_threads,
         engine=engine,
         replicas={"coarse": coarse_replicas, "fine": fine_replicas},
+        address=address,
     )
     return serve(export_dir, options)

@@ -49,6 +49,7 @@ class ServeOptions:
     shared_threads: bool = False
     engine: str = "local"
     replicas: dict[str, int] = field(default_factory=lambda: {"coarse": 1, "fine": 1})  #: Ray Serve only
+    address: str | None = None  #: Ray Serve only: local (default: a private cluster), auto, host:port
     log_level: str = "info"
 
     def check(self) -> ServeOptions:
@@ -62,6 +63,8 @@ class ServeOptions:
             check_positive_int(self.threads, "--threads")
         for stage, n in self.replicas.items():
             check_positive_int(n, f"--{stage}-replicas")
+        if self.address is not None and self.engine != "ray":
+            raise UsageError("--address needs --engine ray")
         return self
 
 
@@ -77,7 +80,9 @@ def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMe
     if options.engine == "ray":
         from runtimes.ray_serve import RayServeEngine
 
-        return RayServeEngine(export_dir, config, options.provider, options.threads, options.replicas, observer)
+        return RayServeEngine(
+            export_dir, config, options.provider, options.threads, options.replicas, observer, address=options.address
+        )
     session = SessionConfig(threads=options.threads, shared_threads=options.shared_threads)
     return BatchingEngine(lambda: StageRunner(create_backend(manifest, options.provider, session)), config, observer)
 
