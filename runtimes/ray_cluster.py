@@ -60,7 +60,6 @@ class RayOptions:
 
 def import_ray() -> Any:
     """The ``ray`` module, or a MissingExtraError naming ``cfvit-deploy[ray]``."""
-    require("pyarrow", "ray", "--engine ray")
     return require("ray", "ray", "--engine ray")
 
 

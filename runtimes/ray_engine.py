@@ -212,7 +212,9 @@ class _Driver:
             self._start_pool()
             while following < len(self.batches):
                 self._send()
-                ready, _ = self.ray.wait(list(self.flights), num_returns=1, timeout=_WAIT_S)
+                ready, _ = (
+                    self.ray.wait(list(self.flights), num_returns=1, timeout=_WAIT_S) if self.flights else ([], [])
+                )
                 for ref in ready:
                     self._take(ref)
                 while following in self.done:
@@ -245,7 +247,9 @@ class _Driver:
 
     def _take(self, ref: Any) -> None:
         """A result came back: keep its rows (once per batch), or handle the failure it carries."""
-        flight = self.flights.pop(ref)
+        flight = self.flights.pop(ref, None)
+        if flight is None:  # a call of a pool replaced while this wait's results were taken
+            return
         exceptions = self.ray.exceptions
         try:
             records = self.ray.get(ref)
@@ -274,8 +278,9 @@ class _Driver:
             return  # a call of a pool that was already replaced
         assert self.layout is not None
         node = self.layout.actor_nodes[flight.actor]
-        if "creation task" in str(exc) and node in alive_nodes(self.ray):  # the constructor raised
-            raise InferStopped(f"a Ray actor could not start: {_first_line(exc)}") from None
+        never_started = "creation task" in str(exc) or "never ran" in str(exc)  # its constructor raised, or Ray
+        if never_started and node in alive_nodes(self.ray):  # dropped it before it started: not a lost node
+            raise InferStopped(f"a Ray pipeline actor could not start: {_death_reason(exc)}") from None
         self.excluded.add(node)
         self.lost_nodes += 1
         self._relayout(f"actor lost on node {node[:8]}")
@@ -318,6 +323,12 @@ class _Driver:
             f"{self.redone} of {n} inputs were run again (work resumed {self.recovered_s:.1f} s after the loss "
             "was noticed); every input has exactly one row"
         )
+
+
+def _death_reason(exc: BaseException) -> str:
+    """Ray's line saying why an actor is dead (else the first line of its message)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    return next((line for line in lines if line.startswith("The actor is dead because")), _first_line(exc))
 
 
 def _first_line(exc: BaseException) -> str:

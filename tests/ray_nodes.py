@@ -10,6 +10,7 @@ when ``RAY_AUTH_MODE=disabled`` is set for every ``ray start`` (and the drivers)
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -143,6 +144,19 @@ class LocalCluster:
                 time.sleep(0.2)
         for proc in self.nodes:
             proc.wait(timeout=5)
+
+
+def post_image(port: int, body: bytes, timeout: float) -> tuple[int, dict[str, str], float]:
+    """POST an image (every image goes through both stages: eta=1); (status, headers, seconds)."""
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/classify?eta=1&topk=1", body=body, headers={"content-type": "image/jpeg"})
+        response = conn.getresponse()
+        response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, time.monotonic() - started
+    finally:
+        conn.close()
 
 
 def _name(proc: psutil.Process) -> str:

@@ -185,26 +185,11 @@ def test_node_loss_costs_time_not_rows(cluster, export, images, tmp_path) -> Non
     assert summary.startswith(f"files: {N_IMAGES}  classified: {N_IMAGES}")
 
 
-def _post(port: int, body: bytes, timeout: float) -> tuple[int, dict[str, str], float]:
-    """POST an image (every image goes through both stages: eta=1); (status, headers, seconds)."""
-    import http.client
-
-    started = time.monotonic()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("POST", "/v1/classify?eta=1&topk=1", body=body, headers={"content-type": "image/jpeg"})
-        response = conn.getresponse()
-        response.read()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, time.monotonic() - started
-    finally:
-        conn.close()
-
-
 def test_serve_keeps_answering_when_a_replica_node_is_lost(cluster, export, images, tmp_path) -> None:
     """`cfvit serve --engine ray --address` on the two nodes: the worker node killed under load; every request is
     answered (200, or 503 with Retry-After while a stage has no replica), none hangs, answers come back, and
     SIGTERM still ends the server cleanly (exit 0, no Ray stack dump)."""
-    from tests.ray_nodes import free_port, ray_env
+    from tests.ray_nodes import free_port, post_image, ray_env
 
     if cluster.raylet(len(cluster.nodes) - 1) is None:  # the infer node-loss test took the worker
         cluster.add_worker()
@@ -218,7 +203,7 @@ def test_serve_keeps_answering_when_a_replica_node_is_lost(cluster, export, imag
         while True:  # ready: /readyz 200 (the deployments are up)
             assert server.poll() is None and time.monotonic() < deadline, "the server did not get ready"
             try:
-                if _post(port, body, 30)[0] == 200:
+                if post_image(port, body, 30)[0] == 200:
                     break
             except OSError:
                 pass
@@ -227,7 +212,7 @@ def test_serve_keeps_answering_when_a_replica_node_is_lost(cluster, export, imag
         statuses: list[int] = []
         end = time.monotonic() + 150
         while time.monotonic() < end and not (len(statuses) >= 10 and statuses[-5:] == [200] * 5):
-            status, headers, took = _post(port, body, 90)
+            status, headers, took = post_image(port, body, 90)
             assert took < 60, f"a request took {took:.0f} s"  # never held: the engine answers within its timeout
             assert status == 200 or (status == 503 and "retry-after" in headers), status
             statuses.append(status)

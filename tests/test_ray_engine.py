@@ -265,6 +265,8 @@ def test_without_ray_says_how_to_install(monkeypatch, export, images, tmp_path, 
         (["--engine", "spark"], "--engine must be one of local, ray"),
         (["--num-actors", "2"], "need --engine ray"),
         (["--shared-export"], "need --engine ray"),
+        (["--stall-timeout", "5"], "need --engine ray"),
+        (["--engine", "ray", "--stall-timeout", "0"], "--stall-timeout must be a positive number"),
     ],
 )
 def test_usage_errors(export, images, tmp_path, monkeypatch, capsys, args, message) -> None:
@@ -331,3 +333,9 @@ def test_ray_interrupt_keeps_the_rows_done(ray_2cpu, export, images, local_rows,
     table = pd.read_parquet(out)
     assert list(table["path"]) == [r["path"] for r in local_rows[".jsonl"][:5]]
     assert json.loads(summary_path(out).read_text())["status"] == "interrupted"
+
+
+def test_serve_address_needs_the_ray_engine(export, capsys) -> None:
+    """`serve --address` is a Ray option, refused (exit 2, one line) with the local engine, before any work."""
+    assert cli.main(["serve", str(export), "--address", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --address needs --engine ray"
