@@ -339,3 +339,46 @@ def test_serve_address_needs_the_ray_engine(export, capsys) -> None:
     """`serve --address` is a Ray option, refused (exit 2, one line) with the local engine, before any work."""
     assert cli.main(["serve", str(export), "--address", "127.0.0.1:1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --address needs --engine ray"
+
+
+class _DyingHandle:
+    """A Ray Serve deployment handle whose replica died `deaths` times, then answers (row, batch 1, position 0)."""
+
+    def __init__(self, deaths: int) -> None:
+        self.deaths, self.calls = deaths, 0
+
+    def remote(self, item):
+        from ray.exceptions import ActorDiedError
+
+        self.calls += 1
+        dead = self.calls <= self.deaths
+
+        async def answer():
+            if dead:
+                raise ActorDiedError()
+            return ("row", 1, 0)
+
+        return answer()
+
+
+@pytest.mark.parametrize("deaths, want", [(2, "row"), (10**9, "unavailable")])
+def test_ray_serve_stage_call_retries_then_answers_503(export, deaths, want) -> None:
+    """A stage call whose replica died is sent again; past call_timeout_s it is EngineBusy("unavailable")
+    (the HTTP layer's 503 + Retry-After), never held."""
+    import asyncio
+    import time
+
+    pytest.importorskip("ray.serve")
+    from runtimes.engine import EngineBusy, EngineConfig
+    from runtimes.ray_serve import RayServeEngine
+
+    engine = RayServeEngine(export, EngineConfig(), call_timeout_s=1.0)
+    engine._handles = {"coarse": _DyingHandle(deaths)}
+    started = time.monotonic()
+    if want == "row":
+        assert asyncio.run(engine._call("coarse", None)) == "row" and engine.retries == 2
+    else:
+        with pytest.raises(EngineBusy, match="unavailable"):
+            asyncio.run(engine._call("coarse", None))
+        assert 0.5 < time.monotonic() - started < 10 and engine.retries >= 2
+    assert engine.depth("coarse") == 0
