@@ -4,7 +4,7 @@
 shell (:mod:`runtimes.inference`: sinks, summary, interrupts). The local engine decodes in a small
 thread pool with a bounded look-ahead (two batches), so decoding overlaps inference and memory
 stays flat however many files there are; it yields rows as each batch finishes. ``engine="ray"``
-runs the same rows on Ray Data (:mod:`runtimes.ray_engine`).
+runs the same rows on a Ray cluster (:mod:`runtimes.ray_engine`).
 
 Row fields: ``path``, ``stage`` (``coarse``: exited at the coarse stage; ``fine``), ``confidence``
 (max softmax of the coarse logits, the value compared with η), ``patches`` (coarse patches refined
@@ -34,7 +34,7 @@ from cfvit_deploy.checks import check_choice, check_positive_int
 from cfvit_deploy.errors import OutputExistsError, UsageError
 from cfvit_deploy.io import atomic_write_path
 from cfvit_deploy.manifest import Manifest
-from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS, PreprocessConfig
+from cfvit_deploy.preprocessing import DECODE_MODES, DEFAULT_MAX_PIXELS, PreprocessConfig
 from cfvit_deploy.progress import ProgressHook
 
 from .backends import SessionConfig, check_provider
@@ -145,6 +145,7 @@ def infer(
     force: bool = False,
     overlay: str | Path | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    decode: str = "exact",
     workers: int | None = None,
     ray: RayOptions | None = None,
     on_row: Callable[[InferRow], None] | None = None,
@@ -160,20 +161,33 @@ def infer(
     as ``progress("infer", done, total)``. `overlay` (local engine) is a folder that receives a PNG
     per fine-stage image. `engine="ray"` runs on a Ray cluster; `ray` holds its options
     (:class:`~runtimes.ray_cluster.RayOptions`; see :mod:`runtimes.ray_engine`).
-    Raises :class:`UsageError` before any work for bad arguments, and :class:`InferInterrupted` on
-    Ctrl-C or SIGTERM (after the rows done so far were written).
+    Raises :class:`UsageError` before any work for bad arguments, :class:`InferInterrupted` on
+    Ctrl-C or SIGTERM, and :class:`InferStopped` when the Ray engine cannot go on (no capacity, no
+    progress for ``ray.stall_timeout``); both after the rows done so far were written.
     """
     check_choice(engine, ENGINES, "--engine")
+    check_choice(decode, DECODE_MODES, "--decode")
     eta = check_arguments(eta, batch_size, topk, max_pixels)
     _check_engine_arguments(engine, source, provider, config, overlay, workers, ray)
     out = check_output_path(output, force)
     paths = find_inputs(inputs, recursive)
     manifest = _manifest(source)
     job = InferJob(
-        paths, eta, fit_batch_size(batch_size, len(paths), manifest), min(topk, manifest.num_classes), max_pixels, out
+        paths,
+        eta,
+        fit_batch_size(batch_size, len(paths), manifest),
+        min(topk, manifest.num_classes),
+        max_pixels,
+        out,
+        decode,
     )
     summary = InferSummary(
-        inputs=len(paths), output=out, engine=engine, batch_size=job.batch_size, export=export_identity(manifest)
+        inputs=len(paths),
+        output=out,
+        engine=engine,
+        decode=decode,
+        batch_size=job.batch_size,
+        export=export_identity(manifest),
     )
     if engine == "ray":
         from .ray_engine import ray_rows
@@ -254,7 +268,7 @@ class LocalEngine:
         self.buffer = np.empty((job.batch_size, 3, s, s), dtype=np.float32)
 
     def _decode(self, path: Path) -> np.ndarray | str:
-        return decode_image(path, self.manifest.preprocessing, self.job.max_pixels)
+        return decode_image(path, self.manifest.preprocessing, self.job.max_pixels, self.job.decode)
 
     def rows(self) -> Iterator[InferRow]:
         """The rows of every input, batch by batch; closing the generator stops the decode threads."""

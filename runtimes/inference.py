@@ -105,6 +105,7 @@ class InferSummary:
     reason: str | None = None  #: why an engine stopped the run early (:class:`InferStopped`)
     warnings: list[str] = field(default_factory=list)  #: what the engine recovered from (e.g. a lost Ray node)
     engine: str = "local"
+    decode: str = "exact"  #: the decode mode (exact or fast)
     batch_size: int = 0  #: the batch size used (capped at the number of inputs)
     export: dict[str, Any] = field(default_factory=dict)  #: the export's identity
 
@@ -150,6 +151,7 @@ class InferSummary:
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.images_per_s, 2),
             "engine": self.engine,
+            "decode": self.decode,
             "batch_size": self.batch_size,
             "output": None if self.output is None else str(self.output),
             "export": self.export,
@@ -209,10 +211,10 @@ def collect_inputs(inputs: Iterable[str | Path], recursive: bool = False) -> lis
     return list(found)
 
 
-def decode_image(path: Path, pp: PreprocessConfig, max_pixels: int | None) -> np.ndarray | str:
+def decode_image(path: Path, pp: PreprocessConfig, max_pixels: int | None, decode: str = "exact") -> np.ndarray | str:
     """The preprocessed image, or why it cannot be read (never raises: one bad file must not stop the run)."""
     try:
-        return load_and_preprocess(path, pp, max_pixels)
+        return load_and_preprocess(path, pp, max_pixels, decode=decode)
     except ImageError as exc:  # its message starts with the path, which the row already has
         return str(exc).removeprefix(f"{path}: ")
     except Exception as exc:  # anything PIL did not anticipate
@@ -255,6 +257,7 @@ class InferJob:
     topk: int  #: capped at the number of classes by the engine's manifest
     max_pixels: int | None
     output: Path | None
+    decode: str = "exact"  #: preprocessing.DECODE_MODES
 
 
 def check_arguments(eta: Any, batch_size: Any, topk: Any, max_pixels: Any) -> float | None:

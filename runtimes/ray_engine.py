@@ -240,7 +240,7 @@ class _Driver:
             if batch in self.done:
                 continue
             items = [(i, str(self.job.paths[i]), str(self.job.paths[i].absolute())) for i in self.batches[batch]]
-            decode = self.decode.remote(items, self.pp, self.job.max_pixels)
+            decode = self.decode.remote(items, self.pp, self.job.max_pixels, self.job.decode)
             result = self.actors[actor].run.remote(decode)
             self.flights[result] = _Flight(batch, decode, result, actor, self.generation)
             load[actor] += 1
@@ -335,13 +335,15 @@ def _first_line(exc: BaseException) -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
-def _decode_batch(items: list[tuple[int, str, str]], pp: PreprocessConfig, max_pixels: int | None) -> dict[str, Any]:
+def _decode_batch(
+    items: list[tuple[int, str, str]], pp: PreprocessConfig, max_pixels: int | None, decode: str = "exact"
+) -> dict[str, Any]:
     """Decode task: ``image`` (zeros for unreadable files), ``ok`` and ``error`` (the local engine's reason)."""
     n = len(items)
     images = np.zeros((n, 3, pp.crop_size, pp.crop_size), dtype=np.float32)
     ok, errors = np.ones(n, dtype=bool), [""] * n
     for i, (_, _, file) in enumerate(items):
-        item = decode_image(Path(file), pp, max_pixels)
+        item = decode_image(Path(file), pp, max_pixels, decode)
         if isinstance(item, str):
             ok[i], errors[i] = False, item
         else:

@@ -124,10 +124,10 @@ def test_explicit_files_are_always_attempted(export_dir, folder, tmp_path):
 def test_unexpected_decode_failure_is_an_error_row(export_dir, folder, tmp_path, monkeypatch):
     real = inference_mod.load_and_preprocess
 
-    def flaky(path, pp, max_pixels):
+    def flaky(path, pp, max_pixels, **kwargs):
         if Path(path).name == "b.JPG":
             raise RuntimeError("boom")
-        return real(path, pp, max_pixels)
+        return real(path, pp, max_pixels, **kwargs)
 
     monkeypatch.setattr(inference_mod, "load_and_preprocess", flaky)
     out = tmp_path / "r.jsonl"
@@ -262,9 +262,9 @@ def test_decoding_look_ahead_is_bounded(export_dir, tmp_path, monkeypatch):
     decoded, emitted, batch = [0], [0], 3
     real = inference_mod.load_and_preprocess
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         decoded[0] += 1
-        return real(*args)
+        return real(*args, **kwargs)
 
     class Watching(CFViTPipeline):
         def run(self, images, eta=None):

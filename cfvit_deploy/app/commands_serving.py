@@ -43,6 +43,9 @@ def infer_cmd(
     max_pixels: Optional[int] = typer.Option(
         None, "--max-pixels", help="Largest image accepted (default 89,478,485 pixels)."
     ),
+    decode: str = typer.Option(
+        "exact", "--decode", help="exact | fast (JPEG draft mode and reducing resize: faster on large photos)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite the output file and overlay PNGs."),
     engine: str = typer.Option("local", "--engine", help="local | ray (Ray Data; pip install 'cfvit-deploy[ray]')."),
     address: Optional[str] = typer.Option(
@@ -101,6 +104,7 @@ def infer_cmd(
                 force=force,
                 overlay=overlay,
                 max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                decode=decode,
                 ray=ray_options(address, num_actors, actor_threads, shared_export, stall_timeout),
                 on_row=None if output else show,
                 progress=progress,
@@ -250,6 +254,7 @@ def sweep_cmd(
         help="Choose the most accurate eta within this measured ms per image (at --batch-size).",
     ),
     write_eta: bool = typer.Option(False, "--write-eta", help="Store the chosen eta as the export's default_eta."),
+    decode: str = typer.Option("exact", "--decode", help="exact | fast (JPEG draft mode, reducing resize)."),
     out: Path = typer.Option(Path("sweep"), "--out", "-o", help="Output folder (sweep.json, sweep.csv, sweep.png)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
@@ -279,6 +284,7 @@ def sweep_cmd(
         allow_fallback=allow_fallback,
         max_drop=max_drop,
         max_latency_ms=max_latency_ms,
+        decode=decode,
         progress=lambda task, done, total: console.print(f"[dim]{task}: eta {done}/{total}[/dim]"),
     )
     table = Table(title=f"cfvit sweep: {result.n_images} images, {provider}, batch {batch_size}")
@@ -360,6 +366,12 @@ def serve_cmd(
         20 * 1024 * 1024, "--max-bytes", help="Largest request body (bytes); beyond it: 413."
     ),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (width x height); beyond it: 413."),
+    decode_pixels: int = typer.Option(
+        64_000_000,
+        "--decode-pixels",
+        help="Most pixels (width x height, summed) decoded at once; beyond it: 503 with Retry-After.",
+    ),
+    decode: str = typer.Option("exact", "--decode", help="exact | fast (JPEG draft mode, reducing resize)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
     shared_threads: bool = typer.Option(
         False,
@@ -395,6 +407,8 @@ def serve_cmd(
         max_queue=max_queue,
         max_bytes=max_bytes,
         max_pixels=max_pixels,
+        decode_pixels=decode_pixels,
+        decode=decode,
         threads=threads,
         shared_threads=shared_threads,
         engine=engine,

@@ -25,6 +25,7 @@ from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import PreprocessConfig
 from runtimes.engine import EngineBusy, ServingEngine
 
+from .decoding import PixelBudget, decode_request
 from .metrics import ServeMetrics
 from .requests import (
     MULTIPART,
@@ -32,7 +33,6 @@ from .requests import (
     Limits,
     check_content_type,
     check_declared_length,
-    decode_image,
     file_from_form,
     parse_params,
     read_body,
@@ -65,6 +65,10 @@ class AppState:
     decoder: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="cfvit-decode")
     )
+    decode_budget: PixelBudget = field(init=False)  #: pixels being decoded, at most limits.decode_pixels
+
+    def __post_init__(self) -> None:
+        self.decode_budget = PixelBudget(self.limits.decode_pixels)
 
 
 def _error(exc: BadRequest, headers: dict[str, str] | None = None) -> Any:
@@ -120,8 +124,9 @@ async def _answer(request: Any, state: AppState) -> Any:
         if not engine.ready:
             raise _busy("closing" if engine.closing else "not ready")
         data = await _image_from_request(request, state)
-        image = await asyncio.get_running_loop().run_in_executor(
-            state.decoder, decode_image, data, state.preprocessing, state.limits.max_pixels
+        limits = state.limits
+        image = await decode_request(
+            data, state.preprocessing, limits.max_pixels, state.decode_budget, state.decoder, limits.decode
         )
     work = asyncio.ensure_future(engine.submit(image, eta, topk))
     gone = asyncio.ensure_future(_client_gone(request))

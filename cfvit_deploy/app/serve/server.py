@@ -20,6 +20,7 @@ from cfvit_deploy.checks import check_choice, check_positive_int
 from cfvit_deploy.errors import CFViTError, UsageError
 from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
+from cfvit_deploy.preprocessing import DECODE_MODES
 from runtimes.engine import ServingEngine
 
 from .app import create_app
@@ -43,6 +44,8 @@ class ServeOptions:
     max_queue: int = 256
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int | None = 40_000_000
+    decode_pixels: int | None = 64_000_000  #: most pixels being decoded at once; beyond it: 503 (None: no bound)
+    decode: str = "exact"  #: preprocessing.DECODE_MODES
     threads: int | None = None  #: intra-op threads per session, or of the shared pool (None: the runtime's default)
     #: ONNX Runtime's process-wide pool for both sessions instead of SessionConfig()'s default (a pool per
     #: session that spins only while its graph runs: the measured fastest, as infer and bench use it)
@@ -57,6 +60,9 @@ class ServeOptions:
         check_positive_int(self.max_bytes, "--max-bytes")
         if self.max_pixels is not None:
             check_positive_int(self.max_pixels, "--max-pixels")
+        if self.decode_pixels is not None:
+            check_positive_int(self.decode_pixels, "--decode-pixels")
+        check_choice(self.decode, DECODE_MODES, "--decode")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be an integer in [0, 65535], got {self.port!r}")
         if self.threads is not None:
@@ -96,7 +102,8 @@ def build_app(
     options = (options or ServeOptions()).check()
     metrics = ServeMetrics()
     engine = build_engine(export_dir, options, metrics)
-    return create_app(engine, export_dir, Limits(options.max_bytes, options.max_pixels), metrics, on_load_error)
+    limits = Limits(options.max_bytes, options.max_pixels, options.decode_pixels, options.decode)
+    return create_app(engine, export_dir, limits, metrics, on_load_error)
 
 
 def serve(export_dir: str | Path, options: ServeOptions | None = None, sockets: list[Any] | None = None) -> int:
