@@ -77,29 +77,37 @@ class LocalCluster:
         self.wait_for_nodes(1 + self.workers, timeout)
         return self
 
-    def add_worker(self, timeout: float = 120) -> int:
-        """Start one more worker node (e.g. after one was killed); its index in :attr:`nodes`."""
-        alive = self.alive_nodes()
+    def add_worker(self, timeout: float = 180) -> int:
+        """Start one more worker node (e.g. after one was killed); its index in :attr:`nodes`.
+
+        Waits until the cluster's alive nodes are exactly the nodes whose raylet runs (a killed node is
+        marked dead by the GCS only after its health checks fail)."""
         self._start_node("--address", self.address)
-        self.wait_for_nodes(alive + 1, timeout, live_only=True)
-        return len(self.nodes) - 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = self.raylets()
+            if self.raylet(len(self.nodes) - 1) is not None and self.alive_nodes() == live:
+                return len(self.nodes) - 1
+            time.sleep(1)
+        raise TimeoutError(f"the new worker node did not join in {timeout} s")
 
     def alive_nodes(self) -> int:
         """Alive nodes as the GCS sees them (asked by a short-lived driver)."""
         code = (
             "import ray, sys\n"
             f"ray.init(address='{self.address}', logging_level='ERROR', log_to_driver=False)\n"
-            "print(sum(n['Alive'] for n in ray.nodes()))\n"
+            "print(sum(n['Alive'] for n in ray.nodes()), flush=True)\n"
         )
         proc = subprocess.run(
             [sys.executable, "-c", code], env=ray_env(), capture_output=True, text=True, timeout=60, check=False
         )
-        return int(proc.stdout.strip() or 0)
+        counts = [line for line in proc.stdout.splitlines() if line.strip().isdigit()]  # Ray prints to stdout too
+        return int(counts[-1]) if counts else 0
 
-    def wait_for_nodes(self, n: int, timeout: float, live_only: bool = False) -> None:
+    def wait_for_nodes(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not live_only and any(p.poll() is not None for p in self.nodes):
+            if any(p.poll() is not None for p in self.nodes):
                 raise RuntimeError(f"a ray start process exited; see {self.tmp.parent}/node*.log")
             if self.raylets() >= n and self.alive_nodes() >= n:
                 return
