@@ -162,9 +162,14 @@ class _Driver:
             raise InferStopped(f"no Ray node with CPUs is left to run the job ({self._demand()})")
         opts = self.options
         want = min(opts.num_actors or 0, len(self.batches)) or None
-        layout = layout_pool(nodes, want, opts.actor_threads)
-        if opts.num_actors is None and layout.plan.num_actors > len(self.batches):  # an actor per batch at most
-            layout = layout_pool(nodes, len(self.batches), layout.plan.threads)
+        try:
+            layout = layout_pool(nodes, want, opts.actor_threads)
+            if opts.num_actors is None and layout.plan.num_actors > len(self.batches):  # an actor per batch at most
+                layout = layout_pool(nodes, len(self.batches), layout.plan.threads)
+        except UsageError as exc:
+            if self.layout is None:  # before any work: a usage error (exit 2)
+                raise
+            raise InferStopped(f"the Ray nodes left cannot hold the pool: {exc}") from None  # rows kept
         self.layout, self.generation = layout, self.generation + 1
         actor_class = self.ray.remote(_PipelineActor)
         self.actors = [
