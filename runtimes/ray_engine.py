@@ -44,9 +44,10 @@ from cfvit_deploy.manifest import MANIFEST_NAME, Manifest
 from cfvit_deploy.preprocessing import PreprocessConfig
 
 from .backends import SessionConfig, check_provider
-from .inference import InferJob, InferRow, InferStopped, decode_image, rows_for_batch
+from .inference import InferJob, InferStopped, decode_image
 from .pipeline import CFViTPipeline
 from .ray_cluster import PoolLayout, RayOptions, alive_nodes, import_ray, layout_pool, ray_cluster
+from .rows import InferRow, rows_for_batch
 
 __all__ = ["CPU_PROVIDERS", "RayOptions", "check_ray_arguments", "ray_rows"]
 

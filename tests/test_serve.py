@@ -374,7 +374,7 @@ def test_client_that_disconnects_costs_nothing(export_dir):
             assert held.result(TIMEOUT).status_code == 200
         assert sent == [] and sizes == [1]  # nothing sent to the gone client; it never reached the graph
         assert state.engine.pending == 0
-        assert 'cfvit_requests_total{status="499"} 1.0' in c.get("/metrics").text
+        assert 'cfvit_requests_total{protocol="v1",status="499"} 1.0' in c.get("/metrics").text
 
 
 async def _disconnecting_request(app, body: bytes) -> list:
@@ -447,7 +447,7 @@ def test_client_gone_while_sending_its_body(export_dir):
         answered = c.portal.call(_request_then_gone, app)
         assert (
             answered == []
-        )  # no error answer (a 499 goes nowhere: the connection is closed) and 'cfvit_requests_total{status="499"} 1.0' in c.get("/metrics").text
+        )  # no error answer (a 499 goes nowhere: the connection is closed) and 'cfvit_requests_total{protocol="v1",status="499"} 1.0' in c.get("/metrics").text
         assert c.post("/v1/classify", content=_png(), headers={"content-type": "image/png"}).status_code == 200
 
 

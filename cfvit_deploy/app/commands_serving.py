@@ -386,8 +386,10 @@ def serve_cmd(
     address: Optional[str] = typer.Option(
         None, "--address", help="Ray: local (default, a private cluster), auto, or host:port of a cluster."
     ),
+    model_name: str = typer.Option("cfvit", "--model-name", help="The model's name on the /v2 routes (KServe v2)."),
 ) -> int:
-    """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, /healthz, /readyz, /metrics.
+    """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, the KServe v2 routes
+    (/v2/models/NAME/infer ...), /healthz, /readyz, /metrics.
 
     SIGTERM stops accepting, answers every queued request and exits 0. See docs/serve.md.
     """
@@ -414,5 +416,6 @@ def serve_cmd(
         engine=engine,
         replicas={"coarse": coarse_replicas, "fine": fine_replicas},
         address=address,
+        model_name=model_name,
     )
     return serve(export_dir, options)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +20,7 @@ from time import perf_counter
 from typing import Any
 
 from cfvit_deploy.extras import require
-from cfvit_deploy.manifest import Manifest
+from cfvit_deploy.manifest import Manifest, export_identity
 from cfvit_deploy.preprocessing import PreprocessConfig
 from runtimes.engine import EngineBusy, ServingEngine
 
@@ -37,6 +36,7 @@ from .requests import (
     parse_params,
     read_body,
 )
+from .v2_routes import V2Routes
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
@@ -44,18 +44,10 @@ RETRY_AFTER_S = 1
 CLIENT_GONE = 499
 
 
-def export_identity(export_dir: str | Path) -> dict[str, str]:
-    """The export's identity: the sha256 of its manifest.json (which holds every graph's sha256)."""
-    path = Path(export_dir) / "manifest.json"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest = Manifest.load(export_dir, verify=False)
-    return {"manifest_sha256": digest, "arch": manifest.model.arch, "precision": manifest.precision}
-
-
 @dataclass
 class AppState:
     engine: ServingEngine  #: runtimes.batching.BatchingEngine or runtimes.ray_serve.RayServeEngine
-    identity: dict[str, str]
+    identity: dict[str, Any]  #: cfvit_deploy.manifest.export_identity, without the folder
     preprocessing: PreprocessConfig
     limits: Limits
     metrics: ServeMetrics
@@ -236,8 +228,9 @@ def create_app(
     limits: Limits | None = None,
     metrics: ServeMetrics | None = None,
     on_load_error: Callable[[Exception], None] | None = None,
+    model_name: str = "cfvit",
 ) -> Any:
-    """The Starlette app serving `engine` for the export in `export_dir`.
+    """The Starlette app serving `engine` for the export in `export_dir` (/v1, and /v2 as `model_name`).
 
     The engine is started (sessions created and warmed up) in the background when the app starts,
     and closed, answering every accepted request first, when it shuts down. If it cannot start,
@@ -249,7 +242,8 @@ def create_app(
 
     manifest = Manifest.load(export_dir, verify=False)
     metrics = metrics or ServeMetrics()
-    state = AppState(engine, export_identity(export_dir), manifest.preprocessing, limits or Limits(), metrics)
+    identity = export_identity(manifest, with_directory=False)
+    state = AppState(engine, identity, manifest.preprocessing, limits or Limits(), metrics)
     metrics.watch(engine)
 
     async def classify(request: Any) -> Any:
@@ -266,6 +260,7 @@ def create_app(
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *V2Routes(state, manifest, model_name).routes(),  # the Open Inference Protocol (docs/serve.md)
     ]
     app = Starlette(routes=routes, lifespan=_lifespan(state, on_load_error))
     app.state.serve = state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -54,9 +55,16 @@ class ServeOptions:
     replicas: dict[str, int] = field(default_factory=lambda: {"coarse": 1, "fine": 1})  #: Ray Serve only
     address: str | None = None  #: Ray Serve only: local (default: a private cluster), auto, host:port
     log_level: str = "info"
+    model_name: str = "cfvit"  #: the model's name on the v2 (Open Inference Protocol) routes
 
     def check(self) -> ServeOptions:
         check_choice(self.engine, ENGINES, "--engine")
+        if not isinstance(self.model_name, str) or not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.model_name
+        ):
+            raise UsageError(
+                f"--model-name must be letters, digits, '_', '.' or '-' (URL-safe), got {self.model_name!r}"
+            )
         check_positive_int(self.max_bytes, "--max-bytes")
         if self.max_pixels is not None:
             check_positive_int(self.max_pixels, "--max-pixels")
@@ -103,7 +111,7 @@ def build_app(
     metrics = ServeMetrics()
     engine = build_engine(export_dir, options, metrics)
     limits = Limits(options.max_bytes, options.max_pixels, options.decode_pixels, options.decode)
-    return create_app(engine, export_dir, limits, metrics, on_load_error)
+    return create_app(engine, export_dir, limits, metrics, on_load_error, model_name=options.model_name)
 
 
 def serve(export_dir: str | Path, options: ServeOptions | None = None, sockets: list[Any] | None = None) -> int:
