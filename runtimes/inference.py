@@ -31,11 +31,7 @@ from typing import Any
 import numpy as np
 
 from cfvit_deploy.checks import check_batch_size, check_eta, check_positive_int
-<<<<<<< HEAD
-from cfvit_deploy.errors import CFViTError, ImageError, UsageError
-=======
-from cfvit_deploy.errors import ImageError, OutputError, UsageError
->>>>>>> main
+from cfvit_deploy.errors import CFViTError, ImageError, OutputError, UsageError
 from cfvit_deploy.extras import require
 from cfvit_deploy.io import check_output
 from cfvit_deploy.manifest import Manifest, export_identity
@@ -83,7 +79,6 @@ class InferInterrupted(KeyboardInterrupt):
         self.signal_name = summary.signal or "SIGINT"  #: read by cfvit_deploy.signals.exit_code_for
 
 
-<<<<<<< HEAD
 class InferStopped(CFViTError):
     """An engine could not go on (e.g. no capacity left on a Ray cluster); the output holds the rows done so far.
 
@@ -92,11 +87,11 @@ class InferStopped(CFViTError):
     """
 
     summary: InferSummary | None = None
-=======
+
+
 class OverlaysFailed(OutputError):
     """An overlay PNG could not be written (disk full, read-only, ...): raised by an engine after its
     last row, so that the rows output is still completed before the run fails."""
->>>>>>> main
 
 
 # -- inputs and rows ----------------------------------------------------------------------------
@@ -243,12 +238,8 @@ def run_rows(
     `force`, an output that another run put in place meanwhile is an ``OutputExistsError`` (nothing kept).
     """
     start = perf_counter()
-<<<<<<< HEAD
     interrupt: KeyboardInterrupt | InferStopped | None = None
-=======
-    interrupt: KeyboardInterrupt | None = None
     overlays_failed: OverlaysFailed | None = None
->>>>>>> main
     with contextlib.ExitStack() as stack:
         sink = None if output is None else stack.enter_context(open_sink(output, topk, force))
         report(progress, "infer", 0, summary.inputs)
@@ -264,13 +255,10 @@ def run_rows(
             interrupt = exc
             summary.interrupted = True
             summary.signal = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
-<<<<<<< HEAD
         except InferStopped as exc:  # the engine cannot go on: keep what is done, as on an interrupt
             interrupt, summary.interrupted, summary.reason = exc, True, str(exc)
-=======
         except OverlaysFailed as exc:  # every row is in the sink: keep the output, then fail
             overlays_failed = exc
->>>>>>> main
         finally:
             close = getattr(rows, "close", None)
             if close is not None:

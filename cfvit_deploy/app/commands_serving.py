@@ -383,10 +383,9 @@ def serve_cmd(
     ),
     coarse_replicas: int = typer.Option(1, "--coarse-replicas", help="Ray: replicas of the coarse deployment."),
     fine_replicas: int = typer.Option(1, "--fine-replicas", help="Ray: replicas of the fine deployment."),
-<<<<<<< HEAD
     address: Optional[str] = typer.Option(
         None, "--address", help="Ray: local (default, a private cluster), auto, or host:port of a cluster."
-=======
+    ),
     body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds for a request's body; beyond: 408."),
     header_timeout: float = typer.Option(
         10.0, "--header-timeout", help="Seconds for a request's headers (from connect or the last answer); beyond: 408."
@@ -396,7 +395,6 @@ def serve_cmd(
     ),
     max_connections: int = typer.Option(
         512, "--max-connections", help="Open connections beyond which a new one gets 503 and is closed."
->>>>>>> main
     ),
     model_name: str = typer.Option("cfvit", "--model-name", help="The model's name on the /v2 routes (KServe v2)."),
 ) -> int:
@@ -428,14 +426,11 @@ def serve_cmd(
         shared_threads=shared_threads,
         engine=engine,
         replicas={"coarse": coarse_replicas, "fine": fine_replicas},
-<<<<<<< HEAD
         address=address,
-=======
         body_timeout=body_timeout,
         header_timeout=header_timeout,
         drain_timeout=drain_timeout,
         max_connections=max_connections,
->>>>>>> main
         model_name=model_name,
     )
     return serve(export_dir, options)

@@ -90,17 +90,14 @@ class ServeOptions:
             check_positive_int(self.threads, "--threads")
         for stage, n in self.replicas.items():
             check_positive_int(n, f"--{stage}-replicas")
-<<<<<<< HEAD
         if self.address is not None and self.engine != "ray":
             raise UsageError("--address needs --engine ray")
-=======
         check_positive_int(self.max_queue, "--max-queue")
         check_positive_int(self.max_connections, "--max-connections")
         for name in ("body_timeout", "header_timeout", "drain_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
->>>>>>> main
         return self
 
 
