@@ -3,8 +3,10 @@
 1. Cross-runtime headline: CF-ViT vs the plain DeiT-S on every runtime at hand. ONNX Runtime CPU and
    OpenVINO (fp32 and int8), and PyTorch eager, at batch 1 and 32, with the synthetic fine-fraction
    gate of ``cfvit_deploy.app.bench`` (f = 0.24, 0.52, 1); CUDA and TensorRT rows are measured when a
-   GPU is present, else listed as "not measured: no GPU". DeiT-S-size weights (random init, seed 0:
-   speed does not depend on the values), g = 7, exported with ``baseline.onnx``. Every ratio is of two
+   GPU is present, else listed as "not measured: no GPU". The gated cells run both as the pair of
+   graphs (model ``cfvit``) and as ``single.onnx`` (model ``cfvit-single``). DeiT-S-size weights
+   (random init, seed 0: speed does not depend on the values), g = 7, exported with ``baseline.onnx``
+   and ``single.onnx``. Every ratio is of two
    rows measured in one run. It also runs ``cfvit infer`` (its library twin, in a fresh process,
    default settings as users get them) on a folder of generated images at batch 1 and 32 and compares
    its images/s with the bench row of the same pipeline and batch (η = 1).
@@ -85,11 +87,10 @@ print(json.dumps({"images": s.images, "seconds": s.seconds, "img_per_s": s.image
 
 
 def prepare(work: Path, size: str) -> tuple[Path, Path]:
-    """Random-init CF-ViT checkpoint of `size` and its fp32 export with baseline.onnx (reused when present)."""
+    """Random-init CF-ViT checkpoint of `size` and its fp32 export with baseline.onnx and single.onnx (reused)."""
     ckpt, export_dir = work / f"deit_{size}_seed{SEED}.pth", work / f"export-{size}"
     try:
-        Manifest.load(export_dir)
-        if ckpt.is_file():
+        if "single" in Manifest.load(export_dir).graphs and ckpt.is_file():
             return ckpt, export_dir
     except Exception:  # missing or stale: rebuild
         pass
@@ -104,7 +105,7 @@ def prepare(work: Path, size: str) -> tuple[Path, Path]:
     torch.manual_seed(SEED)
     save_checkpoint(CFViT(ModelConfig.named("deit", size, coarse_grid=7)).eval(), ckpt)
     print(f"exporting DeiT-{size} CF-ViT (g=7, random init) to {export_dir}", file=sys.stderr)
-    export(ckpt, export_dir, baseline=True, force=True)
+    export(ckpt, export_dir, baseline=True, single_graph=True, force=True)
     return ckpt, export_dir
 
 
@@ -142,7 +143,9 @@ def gpu_rows(result: BenchResult) -> None:
     """CUDA and TensorRT rows "not measured: no GPU" (appended to `result`), so the table shows the gap."""
     for provider in ("cuda", "tensorrt"):
         for b in BATCHES:
-            for model, gate, value in (("baseline", "none", None), *(("cfvit", "fine_fraction", f) for f in FRACTIONS)):
+            gated = (("cfvit", "fine_fraction", f) for f in FRACTIONS)
+            single = (("cfvit-single", "fine_fraction", f) for f in FRACTIONS)
+            for model, gate, value in (("baseline", "none", None), *gated, *single):
                 cell = Cell("onnxruntime", provider, "fp32", model, b, gate, value)
                 result.rows.append(
                     BenchRow.for_cell(cell, result.settings["isolation"], status="skipped", reason=NO_GPU)
@@ -158,6 +161,7 @@ def measure(args: argparse.Namespace, export_dir: Path, ckpt: Path) -> BenchResu
             precisions=("fp32", "int8"),
             batch_sizes=BATCHES,
             fine_fractions=FRACTIONS,
+            graphs=("pair", "single"),  # single.onnx rows beside the pair's
             warmup=args.warmup,
             duration=args.duration,
             threads=args.threads,

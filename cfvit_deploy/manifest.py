@@ -1,8 +1,9 @@
 """The export manifest: the one contract between `exporters/` and `runtimes/` (torch-free).
 
-An export folder holds ``coarse.onnx``, ``fine.onnx`` (optionally ``baseline.onnx``) and
-``manifest.json``. Runtimes read only this file and the graphs it names; loading verifies the
-format version, that every graph exists and that its sha256 matches.
+An export folder holds ``coarse.onnx``, ``fine.onnx`` (optionally ``baseline.onnx`` and
+``single.onnx``, the whole gated model in one graph) and ``manifest.json``. Runtimes read only this
+file and the graphs it names; loading verifies the format version, that every graph exists and that
+its sha256 matches.
 """
 
 from __future__ import annotations
@@ -341,6 +342,16 @@ GRAPH_IO_DOC: dict[str, dict[str, str]] = {
         "coarse_embedding": "from coarse.onnx",
         "fine_logits": "(batch, classes) float32 fine-stage logits",
         "informative_idx": "(batch, k) int64 coarse patches refined at fine resolution, descending score",
+    },
+    "single": {
+        "images": "(batch, 3, 32g, 32g) float32 ImageNet-normalized images (as coarse.onnx)",
+        "eta": "(batch,) float32 exit threshold per image: it exits at the coarse stage iff confidence >= eta",
+        "logits": "(batch, classes) float32 the answer: coarse logits where exited, fine logits elsewhere",
+        "confidence": "(batch,) float32 max softmax of the coarse logits, the value compared with eta",
+        "exited": "(batch,) bool the image exited at the coarse stage",
+        "informative_idx": "(batch, k) int64 coarse patches refined by the fine stage, descending score; -1 in "
+        "every column of the rows that exited",
+        "coarse_logits": "(batch, classes) float32 coarse-stage logits of every image",
     },
     "baseline": {
         "images": "(batch, 3, 32g, 32g) float32",

@@ -39,6 +39,7 @@ from .graphs import (
     CoarseGraph,
     FineGraph,
 )
+from .single_graph import write_single_graph
 from .variants import apply_variant, calibration_for, quantization_info
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,12 @@ def export(
     force: bool = False,
     progress: Callable[[str], None] | None = None,
     weights: str = "auto",
+    single_graph: bool = False,
 ) -> Manifest:
     """Export a CF-ViT (model or checkpoint path) to an export folder; returns its manifest.
+
+    `single_graph` adds ``single.onnx``: both stages and the η gate in one graph, composed from the
+    exported (variant) stage graphs (see :mod:`exporters.single_graph`).
 
     `attention="fused"` exports each block's attention as one ONNX Runtime ``MultiHeadAttention`` contrib
     node (see :mod:`exporters.attention`; OpenVINO reads it too); "plain" keeps the explicit
@@ -259,6 +264,10 @@ def export(
                 calibration=calib,
                 say=say,
             )
+        if single_graph:
+            say("composing single.onnx from coarse.onnx and fine.onnx")
+            graphs["single"] = write_single_graph(tmp, cfg)
+            notes["single"] = "composed from coarse.onnx and fine.onnx (exporters.single_graph)"
         quantization, calib_info = quantization_info(precision, calib)
         manifest = Manifest(
             model=cfg,

@@ -6,7 +6,9 @@ For each batch size (and real images, if given) it compares
   selected patches),
 * the chain coarse.onnx -> fine.onnx against ``model.forward`` (logits, selected patches, top-1),
 * the exit decision (max softmax >= eta) at several eta,
-* ``baseline.onnx``, when the export has one, against ``model.fine_stage_dense`` (the plain ViT).
+* ``baseline.onnx``, when the export has one, against ``model.fine_stage_dense`` (the plain ViT),
+* ``single.onnx``, when the export has one, against PyTorch and against the pair at η = 0, η = 1,
+  the η list and a mixed per-image η (see :mod:`exporters.single_validation`).
 
 fp32 must match within atol/rtol (default 1e-4 absolute on logits, 10x that on token features) with
 identical patches, top-1 and decisions. fp16/int8 are judged by criteria that mean the same for
@@ -52,6 +54,7 @@ from .criteria import (  # noqa: F401  (re-exported: exporters.validation is the
     smooth_random_images,
     top2_margin,
 )
+from .single_validation import compare_single
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +152,7 @@ def validate(
         if note:
             warnings.append(note)
             (warn or log.warning)(note)
-    graphs = tuple(g for g in ("coarse", "fine", "baseline") if g in manifest.graphs)
+    graphs = tuple(g for g in ("coarse", "fine", "baseline", "single") if g in manifest.graphs)
     backend = create_backend(manifest, provider, SessionConfig(allow_fallback=allow_fallback), graphs=graphs)
     crit = Criteria.for_precision(manifest.precision, atol, rtol, min_top1, min_exit, max_rel_err)
     result = ValidationReport(
@@ -171,7 +174,9 @@ def validate(
     for done, ((label, batch), x) in enumerate(inputs.items()):
         report(progress, "validate", done, len(inputs))
         check.input, check.batch = label, batch
-        _compare(model, backend, x, tuple(eta_list), check)
+        torch_ref = _compare(model, backend, x, tuple(eta_list), check)
+        if "single" in graphs:
+            compare_single(backend, x, tuple(eta_list), torch_ref, check)
         if "baseline" in graphs:
             _compare_baseline(model, backend, x, check)
     report(progress, "validate", len(inputs), len(inputs))
@@ -187,7 +192,10 @@ def _compare_baseline(model: CFViT, backend: Any, x: np.ndarray, check: _Checker
     check.top1("baseline graph: top-1 agreement", got, ref)
 
 
-def _compare(model: CFViT, backend: Any, x: np.ndarray, etas: tuple[float, ...], check: _Checker) -> None:
+def _compare(
+    model: CFViT, backend: Any, x: np.ndarray, etas: tuple[float, ...], check: _Checker
+) -> dict[str, np.ndarray]:
+    """The pair's checks on `x`; returns PyTorch's outputs for it (for the single graph's checks)."""
     with torch.no_grad():
         images = torch.from_numpy(x)
         coarse = model.coarse_stage(images)
@@ -220,3 +228,4 @@ def _compare(model: CFViT, backend: Any, x: np.ndarray, etas: tuple[float, ...],
     conf_got, conf_ref = _softmax_conf(got["coarse_logits"]), _softmax_conf(ref["coarse_logits"])
     for eta in etas:
         check.exits(f"exit decision at eta={eta:g}", conf_got, conf_ref, eta)
+    return {**ref, "fine_logits": fine_ref, "informative_idx": inf.numpy()}

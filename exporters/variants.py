@@ -24,6 +24,7 @@ from cfvit_deploy.manifest import PRECISIONS, GraphSpec, Manifest, sha256_file
 from cfvit_deploy.preprocessing import PreprocessConfig
 
 from .quantize import Calibration, quantize_dynamic_graph, quantize_static_graph
+from .single_graph import write_single_graph
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,8 @@ def make_variant(
     calib = calibration_for(precision, calibration, src.preprocessing)
     graphs: dict[str, GraphSpec] = {}
     notes: dict[str, str] = {}
-    order = sorted(src.graphs, key=lambda g: g != "coarse")  # the fine graph is calibrated on coarse outputs
+    # the fine graph is calibrated on coarse outputs; single.onnx is composed from the variant's stage graphs
+    order = sorted((g for g in src.graphs if g != "single"), key=lambda g: g != "coarse")
     with atomic_directory(Path(out_dir), force=force) as tmp:
         for name in order:
             spec = src.graphs[name]
@@ -250,6 +252,9 @@ def make_variant(
                     prop.value = str(optimize)
             onnx.save(model, str(path))
             graphs[name] = GraphSpec(spec.file, sha256_file(path), spec.inputs, spec.outputs)
+        if "single" in src.graphs:
+            graphs["single"] = write_single_graph(tmp, src.model, src.graphs["coarse"].file, src.graphs["fine"].file)
+            notes["single"] = f"composed from the {precision} coarse and fine graphs"
         quantization, calib_info = quantization_info(precision, calib)
         manifest = Manifest(
             model=src.model,

@@ -31,6 +31,9 @@ ORT_PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 PROVIDERS = (*ORT_PROVIDERS, "openvino")
+#: The graphs a backend loads when none are named: the pair the pipeline runs (baseline.onnx and
+#: single.onnx are loaded only by the commands that run them).
+DEFAULT_GRAPHS = ("coarse", "fine")
 
 
 class Backend(Protocol):
@@ -102,7 +105,10 @@ def create_backend(
     config: SessionConfig | None = None,
     graphs: tuple[str, ...] | None = None,
 ) -> Backend:
-    """The backend serving `provider` ("cpu", "cuda", "tensorrt" via ONNX Runtime; "openvino")."""
+    """The backend serving `provider` ("cpu", "cuda", "tensorrt" via ONNX Runtime; "openvino").
+
+    `graphs` are the graphs it loads (default :data:`DEFAULT_GRAPHS`).
+    """
     return backend_factory(provider)(manifest, provider, config, graphs)
 
 

@@ -23,13 +23,15 @@ The answer for one image is built by :func:`runtimes.rows.rows_for_batch` from t
 max-softmax confidence, the gate ``confidence >= eta`` per request, the merge), so it equals
 ``cfvit infer``'s row.
 :class:`runtimes.stages.StageRunner` holds these pieces without any queueing; the Ray Serve deployments
-reuse it.
+reuse it. With ``single.onnx`` (:class:`runtimes.stages.SingleGraphRunner`) the coarse stage's call is
+the whole graph with each request's η, and every request is answered from it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ import numpy as np
 
 from .admission import Admission
 from .engine import EngineBusy, EngineConfig, EngineObserver, admit, check_request
-from .stages import STAGES, Answer, CoarseRow, FineRow, StageRunner
+from .stages import STAGES, Answer, CoarseRow, FineRow, SingleGraphRunner, StageRunner
 
 #: the per-stage calls live in runtimes.stages and the interface in runtimes.engine; re-exported here
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "EngineConfig",
     "EngineObserver",
     "FineRow",
+    "SingleGraphRunner",
     "StageRunner",
 ]
 
@@ -246,9 +249,12 @@ class BatchingEngine:
                 continue
             # a new array per batch: the fine inputs of the requests that go on keep views into it
             images = np.stack([ticket.image for ticket in batch])
+            run = runner.run_coarse
+            if isinstance(runner, SingleGraphRunner):  # the graph gates: it takes each request's η
+                run = functools.partial(run, etas=np.array([t.eta for t in batch], np.float32))
             state.coarse_busy = True
             try:
-                rows = await self._run("coarse", runner.run_coarse, images, len(batch))
+                rows = await self._run("coarse", run, images, len(batch))
             except Exception as exc:  # a failing graph answers its batch with the error, then goes on
                 for ticket in batch:
                     self._finish(ticket, "coarse", error=exc)
@@ -260,8 +266,9 @@ class BatchingEngine:
                 ticket.image = None  # type: ignore[assignment]  # free it while the fine stage waits
                 if ticket.future.done():
                     self._finish(ticket, "coarse")
-                elif exits:
-                    self._finish(ticket, "coarse", runner.answer(row, ticket.eta, ticket.topk))
+                elif exits:  # single.onnx: every row (row.exited says which stage answered)
+                    stage = "fine" if row.exited is False else "coarse"
+                    self._finish(ticket, stage, runner.answer(row, ticket.eta, ticket.topk))
                 else:
                     ticket.coarse = row
                     self._queues["fine"].put_nowait(ticket)

@@ -57,7 +57,7 @@ from .inference import (
     rows_for_batch,
     run_rows,
 )
-from .pipeline import CFViTPipeline
+from .pipeline import GRAPH_KINDS, CFViTPipeline, graphs_for
 from .ray_cluster import RayOptions
 
 __all__ = [
@@ -149,6 +149,7 @@ def infer(
     decode: str = "exact",
     workers: int | None = None,
     ray: RayOptions | None = None,
+    graph: str = "pair",
     on_row: Callable[[InferRow], None] | None = None,
     progress: ProgressHook | None = None,
 ) -> InferSummary:
@@ -161,12 +162,16 @@ def infer(
     ``<output>.summary.json`` beside it; `on_row` gets each row as it is done; `progress` is called
     as ``progress("infer", done, total)``. `overlay` (local engine) is a folder that receives a PNG
     per fine-stage image. `engine="ray"` runs on a Ray cluster; `ray` holds its options
-    (:class:`~runtimes.ray_cluster.RayOptions`; see :mod:`runtimes.ray_engine`).
+    (:class:`~runtimes.ray_cluster.RayOptions`; see :mod:`runtimes.ray_engine`). `graph` is what the
+    local engine runs: "pair" (coarse.onnx, the gate, fine.onnx) or "single" (single.onnx; same rows).
     Raises :class:`UsageError` before any work for bad arguments, :class:`InferInterrupted` on
     Ctrl-C or SIGTERM, and :class:`InferStopped` when the Ray engine cannot go on (no capacity, no
     progress for ``ray.stall_timeout``); both after the rows done so far were written.
     """
     check_choice(engine, ENGINES, "--engine")
+    check_choice(graph, GRAPH_KINDS, "--graph")
+    if graph != "pair" and engine != "local":
+        raise UsageError("--graph single runs on --engine local")
     check_choice(decode, DECODE_MODES, "--decode")
     eta = check_arguments(eta, batch_size, topk, max_pixels)
     _check_engine_arguments(engine, source, provider, config, overlay, workers, ray)
@@ -195,7 +200,9 @@ def infer(
 
         rows = ray_rows(manifest, job, provider=provider, options=ray, warn=summary.warnings.append)
     else:
-        rows = _local_rows(source, manifest, provider, config, job, overlay, force, workers)
+        if graph != "pair" and not isinstance(source, CFViTPipeline):
+            graphs_for(graph, manifest)  # no single.onnx: one error line before any work
+        rows = _local_rows(source, manifest, provider, config, job, overlay, force, workers, graph)
     return run_rows(rows, summary, output=out, topk=job.topk, force=force, on_row=on_row, progress=progress)
 
 
@@ -233,13 +240,14 @@ def _local_rows(
     overlay: str | Path | None,
     force: bool,
     workers: int | None,
+    graph: str = "pair",
 ) -> Iterator[InferRow]:
     """The local engine's rows; the overlay folder (if any) is checked and created before any session."""
     overlay_dir = None if overlay is None else Path(overlay)
     names = overlay_names(job.paths) if overlay_dir is not None else {}
     if overlay_dir is not None:
         _prepare_overlay_dir(overlay_dir, names.values(), force)
-    pipeline = source if isinstance(source, CFViTPipeline) else CFViTPipeline(manifest, provider, config)
+    pipeline = source if isinstance(source, CFViTPipeline) else CFViTPipeline(manifest, provider, config, graph)
     engine = LocalEngine(pipeline, job, workers or min(4, os.cpu_count() or 1), overlay_dir, names)
     return engine.rows()
 

@@ -18,11 +18,11 @@ from cfvit_deploy.errors import ProviderError
 from cfvit_deploy.extras import install_hint
 from cfvit_deploy.manifest import Manifest
 
-from .backends import SessionConfig
+from .backends import DEFAULT_GRAPHS, SessionConfig
 
 
 class OpenVinoBackend:
-    """OpenVINO compiled models for every graph of an export (device "CPU")."""
+    """OpenVINO compiled models for graphs of an export (default: coarse and fine; device "CPU")."""
 
     def __init__(
         self, manifest: Manifest, config: SessionConfig | None = None, graphs: tuple[str, ...] | None = None
@@ -40,7 +40,7 @@ class OpenVinoBackend:
             properties["INFERENCE_NUM_THREADS"] = int(self.config.threads)
         core = ov.Core()
         self.compiled: dict[str, Any] = {}
-        for name in graphs or tuple(manifest.graphs):
+        for name in graphs or DEFAULT_GRAPHS:
             path = manifest.graph_path(name)
             try:
                 self.compiled[name] = core.compile_model(core.read_model(str(path)), "CPU", properties)

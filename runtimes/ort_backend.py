@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: every graph of an export as a session on the CPU, CUDA or TensorRT provider.
+"""ONNX Runtime backend: the graphs of an export as sessions on the CPU, CUDA or TensorRT provider.
 
 After the sessions are created it checks that the requested provider is really active (ONNX Runtime
 falls back to CPU silently) and raises :class:`ProviderError` unless fallback was allowed. It also
@@ -20,7 +20,7 @@ import numpy as np
 from cfvit_deploy.errors import ProviderError, UsageError
 from cfvit_deploy.manifest import Manifest
 
-from .backends import ORT_PROVIDERS, SessionConfig, check_provider
+from .backends import DEFAULT_GRAPHS, ORT_PROVIDERS, SessionConfig, check_provider
 from .take_graph import ROWS, output_name, take_rows_model
 
 _shared_pool: list[int] = []  #: the size the process-wide ONNX Runtime pool was created with
@@ -73,7 +73,7 @@ def _quiet_ort_log(ort: Any, quiet: bool) -> Iterator[None]:
 
 
 class OrtBackend:
-    """ONNX Runtime sessions for every graph of an export, on one execution provider."""
+    """ONNX Runtime sessions for graphs of an export (default: coarse and fine), on one execution provider."""
 
     def __init__(
         self,
@@ -100,7 +100,7 @@ class OrtBackend:
                 "or pass --allow-fallback"
             )
         self.sessions = {
-            name: self._session(ort, manifest.graph_path(name), wanted) for name in (graphs or tuple(manifest.graphs))
+            name: self._session(ort, manifest.graph_path(name), wanted) for name in (graphs or DEFAULT_GRAPHS)
         }
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
         self._inputs = {name: [i.name for i in s.get_inputs()] for name, s in self.sessions.items()}

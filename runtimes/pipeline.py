@@ -9,6 +9,9 @@ their fine logits are merged back in place. The host work between the graphs is 
 On a backend with an IOBinding device (:attr:`~runtimes.ort_backend.OrtBackend.io_device`, on by default for CUDA and
 TensorRT) the coarse outputs stay on the device: only ``coarse_logits`` comes back to the host for
 the gate, and the sub-batch is gathered on the device by a tiny ONNX ``Gather`` graph.
+
+``graph="single"`` runs the export's ``single.onnx`` instead (``cfvit export --single-graph``): the
+same gate, gather and merge inside one ONNX graph, one session call per batch, the same results.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cfvit_deploy.checks import check_eta
+from cfvit_deploy.checks import check_choice, check_eta
 from cfvit_deploy.errors import UsageError
 from cfvit_deploy.manifest import Manifest
 
@@ -28,18 +31,41 @@ from .backends import Backend, SessionConfig, create_backend
 from .gate import NOT_REFINED, exits, fine_indices, gather, max_softmax, merge, softmax
 
 #: the gate's pieces live in runtimes.gate (shared with the serving engines); re-exported here
-__all__ = ["CFViTPipeline", "NOT_REFINED", "PipelineResult", "StageTimings", "check_eta", "max_softmax", "softmax"]
+__all__ = [
+    "GRAPH_KINDS",
+    "CFViTPipeline",
+    "NOT_REFINED",
+    "PipelineResult",
+    "StageTimings",
+    "check_eta",
+    "graphs_for",
+    "max_softmax",
+    "softmax",
+]
 
 _FINE_OUTPUTS = ("fine_logits", "informative_idx")
+#: What a pipeline runs: the two stage graphs with the gate on the host, or single.onnx.
+GRAPH_KINDS = ("pair", "single")
+
+
+def graphs_for(kind: str, manifest: Manifest) -> tuple[str, ...]:
+    """The graphs a pipeline of `kind` loads ("pair": coarse and fine; "single": single.onnx)."""
+    check_choice(kind, GRAPH_KINDS, "--graph")
+    if kind == "single":
+        if "single" not in manifest.graphs:
+            where = f" {manifest.directory}" if manifest.directory is not None else ""
+            raise UsageError(f"the export{where} has no single.onnx: re-export with `cfvit export --single-graph`")
+        return ("single",)
+    return ("coarse", "fine")
 
 
 @dataclass(frozen=True)
 class StageTimings:
     """Wall-clock seconds of one :meth:`CFViTPipeline.run`."""
 
-    coarse_s: float  #: coarse graph (with the host<->device copies it needs for the gate)
-    gate_s: float  #: softmax, gate, sub-batch gather and merge: the orchestration overhead
-    fine_s: float  #: fine graph on the sub-batch (0 when every image exited)
+    coarse_s: float  #: coarse graph (with the host<->device copies it needs for the gate); single.onnx: the call
+    gate_s: float  #: softmax, gate, sub-batch gather and merge: the orchestration overhead (single.onnx: 0)
+    fine_s: float  #: fine graph on the sub-batch (0 when every image exited, and for single.onnx)
 
     @property
     def total_s(self) -> float:
@@ -69,19 +95,26 @@ class CFViTPipeline:
     """Coarse graph -> η gate -> fine graph on the images that did not exit.
 
     `source` is an export folder, a loaded :class:`Manifest` (a backend is created for `provider`
-    with `config`), or a ready backend (then `provider` and `config` are not used).
+    with `config`), or a ready backend (then `provider` and `config` are not used). `graph` is "pair"
+    (coarse.onnx, the gate on the host, fine.onnx) or "single" (single.onnx: one call per batch).
 
     :meth:`run` keeps no state between calls, so it is safe to call from several threads when the
     backend's ``run`` is (ONNX Runtime sessions and :class:`OpenVinoBackend` are).
     """
 
     def __init__(
-        self, source: str | Path | Manifest | Backend, provider: str = "cpu", config: SessionConfig | None = None
+        self,
+        source: str | Path | Manifest | Backend,
+        provider: str = "cpu",
+        config: SessionConfig | None = None,
+        graph: str = "pair",
     ) -> None:
+        check_choice(graph, GRAPH_KINDS, "--graph")
+        self.graph = graph
         if isinstance(source, (str, Path)):
             source = Manifest.load(source)
         if isinstance(source, Manifest):
-            self.backend: Backend = create_backend(source, provider, config, graphs=("coarse", "fine"))
+            self.backend: Backend = create_backend(source, provider, config, graphs=graphs_for(graph, source))
         elif callable(getattr(source, "run", None)) and isinstance(getattr(source, "manifest", None), Manifest):
             self.backend = source
         else:
@@ -114,6 +147,8 @@ class CFViTPipeline:
         exits unless its float32 confidence is exactly 1.0, as in PyTorch)."""
         images = self.check_images(images)
         eta = check_eta(self.manifest.default_eta if eta is None else eta)
+        if self.graph == "single":
+            return self._run_single(images, eta)
         backend, bound, n = self.backend, self.io_device is not None, len(images)
 
         t0 = perf_counter()
@@ -147,3 +182,18 @@ class CFViTPipeline:
         total = perf_counter() - t0
         timings = StageTimings(coarse_s=t1 - t0, gate_s=total - (t1 - t0) - fine_s, fine_s=fine_s)
         return PipelineResult(logits, exited, coarse_logits, confidence, informative, eta, timings)
+
+    def _run_single(self, images: np.ndarray, eta: float) -> PipelineResult:
+        """single.onnx on the batch: η goes in per image, as float32 (the gate compares in float32)."""
+        t0 = perf_counter()
+        out = self.backend.run("single", {"images": images, "eta": np.full(len(images), eta, np.float32)})
+        timings = StageTimings(coarse_s=perf_counter() - t0, gate_s=0.0, fine_s=0.0)
+        return PipelineResult(
+            out["logits"],
+            out["exited"].astype(bool, copy=False),
+            out["coarse_logits"],
+            out["confidence"],
+            out["informative_idx"],
+            eta,
+            timings,
+        )

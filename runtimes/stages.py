@@ -26,18 +26,21 @@ STAGES = ("coarse", "fine")
 
 
 @dataclass(frozen=True)
+class FineRow:
+    logits: np.ndarray  #: (classes,) float32 fine logits
+    informative_idx: np.ndarray  #: (k,) int64 refined coarse patches
+
+
+@dataclass(frozen=True)
 class CoarseRow:
     """One request's coarse outputs: what the gate needs and the fine graph's inputs (one row each)."""
 
     logits: np.ndarray  #: (classes,) float32 coarse logits
     confidence: float  #: max softmax of the coarse logits, compared with η
     fine_inputs: dict[str, np.ndarray]  #: the fine graph's inputs for this image (no batch axis)
-
-
-@dataclass(frozen=True)
-class FineRow:
-    logits: np.ndarray  #: (classes,) float32 fine logits
-    informative_idx: np.ndarray  #: (k,) int64 refined coarse patches
+    #: single.onnx only: the graph's own gate decision and, when it did not exit, its fine result
+    exited: bool | None = None
+    fine: FineRow | None = None
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,9 @@ class StageRunner:
     def image_size(self) -> int:
         return self.manifest.image_size
 
-    def run_coarse(self, images: np.ndarray) -> list[CoarseRow]:
-        """Coarse graph on a (B, 3, S, S) float32 batch -> one :class:`CoarseRow` per image."""
+    def run_coarse(self, images: np.ndarray, etas: np.ndarray | None = None) -> list[CoarseRow]:
+        """Coarse graph on a (B, 3, S, S) float32 batch -> one :class:`CoarseRow` per image (the
+        requests' η, `etas`, are for :class:`SingleGraphRunner`; the gate here is :meth:`gate`)."""
         out = self.backend.run("coarse", {"images": images})
         out["images"] = images
         confidence = max_softmax(out["coarse_logits"])
@@ -127,3 +131,42 @@ class StageRunner:
     def exits(self, coarse: CoarseRow, eta: float) -> bool:
         """The gate for one request (see :meth:`gate`)."""
         return bool(self.gate([coarse], [eta])[0])
+
+
+class SingleGraphRunner(StageRunner):
+    """The same calls on ``single.onnx``: :meth:`run_coarse` runs the whole graph with each request's η,
+    so every row it returns is final (:meth:`gate` says "exits" for every row: nothing goes to the fine queue)."""
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(backend)
+        self.fine_input_names = ()
+
+    def run_coarse(self, images: np.ndarray, etas: np.ndarray | None = None) -> list[CoarseRow]:
+        if etas is None:
+            etas = np.full(len(images), self.manifest.default_eta, np.float32)
+        out = self.backend.run("single", {"images": images, "eta": np.asarray(etas, np.float32)})
+        return [
+            CoarseRow(
+                out["coarse_logits"][i],
+                float(out["confidence"][i]),
+                {},
+                exited=bool(out["exited"][i]),
+                fine=None if out["exited"][i] else FineRow(out["logits"][i], out["informative_idx"][i]),
+            )
+            for i in range(len(images))
+        ]
+
+    def run_fine(self, rows: Sequence[dict[str, np.ndarray]]) -> list[FineRow]:
+        raise RuntimeError("single.onnx has no separate fine stage")
+
+    def warm_up(self, stages: Sequence[str] = STAGES) -> None:
+        """One call of the graph with nothing exiting (η = 1 runs the fine branch too)."""
+        s = self.image_size
+        self.run_coarse(np.zeros((1, 3, s, s), np.float32), np.ones(1, np.float32))
+
+    def gate(self, rows: Sequence[CoarseRow], etas: Sequence[float]) -> np.ndarray:
+        """Every row is final: the graph already ran the fine stage where its own gate said so."""
+        return np.ones(len(rows), bool)
+
+    def answer(self, coarse: CoarseRow, eta: float, topk: int, fine: FineRow | None = None) -> Answer:
+        return super().answer(coarse, eta, topk, coarse.fine if fine is None else fine)

@@ -29,6 +29,9 @@ def export_cmd(
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8."),
     optimize: bool = typer.Option(False, "--optimize", help="ONNX Runtime transformer fusions."),
     baseline: bool = typer.Option(False, "--baseline", help="Also export baseline.onnx (plain ViT, all fine tokens)."),
+    single_graph: bool = typer.Option(
+        False, "--single-graph", help="Also write single.onnx: both stages and the eta gate in one graph."
+    ),
     eta: float = typer.Option(0.7, "--eta", help="Default confidence threshold recorded in the manifest."),
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Run onnxsim on each graph."),
     weights: str = typer.Option(
@@ -65,6 +68,7 @@ def export_cmd(
         precision=precision,
         optimize=optimize,
         baseline=baseline,
+        single_graph=single_graph,
         simplify=simplify,
         default_eta=eta,
         attention=attention,
@@ -281,3 +285,23 @@ def make_data_cmd(
             "written": f"wrote {images} to {done.root}",
         }[done.action]
     )
+
+
+@app.command("triton-repo")
+def triton_repo_cmd(
+    export_dir: Path = typer.Argument(..., help="Export folder with single.onnx (`cfvit export --single-graph`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model repository folder to create."),
+    model_name: str = typer.Option("cfvit", "--model-name", help="Model folder and name in the repository."),
+    max_batch_size: int = typer.Option(32, "--max-batch-size", help="Largest batch Triton's dynamic batcher forms."),
+    instances: int = typer.Option(1, "--instances", help="Model instances (instance_group count)."),
+    max_queue_delay_us: int = typer.Option(
+        5000, "--max-queue-delay-us", help="Longest a request waits to be batched (microseconds)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing repository folder."),
+) -> None:
+    """Write a Triton model repository (onnxruntime backend, dynamic batching) serving single.onnx. See docs/triton.md."""
+    from cfvit_deploy.app.triton_repo import TritonOptions, write_triton_repo
+
+    options = TritonOptions(model_name, max_batch_size, instances, max_queue_delay_us)
+    model_dir = write_triton_repo(export_dir, out, options, force=force)
+    console.print(f"wrote {model_dir}/config.pbtxt, labels.txt and 1/model.onnx", markup=False)

@@ -48,6 +48,7 @@ def infer_cmd(
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite the output file and overlay PNGs."),
     engine: str = typer.Option("local", "--engine", help="local | ray (Ray Data; pip install 'cfvit-deploy[ray]')."),
+    graph: str = typer.Option("pair", "--graph", help="pair (coarse.onnx + fine.onnx) | single (single.onnx)."),
     address: Optional[str] = typer.Option(
         None, "--address", help="Ray: local (default, a private cluster), auto, or ray://host:10001."
     ),
@@ -106,6 +107,7 @@ def infer_cmd(
                 max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
                 decode=decode,
                 ray=ray_options(address, num_actors, actor_threads, shared_export, stall_timeout),
+                graph=graph,
                 on_row=None if output else show,
                 progress=progress,
             )
@@ -173,6 +175,9 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(
         None, "--threads", help="Intra-op threads for every runtime (default: physical cores)."
     ),
+    graph: str = typer.Option(
+        "pair", "--graph", help="pair | single | pair,single: the gated model as two graphs and/or single.onnx."
+    ),
     torch: bool = typer.Option(False, "--torch", help="Also time PyTorch eager (gated predict and the plain ViT)."),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="Checkpoint for --torch (default: the manifest's)."
@@ -217,6 +222,7 @@ def bench_cmd(
             iterations=iterations,
             duration=duration,
             threads=threads,
+            graphs=graph,
             repeats=repeats,
             torch=torch,
             checkpoint=checkpoint,
@@ -245,6 +251,7 @@ def sweep_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Use at most N images (seeded sample)."),
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Accept a fallback to the CPU provider."),
+    graph: str = typer.Option("pair", "--graph", help="pair (coarse.onnx + fine.onnx) | single (single.onnx)."),
     max_drop: Optional[float] = typer.Option(
         None, "--max-drop", help="Choose the cheapest eta whose top-1 is at most this many points below eta=1."
     ),
@@ -282,6 +289,7 @@ def sweep_cmd(
         threads=threads,
         max_images=max_images,
         allow_fallback=allow_fallback,
+        graph=graph,
         max_drop=max_drop,
         max_latency_ms=max_latency_ms,
         decode=decode,
@@ -381,6 +389,7 @@ def serve_cmd(
     engine: str = typer.Option(
         "local", "--engine", help="local | ray (Ray Serve deployments; pip install 'cfvit-deploy[ray]')."
     ),
+    graph: str = typer.Option("pair", "--graph", help="pair (coarse.onnx + fine.onnx) | single (single.onnx)."),
     coarse_replicas: int = typer.Option(1, "--coarse-replicas", help="Ray: replicas of the coarse deployment."),
     fine_replicas: int = typer.Option(1, "--fine-replicas", help="Ray: replicas of the fine deployment."),
     address: Optional[str] = typer.Option(
@@ -427,6 +436,7 @@ def serve_cmd(
         engine=engine,
         replicas={"coarse": coarse_replicas, "fine": fine_replicas},
         address=address,
+        graph=graph,
         body_timeout=body_timeout,
         header_timeout=header_timeout,
         drain_timeout=drain_timeout,

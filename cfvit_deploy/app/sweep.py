@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from runtimes.backends import SessionConfig
-from runtimes.pipeline import CFViTPipeline
+from runtimes.pipeline import CFViTPipeline, graphs_for
 
 from ..checks import check_batch_size, check_choice, check_etas, check_positive_int, parse_etas
 from ..data.listing import list_image_folder
@@ -126,10 +126,12 @@ def sweep(
     max_latency_ms: float | None = None,
     decode: str = "exact",
     progress: ProgressHook | None = None,
+    graph: str = "pair",
 ) -> SweepResult:
     """Measure accuracy, exit rate, expected GMACs and img/s for every η; with a budget (`max_drop` in
     top-1 points vs η = 1, or `max_latency_ms` per image) also choose η (:attr:`SweepResult.choice`).
-    `decode` is how the images are decoded (``"exact"`` or ``"fast"``, see :mod:`cfvit_deploy.preprocessing`)."""
+    `decode` is how the images are decoded (``"exact"`` or ``"fast"``, see :mod:`cfvit_deploy.preprocessing`);
+    `graph` is "pair" (coarse.onnx + fine.onnx) or "single" (single.onnx)."""
     batch_size = check_batch_size(batch_size)
     check_choice(decode, DECODE_MODES, "--decode")
     if max_images is not None:
@@ -139,8 +141,10 @@ def sweep(
     if max_drop is not None and 1.0 not in eta_values:
         eta_values.append(1.0)  # the reference the drop is measured from
     manifest = Manifest.load(export_dir)
+    graphs_for(graph, manifest)  # a bad --graph, or no single.onnx: before reading the images
     images, labels, skipped = _labelled_images(Path(folder), manifest, max_images, decode)
-    pipe = CFViTPipeline(manifest, provider, SessionConfig(threads=threads, allow_fallback=allow_fallback))
+    config = SessionConfig(threads=threads, allow_fallback=allow_fallback)
+    pipe = CFViTPipeline(manifest, provider, config, graph)
     batches = [slice(i, i + batch_size) for i in range(0, len(images), batch_size)]
     pipe.run(images[batches[0]], 1.0)  # warm-up: both sessions, first-run allocations
     coarse, fine = manifest.gmacs["coarse"], manifest.gmacs["fine"]

@@ -202,20 +202,39 @@ def load_pool(
     return pool, n, read.skipped
 
 
+#: The bench model name of each graph kind (``--graph``): the pair, or single.onnx.
+GATED_MODELS = {"pair": "cfvit", "single": "cfvit-single"}
+
+
+def check_graphs(graphs: str | Sequence[str], manifest: Manifest) -> list[str]:
+    """`graphs` ("pair", "single", "pair,single" or a sequence) checked against the export."""
+    items = [g.strip() for g in graphs.split(",")] if isinstance(graphs, str) else list(graphs)
+    if not items:
+        raise UsageError("--graph needs at least one of: pair, single")
+    for g in items:
+        check_choice(g, tuple(GATED_MODELS), "--graph")
+    if "single" in items and "single" not in manifest.graphs:
+        raise UsageError("--graph single: the export has no single.onnx (re-export with `cfvit export --single-graph`)")
+    return list(dict.fromkeys(items))
+
+
 def make_cells(
     runtimes: list[tuple[str, str]],
     precisions: Sequence[str],
     batch_sizes: Sequence[int],
     gates: list[tuple[str, float]],
     torch: bool,
+    graphs: Sequence[str] = ("pair",),
 ) -> list[Cell]:
-    """Per runtime x precision x batch size: the baseline, then the pipeline at every gate; torch last."""
+    """Per runtime x precision x batch size: the baseline, then each gated graph at every gate; torch last."""
     cells = []
     for runtime, provider in runtimes:
         for precision in precisions:
             for b in batch_sizes:
                 cells.append(Cell(runtime, provider, precision, "baseline", b, "none"))
-                cells.extend(Cell(runtime, provider, precision, "cfvit", b, g, v) for g, v in gates)
+                for graph in graphs:
+                    model = GATED_MODELS[graph]
+                    cells.extend(Cell(runtime, provider, precision, model, b, g, v) for g, v in gates)
     if torch:
         for b in batch_sizes:
             cells.append(Cell("torch", "cpu", "fp32", "baseline", b, "none"))

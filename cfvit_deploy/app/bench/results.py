@@ -46,7 +46,7 @@ def _stage_split(row: BenchRow, stages: list[tuple], cell: Cell, manifest: Manif
     row.exit_rate = 1.0 - row.fine_fraction
     row.fine_batch = float(n_fine[n_fine > 0].mean()) if n_fine.any() else 0.0
     row.gmacs_per_image = gm.expected(row.fine_fraction)
-    if stages[0][0] is None:  # PyTorch eager: no split
+    if stages[0][0] is None:  # PyTorch eager and single.onnx: no split
         return
     coarse, gate, fine = (np.array([s[k] for s in stages]) for k in range(3))
     row.coarse_ms, row.gate_ms, row.fine_ms = (float(x.mean() * 1e3) for x in (coarse, gate, fine))

@@ -28,6 +28,7 @@ from .plan import (
     DEFAULT_DURATION_S,
     BenchPlan,
     absolute,
+    check_graphs,
     check_request,
     check_timing,
     load_pool,
@@ -67,6 +68,7 @@ def make_plan(
     torch: bool,
     checkpoint: str | Path | None,
     threads: int | None,
+    graphs: str | Sequence[str] = ("pair",),
     **timing: Any,
 ) -> BenchPlan:
     """Check every argument and resolve every path (against this process's working directory)."""
@@ -84,9 +86,10 @@ def make_plan(
     )
     export = absolute(export_dir)
     manifest = Manifest.load(export)
+    graph_list = check_graphs(graphs, manifest)
     gates = [("fine_fraction", f) for f in fractions] + [("eta", e) for e in eta_list]
     runtimes = [("openvino" if p == "openvino" else "onnxruntime", p) for p in provider_list]
-    cells = make_cells(runtimes, precision_list or [precision_label(manifest)], sizes, gates, torch)
+    cells = make_cells(runtimes, precision_list or [precision_label(manifest)], sizes, gates, torch, graph_list)
     return BenchPlan(
         export_dir=export,
         manifest=manifest,
@@ -261,6 +264,7 @@ def run_bench(
     iterations: int | None = None,
     duration: float | None = None,
     threads: int | None = None,
+    graphs: str | Sequence[str] = ("pair",),
     torch: bool = False,
     checkpoint: str | Path | None = None,
     isolation: str = "process",
@@ -277,7 +281,8 @@ def run_bench(
     export's own; others are built from the (fp32) export into `cache_dir` (default: a temporary folder).
     Exactly the gates asked for are measured: `fine_fractions` default to (0.24, 0.52, 1.0) only when no
     `etas` are given; fraction 1.0 is the both-stages (η = 1) reference. `threads` (default: physical
-    cores) is the same for every runtime; sessions are built with the library's default
+    cores) is the same for every runtime; `graphs` ("pair", "single" or both) are what the gated rows
+    run: the two stage graphs (model ``cfvit``) and/or single.onnx (model ``cfvit-single``); sessions are built with the library's default
     ``SessionConfig(threads=threads)``, as users get them. `torch` adds PyTorch eager rows from
     `checkpoint` (default: the checkpoint recorded in the manifest). With `quiet_below` (a CPU %), a
     cell waits (up to a minute) for other processes to use less than that share of the CPUs and is

@@ -26,7 +26,7 @@ class Cell:
     runtime: str  #: onnxruntime | openvino | torch
     provider: str  #: cpu | cuda | tensorrt | openvino
     precision: str  #: a key of plan.PRECISIONS
-    model: str  #: "cfvit" (gated pipeline) | "baseline" (plain ViT on all fine tokens)
+    model: str  #: "cfvit" (gated pipeline) | "cfvit-single" (single.onnx) | "baseline" (plain ViT, all fine tokens)
     batch_size: int
     gate: str  #: "eta" | "fine_fraction" | "none" (baseline)
     value: float | None = None  #: η or the target fine fraction

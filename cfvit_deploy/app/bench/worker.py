@@ -74,7 +74,11 @@ def _measure_onnx(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -
             lambda i: backend.run("baseline", {"images": batches[i % n]}), n, warmup, iterations, duration
         )
         return {"times": times}
-    pipe = CFViTPipeline(spec["export_dir"], cell.provider, config=config)
+    single = cell.model == "cfvit-single"
+    if single:
+        pipe = CFViTPipeline(spec["export_dir"], cell.provider, config=config, graph="single")
+    else:  # exactly as users build it
+        pipe = CFViTPipeline(spec["export_dir"], cell.provider, config=config)
     eta = cell.value
     if cell.gate == "fine_fraction":
         confidence = np.concatenate([pipe.run(b, 0.0).confidence for b in batches])
@@ -82,7 +86,10 @@ def _measure_onnx(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -
 
     def call(i: int) -> tuple[float, float, float, int]:
         r = pipe.run(batches[i % n], eta)
-        return r.timings.coarse_s, r.timings.gate_s, r.timings.fine_s, int(len(r.exited) - r.exited.sum())
+        n_fine = int(len(r.exited) - r.exited.sum())
+        if single:  # one session call: no per-stage split
+            return None, None, None, n_fine
+        return r.timings.coarse_s, r.timings.gate_s, r.timings.fine_s, n_fine
 
     if warmup:
         pipe.run(batches[0], 1.0)  # both sessions run at least once, whatever the gate lets through

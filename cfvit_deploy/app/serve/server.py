@@ -69,9 +69,14 @@ class ServeOptions:
     drain_timeout: float = 30.0  #: longest SIGTERM waits for requests in flight before closing them
     max_connections: int = 512  #: open connections beyond which a new one is answered 503 and closed
     model_name: str = "cfvit"  #: the model's name on the v2 (Open Inference Protocol) routes
+    #: "pair" (coarse and fine batched separately, the fine stage across requests) | "single" (single.onnx)
+    graph: str = "pair"
 
     def check(self) -> ServeOptions:
         check_choice(self.engine, ENGINES, "--engine")
+        check_choice(self.graph, ("pair", "single"), "--graph")
+        if self.graph == "single" and self.engine != "local":
+            raise UsageError("--graph single runs on --engine local (the Ray deployments are the two stages)")
         if not isinstance(self.model_name, str) or not re.fullmatch(
             r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.model_name
         ):
@@ -104,7 +109,8 @@ class ServeOptions:
 def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMetrics) -> ServingEngine:
     """The engine for `options.engine`: local two-stage batching, or Ray Serve deployments."""
     from runtimes.backends import SessionConfig, check_provider, create_backend
-    from runtimes.batching import BatchingEngine, EngineConfig, EngineObserver, StageRunner
+    from runtimes.batching import BatchingEngine, EngineConfig, EngineObserver, SingleGraphRunner, StageRunner
+    from runtimes.pipeline import graphs_for
 
     check_provider(options.provider)
     config = EngineConfig(options.max_batch, options.max_wait_ms, options.max_queue, options.eta)
@@ -117,7 +123,9 @@ def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMe
             export_dir, config, options.provider, options.threads, options.replicas, observer, address=options.address
         )
     session = SessionConfig(threads=options.threads, shared_threads=options.shared_threads)
-    return BatchingEngine(lambda: StageRunner(create_backend(manifest, options.provider, session)), config, observer)
+    graphs = graphs_for(options.graph, manifest)  # only the graphs it runs (never baseline.onnx)
+    runner = SingleGraphRunner if options.graph == "single" else StageRunner
+    return BatchingEngine(lambda: runner(create_backend(manifest, options.provider, session, graphs)), config, observer)
 
 
 def build_app(
