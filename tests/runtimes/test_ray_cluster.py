@@ -27,7 +27,7 @@ from runtimes.sinks import summary_path
 from tests.conftest import FIXTURES
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPORT = "deit_g7"
 N_IMAGES = 160
 BATCH = 8
