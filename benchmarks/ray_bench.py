@@ -4,6 +4,9 @@
 
 Generates a folder of JPEGs (fixed seed), exports the ``deit_g7`` upstream fixture unless --export
 is given, starts one local Ray cluster with every core, and times each engine on the same folder.
+Then the two-node rows: a head and a worker node of 1 CPU each started with ``ray start`` on
+127.0.0.1 (:mod:`tests.ray_nodes`; both on this machine's cores, so they show the engine working
+across nodes and its overhead, not scaling), joined with ``--address``.
 ``images_per_s`` is end to end (a call's wall time: ONNX Runtime sessions, and for Ray starting the
 actors, included; starting the cluster is not); ``steady_images_per_s`` counts the rows after the
 first batch over the time from that batch's last row to the last row. The best of `repeats` runs is kept.
@@ -30,14 +33,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtimes.infer import InferSummary, infer  # noqa: E402
-from runtimes.ray_engine import infer_ray, plan_actors  # noqa: E402
+from runtimes.infer import InferSummary, RayOptions, infer  # noqa: E402
+from runtimes.ray_cluster import layout_pool, plan_actors  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "upstream" / "deit_g7.pth"
 BATCH = 32
 #: (name, num_actors, actor_threads); None: derived by plan_actors
 RAY_CONFIGS = [("ray, 1 actor", 1, None), ("ray, 1 actor x 2 threads", 1, 2), ("ray, 2 actors", 2, None)]
+#: the same on two `ray start` nodes of 1 CPU each (the per-node layout: runtimes.ray_cluster.layout_pool)
+TWO_NODE_CONFIGS = [("ray, 2 nodes x 1 CPU, default", None, None), ("ray, 2 nodes x 1 CPU, 2 actors", 2, None)]
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -110,24 +115,60 @@ def timed(run: Callable[..., InferSummary], repeats: int, **kwargs: Any) -> dict
 
 
 def bench_ray(
-    export: Path, images: list[Path], repeats: int, name: str, actors: int, threads: int | None, cpus: int
+    export: Path,
+    images: list[Path],
+    repeats: int,
+    name: str,
+    actors: int | None,
+    threads: int | None,
+    cpus: int,
+    address: str | None = None,
+    nodes: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    plan = plan_actors(cpus, actors, threads)
+    plan = layout_pool(nodes, actors, threads).plan if nodes else plan_actors(cpus, actors, threads)
     return {
         "engine": name,
         "num_actors": plan.num_actors,
         "actor_threads": plan.threads,
         "cpus_per_actor": plan.cpus_per_actor,
         **timed(
-            infer_ray,
+            infer,
             repeats,
-            export_dir=export,
+            source=export,
             inputs=images,
+            engine="ray",
             batch_size=BATCH,
-            num_actors=actors,
-            actor_threads=threads,
+            ray=RayOptions(address=address, num_actors=actors, actor_threads=threads),
         ),
     }
+
+
+def two_node_runs(export: Path, images: list[Path], repeats: int, tmp: Path) -> list[dict[str, Any]]:
+    """The TWO_NODE_CONFIGS on a head and a worker node (`ray start`, 1 CPU each), joined by address."""
+    from tests.ray_nodes import ENV, LocalCluster
+
+    os.environ.update(ENV)  # this process joins the cluster as a driver
+    cluster = LocalCluster(tmp / "ray", workers=1, cpus=1)
+    try:
+        cluster.start()
+        nodes = {"head": 1.0, "worker": 1.0}
+        return [
+            bench_ray(export, images, repeats, name, n, t, 2, address=cluster.address, nodes=nodes)
+            for name, n, t in TWO_NODE_CONFIGS
+        ]
+    finally:
+        cluster.stop()
+
+
+def two_node_runs_in_child(export: Path, folder: Path, repeats: int, tmp: Path) -> list[dict[str, Any]]:
+    """:func:`two_node_runs` in a fresh process, as the CLI runs: with Ray 2.60, a process that shut a private
+    cluster down and then joined another one had its new actors dropped before they started."""
+    import subprocess
+
+    out = tmp / "two-node.json"
+    cmd = [sys.executable, __file__, "--two-node-json", str(out), "--export", str(export), "--images-dir", str(folder)]
+    subprocess.run([*cmd, "--repeats", str(repeats)], check=True)
+    return json.loads(out.read_text())
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -142,7 +183,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['images']} generated JPEGs (~320x240-400x300), model {result['model']}, batch {result['batch_size']}, "
         f"best of {result['repeats']}. Ray: a local cluster of {m['cores']} CPUs started once "
         f"({result['ray_init_s']} s, not counted); a run's time includes creating its sessions (Ray: starting "
-        "its actors). Steady: the rows after the first batch / the time they took.",
+        "its actors). Steady: the rows after the first batch / the time they took. The two-node rows: a head and "
+        "a worker node of 1 CPU each (`ray start` on this machine, so the two nodes share its cores: overhead "
+        "across nodes, not scaling), joined with `--address`.",
         "",
         "| engine | actors x threads (CPU request) | images/s end to end | run s | first row s | images/s steady |",
         "|---|---|---:|---:|---:|---:|",
@@ -163,7 +206,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--export", type=Path, help="export folder (default: the deit_g7 fixture, exported)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--two-node-json", type=Path, help=argparse.SUPPRESS)  # the child of two_node_runs_in_child
+    parser.add_argument("--images-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.two_node_json:
+        images = sorted(args.images_dir.iterdir())
+        with tempfile.TemporaryDirectory(prefix="cfvit-rb-") as tmp:
+            runs = two_node_runs(args.export, images, args.repeats, Path(tmp))
+        args.two_node_json.write_text(json.dumps(runs))
+        return
 
     import ray
 
@@ -186,12 +237,13 @@ def main() -> None:
         runs = [{"engine": "local", **timed(infer, args.repeats, source=export, inputs=images, batch_size=BATCH)}]
         cpus = result["machine"]["cores"]
         t0 = perf_counter()
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
         result["ray_init_s"] = round(perf_counter() - t0, 2)
         try:
             runs += [bench_ray(export, images, args.repeats, name, n, t, cpus) for name, n, t in RAY_CONFIGS]
         finally:
             ray.shutdown()
+        runs += two_node_runs_in_child(export, images[0].parent, args.repeats, Path(tmp))
         result["runs"], result["load_after"] = runs, load()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ray.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -117,7 +117,7 @@ class Manifest:
         """Parse a manifest dict; any problem is a :class:`ManifestError`."""
         if not isinstance(data, dict):
             raise ManifestError(f"manifest must be a JSON object, got {type(data).__name__}")
-        _check_format_version(data)
+        check_format_version(data)
         try:
             _expect(isinstance(data["graphs"], dict), "graphs must be an object")
             _expect(isinstance(data["gmacs"], dict), "gmacs must be an object")
@@ -208,7 +208,7 @@ class Manifest:
                 )
 
 
-def _check_format_version(data: dict[str, Any]) -> None:
+def check_format_version(data: dict[str, Any]) -> None:
     """The manifest's format_version must be an integer this release reads; say what to do otherwise.
 
     Like every integer of the manifest it must be a JSON integer: "1" (a string) and 1.0 are refused alike.

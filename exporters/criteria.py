@@ -1,7 +1,7 @@
 """The validation criteria (torch-free): checks, their report, and the bounds fp32/fp16/int8 are judged by.
 
 :mod:`exporters.validation` runs PyTorch and the graphs on the same inputs and feeds the outputs to
-:class:`_Checker`, which applies these criteria; the mutation-testing scope includes this module.
+:class:`Checker`, which applies these criteria; the mutation-testing scope includes this module.
 """
 
 from __future__ import annotations
@@ -185,13 +185,16 @@ def smooth_random_images(rng: np.random.Generator, batch: int, size: int) -> np.
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _softmax_conf(logits: np.ndarray) -> np.ndarray:
+def softmax_confidence(logits: np.ndarray) -> np.ndarray:
+    """Each row's largest softmax probability (the coarse stage's confidence), computed stably."""
     z = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(z)
     return (p / p.sum(axis=1, keepdims=True)).max(axis=1)
 
 
-class _Checker:
+class Checker:
+    """Applies the criteria: each check it is given becomes one row of the validation report."""
+
     def __init__(self, report: ValidationReport, crit: Criteria) -> None:
         self.report, self.crit = report, crit
         self.input, self.batch = "", 0

@@ -17,7 +17,7 @@ import numpy as np
 
 from runtimes.pipeline import NOT_REFINED, CFViTPipeline
 
-from .criteria import ETA_TIE, _Checker, _softmax_conf
+from .criteria import ETA_TIE, Checker, softmax_confidence
 
 
 def _eta_cases(batch: int, etas: tuple[float, ...]) -> list[tuple[str, np.ndarray]]:
@@ -28,10 +28,10 @@ def _eta_cases(batch: int, etas: tuple[float, ...]) -> list[tuple[str, np.ndarra
 
 
 def compare_single(
-    backend: Any, x: np.ndarray, etas: tuple[float, ...], ref: dict[str, np.ndarray], check: _Checker
+    backend: Any, x: np.ndarray, etas: tuple[float, ...], ref: dict[str, np.ndarray], check: Checker
 ) -> None:
     """Check single.onnx on images `x`; `ref` holds PyTorch's coarse_logits, fine_logits and informative_idx."""
-    conf_ref = _softmax_conf(ref["coarse_logits"]).astype(np.float32)
+    conf_ref = softmax_confidence(ref["coarse_logits"]).astype(np.float32)
     pair = CFViTPipeline(backend, graph="pair")
     for label, eta in _eta_cases(len(x), etas):
         out = backend.run("single", {"images": x, "eta": eta})
@@ -68,7 +68,7 @@ def compare_single(
 
 
 def _against_pair(
-    result: Any, out: dict[str, np.ndarray], exited: np.ndarray, tie: np.ndarray, label: str, check: _Checker
+    result: Any, out: dict[str, np.ndarray], exited: np.ndarray, tie: np.ndarray, label: str, check: Checker
 ) -> None:
     """single.onnx against the pair at the same scalar η: same stage, same patches, logits within the bound."""
     same = exited == result.exited

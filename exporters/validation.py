@@ -45,13 +45,13 @@ from .criteria import (  # noqa: F401  (re-exported: exporters.validation is the
     MAX_REAL_IMAGES,
     MAX_REL_ERR,
     Check,
+    Checker,
     Criteria,
     ValidationReport,
-    _Checker,
-    _softmax_conf,
     closeness_ratio,
     relative_logit_error,
     smooth_random_images,
+    softmax_confidence,
     top2_margin,
 )
 from .single_validation import compare_single
@@ -165,7 +165,7 @@ def validate(
         warnings=warnings,
         criteria=crit.describe(),
     )
-    check = _Checker(result, crit)
+    check = Checker(result, crit)
     rng = np.random.default_rng(seed)
     inputs = {("random", b): smooth_random_images(rng, b, manifest.image_size) for b in sizes}
     if files is not None:
@@ -183,7 +183,7 @@ def validate(
     return result
 
 
-def _compare_baseline(model: CFViT, backend: Any, x: np.ndarray, check: _Checker) -> None:
+def _compare_baseline(model: CFViT, backend: Any, x: np.ndarray, check: Checker) -> None:
     """baseline.onnx against the PyTorch plain-ViT path of the same weights."""
     with torch.no_grad():
         ref = model.fine_stage_dense(torch.from_numpy(x), None).numpy()
@@ -193,7 +193,7 @@ def _compare_baseline(model: CFViT, backend: Any, x: np.ndarray, check: _Checker
 
 
 def _compare(
-    model: CFViT, backend: Any, x: np.ndarray, etas: tuple[float, ...], check: _Checker
+    model: CFViT, backend: Any, x: np.ndarray, etas: tuple[float, ...], check: Checker
 ) -> dict[str, np.ndarray]:
     """The pair's checks on `x`; returns PyTorch's outputs for it (for the single graph's checks)."""
     with torch.no_grad():
@@ -225,7 +225,7 @@ def _compare(
     check.patches("end to end: selected patches", chained["informative_idx"], inf.numpy(), score)
     check.top1("end to end: coarse top-1 agreement", got["coarse_logits"], ref["coarse_logits"])
     check.top1("end to end: fine top-1 agreement", chained["fine_logits"], fine_ref)
-    conf_got, conf_ref = _softmax_conf(got["coarse_logits"]), _softmax_conf(ref["coarse_logits"])
+    conf_got, conf_ref = softmax_confidence(got["coarse_logits"]), softmax_confidence(ref["coarse_logits"])
     for eta in etas:
         check.exits(f"exit decision at eta={eta:g}", conf_got, conf_ref, eta)
     return {**ref, "fine_logits": fine_ref, "informative_idx": inf.numpy()}

@@ -4,7 +4,7 @@
 shell (:mod:`runtimes.inference`: sinks, summary, interrupts). The local engine decodes in a small
 thread pool with a bounded look-ahead (two batches), so decoding overlaps inference and memory
 stays flat however many files there are; it yields rows as each batch finishes. ``engine="ray"``
-runs the same rows on Ray Data (:mod:`runtimes.ray_engine`).
+runs the same rows on a Ray cluster (:mod:`runtimes.ray_engine`).
 
 Row fields: ``path``, ``stage`` (``coarse``: exited at the coarse stage; ``fine``), ``confidence``
 (max softmax of the coarse logits, the value compared with η), ``patches`` (coarse patches refined
@@ -26,7 +26,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -45,6 +44,7 @@ from .inference import (
     InferInterrupted,
     InferJob,
     InferRow,
+    InferStopped,
     InferSummary,
     OverlaysFailed,
     check_arguments,
@@ -58,13 +58,16 @@ from .inference import (
     run_rows,
 )
 from .pipeline import GRAPH_KINDS, CFViTPipeline, graphs_for
+from .ray_cluster import RayOptions
 
 __all__ = [
     "ENGINES",
     "OUTPUT_SUFFIXES",
     "InferInterrupted",
     "InferRow",
+    "InferStopped",
     "InferSummary",
+    "RayOptions",
     "collect_inputs",
     "infer",
     "overlay_names",
@@ -73,7 +76,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
-_RAY_ONLY = "--address, --num-actors, --actor-threads and --shared-export need --engine ray"
+_RAY_ONLY = "--address, --num-actors, --actor-threads, --shared-export and --stall-timeout need --engine ray"
 
 
 def overlay_names(paths: Sequence[Path]) -> dict[Path, str]:
@@ -145,10 +148,7 @@ def infer(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     decode: str = "exact",
     workers: int | None = None,
-    address: str | None = None,
-    num_actors: int | None = None,
-    actor_threads: int | None = None,
-    shared_export: bool = False,
+    ray: RayOptions | None = None,
     graph: str = "pair",
     on_row: Callable[[InferRow], None] | None = None,
     progress: ProgressHook | None = None,
@@ -161,11 +161,12 @@ def infer(
     (``.csv``, ``.jsonl`` or ``.parquet``) is written atomically, replaced only with `force`, with
     ``<output>.summary.json`` beside it; `on_row` gets each row as it is done; `progress` is called
     as ``progress("infer", done, total)``. `overlay` (local engine) is a folder that receives a PNG
-    per fine-stage image. `engine="ray"` runs on Ray Data; `address`, `num_actors`, `actor_threads`
-    and `shared_export` are its options (see :mod:`runtimes.ray_engine`). `graph` is what the local
-    engine runs: "pair" (coarse.onnx, the gate, fine.onnx) or "single" (single.onnx; same rows).
-    Raises :class:`UsageError` before any work for bad arguments, and :class:`InferInterrupted` on
-    Ctrl-C or SIGTERM (after the rows done so far were written).
+    per fine-stage image. `engine="ray"` runs on a Ray cluster; `ray` holds its options
+    (:class:`~runtimes.ray_cluster.RayOptions`; see :mod:`runtimes.ray_engine`). `graph` is what the
+    local engine runs: "pair" (coarse.onnx, the gate, fine.onnx) or "single" (single.onnx; same rows).
+    Raises :class:`UsageError` before any work for bad arguments, :class:`InferInterrupted` on
+    Ctrl-C or SIGTERM, and :class:`InferStopped` when the Ray engine cannot go on (no capacity, no
+    progress for ``ray.stall_timeout``); both after the rows done so far were written.
     """
     check_choice(engine, ENGINES, "--engine")
     check_choice(graph, GRAPH_KINDS, "--graph")
@@ -173,13 +174,7 @@ def infer(
         raise UsageError("--graph single runs on --engine local")
     check_choice(decode, DECODE_MODES, "--decode")
     eta = check_arguments(eta, batch_size, topk, max_pixels)
-    ray_options = {
-        "address": address,
-        "num_actors": num_actors,
-        "actor_threads": actor_threads,
-        "shared_export": shared_export,
-    }
-    _check_engine_arguments(engine, source, provider, config, overlay, workers, ray_options)
+    _check_engine_arguments(engine, source, provider, config, overlay, workers, ray)
     out = check_output_path(output, force)
     paths = find_inputs(inputs, recursive)
     manifest = _manifest(source)
@@ -203,7 +198,7 @@ def infer(
     if engine == "ray":
         from .ray_engine import ray_rows
 
-        rows = ray_rows(manifest, job, provider=provider, **ray_options)
+        rows = ray_rows(manifest, job, provider=provider, options=ray, warn=summary.warnings.append)
     else:
         if graph != "pair" and not isinstance(source, CFViTPipeline):
             graphs_for(graph, manifest)  # no single.onnx: one error line before any work
@@ -218,11 +213,11 @@ def _check_engine_arguments(
     config: SessionConfig | None,
     overlay: str | Path | None,
     workers: int | None,
-    ray_options: dict[str, Any],
+    ray: RayOptions | None,
 ) -> None:
     """The engine-specific checks of :func:`infer`, before any work: Ray's options only with the Ray engine."""
     if engine == "local":
-        if any(v not in (None, False) for v in ray_options.values()):
+        if ray is not None and ray != RayOptions():
             raise UsageError(_RAY_ONLY)
         if workers is not None:
             check_positive_int(workers, "workers")
@@ -233,9 +228,7 @@ def _check_engine_arguments(
     else:
         from .ray_engine import check_ray_arguments
 
-        check_ray_arguments(
-            source, provider, config, overlay, workers, ray_options["num_actors"], ray_options["actor_threads"]
-        )
+        check_ray_arguments(source, provider, config, overlay, workers, ray or RayOptions())
 
 
 def _local_rows(

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from cfvit_deploy.checks import check_batch_size, check_eta, check_positive_int
-from cfvit_deploy.errors import ImageError, OutputError, UsageError
+from cfvit_deploy.errors import CFViTError, ImageError, OutputError, UsageError
 from cfvit_deploy.extras import require
 from cfvit_deploy.io import check_output
 from cfvit_deploy.manifest import Manifest, export_identity
@@ -48,6 +48,7 @@ __all__ = [
     "OUTPUT_SUFFIXES",
     "PREFETCH_BATCHES",
     "InferInterrupted",
+    "InferStopped",
     "InferJob",
     "InferRow",
     "InferSummary",
@@ -76,6 +77,16 @@ class InferInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted, {summary.rows} of {summary.inputs} inputs written")
         self.summary = summary
         self.signal_name = summary.signal or "SIGINT"  #: read by cfvit_deploy.signals.exit_code_for
+
+
+class InferStopped(CFViTError):
+    """An engine could not go on (e.g. no capacity left on a Ray cluster); the output holds the rows done so far.
+
+    Raised by an engine with the reason; :func:`run_rows` keeps the rows, records the reason in the
+    summary and raises it again with ``summary`` set and "interrupted, N of M inputs written" added.
+    """
+
+    summary: InferSummary | None = None
 
 
 class OverlaysFailed(OutputError):
@@ -227,7 +238,7 @@ def run_rows(
     `force`, an output that another run put in place meanwhile is an ``OutputExistsError`` (nothing kept).
     """
     start = perf_counter()
-    interrupt: KeyboardInterrupt | None = None
+    interrupt: KeyboardInterrupt | InferStopped | None = None
     overlays_failed: OverlaysFailed | None = None
     with contextlib.ExitStack() as stack:
         sink = None if output is None else stack.enter_context(open_sink(output, topk, force))
@@ -244,6 +255,8 @@ def run_rows(
             interrupt = exc
             summary.interrupted = True
             summary.signal = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        except InferStopped as exc:  # the engine cannot go on: keep what is done, as on an interrupt
+            interrupt, summary.interrupted, summary.reason = exc, True, str(exc)
         except OverlaysFailed as exc:  # every row is in the sink: keep the output, then fail
             overlays_failed = exc
         finally:
@@ -253,6 +266,11 @@ def run_rows(
             summary.seconds = perf_counter() - start
     if output is not None:
         write_summary(output, summary, force)
+    if isinstance(interrupt, InferStopped):
+        where = f" to {output}" if output is not None else ""
+        interrupt.args = (f"{interrupt}; interrupted, {summary.rows} of {summary.inputs} inputs written{where}",)
+        interrupt.summary = summary
+        raise interrupt
     if interrupt is not None:
         log.debug("interrupted after %d of %d inputs", summary.rows, summary.inputs)
         raise InferInterrupted(summary) from interrupt

@@ -1,81 +1,68 @@
 """Folder inference on a Ray cluster (``infer(..., engine="ray")``, ``cfvit infer --engine ray``).
 
-Ray Data reads the input paths (found as the local engine finds them), decodes and preprocesses
-them in parallel tasks (an unreadable file becomes an error row, with the local engine's reason),
-and classifies them in ``map_batches`` on a pool of actors, each holding one :class:`CFViTPipeline`
-built once in its ``__init__``. This module only produces rows (:func:`ray_rows`, the local
-engine's :func:`~runtimes.inference.rows_for_batch`), in input order; writing them, the summary and
-interrupts are the shared shell's (:mod:`runtimes.inference`).
+The driver cuts the inputs (found as the local engine finds them) into batches. Each batch is a
+Ray task that decodes and preprocesses its files (an unreadable file becomes an error row, with
+the local engine's reason) followed by a call on one of a pool of actors, each holding one
+:class:`CFViTPipeline` built once in its ``__init__``. The driver keeps about two batches in flight
+per actor and yields the rows in input order; writing them, the summary and interrupts are the
+shared shell's (:mod:`runtimes.inference`).
 
-Ray's own log lines (its logger, Ray Data's progress bars and execution messages, the workers'
-output forwarded to the driver) are turned off: the command prints only its own lines.
+Faults are the driver's job, not Ray's (Ray Data's fixed actor pool can hang on a dead actor, and
+a restarted actor would need its object-store arguments again): when an actor dies or a node of
+the layout leaves the cluster, the driver kills the pool, lays a new one out on the nodes still
+alive (:func:`~runtimes.ray_cluster.layout_pool`), and runs the batches that had not come back
+again. Rows are kept per batch and a batch's rows are taken once, so a batch that is run twice
+still gives one row per input. The run's summary gets one warning saying what was lost and redone.
+When nothing finishes for ``stall_timeout`` seconds, or no node is left, the run ends with
+:class:`~runtimes.inference.InferStopped` naming the pending resource demand (the rows done so
+far are kept by the shell). An actor that dies on a node that stays alive (a crash, not a lost
+node) is not retried on that node; once no node is left the run ends the same way.
 
 Shipping the export: by default the driver reads ``manifest.json`` and the coarse and fine graphs
 once, puts them in Ray's object store, and every actor writes them to a private temporary folder,
-verifies their sha256 (:meth:`Manifest.verify`) and builds its sessions from there. That works on
-any cluster, since a node need not see the driver's disk. ``shared_export=True`` makes the actors
-load EXPORT_DIR by its path instead (a folder on a shared file system; nothing is copied).
-
-The input images are read by the decode tasks, so on a multi-node cluster they must be readable at
-the same absolute path on every node (a shared file system).
-
-Resources: Ray schedules by CPU requests, and an actor pool that requests every CPU starves the
-decode tasks (the dataset never finishes). :func:`plan_actors` sizes the requests so that a share
-of the cluster's CPUs always stays free for decoding; requests may be fractional (0.5 CPU per actor
-on a 2-CPU machine).
+verifies their sha256 (:meth:`Manifest.verify`) and builds its sessions from there, so a node need
+not see the driver's disk. ``shared_export=True`` makes the actors load EXPORT_DIR by its path
+instead (a folder on a shared file system; nothing is copied). The input images are read by the
+decode tasks, so on a multi-node cluster they must be readable at the same path on every node.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import os
 import tempfile
-import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import numpy as np
 
-from cfvit_deploy.checks import check_positive_int
 from cfvit_deploy.errors import UsageError
-from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import MANIFEST_NAME, Manifest
 from cfvit_deploy.preprocessing import PreprocessConfig
 
 from .backends import SessionConfig, check_provider
-from .inference import InferJob, InferRow, decode_image, rows_for_batch
+from .inference import InferJob, InferStopped, decode_image
 from .pipeline import CFViTPipeline
-from .sinks import row_schema
+from .ray_cluster import PoolLayout, RayOptions, alive_nodes, import_ray, layout_pool, ray_cluster
+from .rows import InferRow, rows_for_batch
 
+__all__ = ["CPU_PROVIDERS", "RayOptions", "check_ray_arguments", "ray_rows"]
+
+log = logging.getLogger(__name__)
 #: Providers an actor can run (the engine requests CPUs only).
 CPU_PROVIDERS = ("cpu", "openvino")
 _GRAPHS = ("coarse", "fine")
-_DECODE_WORKER_MEMORY = 256 * 2**20  #: bytes: a Ray worker with numpy and PIL loaded
-#: Environment for a quiet Ray: no dedup summaries, no Ray Data progress bars or tips.
-_QUIET_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
-
-
-def import_ray() -> Any:
-    """The ``ray`` module with Ray Data and pyarrow, or a MissingExtraError naming ``cfvit-deploy[ray]``."""
-    require("pyarrow", "ray", "--engine ray")
-    ray = require("ray", "ray", "--engine ray")
-    require("ray.data", "ray", "--engine ray")
-    return ray
+IN_FLIGHT_PER_ACTOR = 2  #: batches sent to an actor and not back yet (one running, one waiting)
+MAX_TRIES = 3  #: runs of one batch that failed by themselves (not with a lost node) before the run ends
+_NODE_CHECK_S = 2.0  #: how often the driver compares the alive nodes with the layout's
+_WAIT_S = 0.5  #: longest wait for a result (signals are handled between waits)
 
 
 def check_ray_arguments(
-    source: Any,
-    provider: str,
-    config: SessionConfig | None,
-    overlay: Any,
-    workers: int | None,
-    num_actors: int | None,
-    actor_threads: int | None,
+    source: Any, provider: str, config: SessionConfig | None, overlay: Any, workers: int | None, options: RayOptions
 ) -> None:
     """Refuse, before any work, what the Ray engine cannot do; then make sure Ray is installed."""
     if isinstance(source, CFViTPipeline):
@@ -89,86 +76,10 @@ def check_ray_arguments(
     for flag, given in local_only.items():
         if given:
             raise UsageError(f"{flag} is not supported with --engine ray")
-    for name, value in (("--num-actors", num_actors), ("--actor-threads", actor_threads)):
-        if value is not None:
-            check_positive_int(value, name)
+    options.check()
     if check_provider(provider) not in CPU_PROVIDERS:
         raise UsageError(f"--engine ray runs CPU providers only ({', '.join(CPU_PROVIDERS)}), got {provider!r}")
     import_ray()
-
-
-@dataclass(frozen=True)
-class ActorPlan:
-    """Resource requests of one run."""
-
-    num_actors: int
-    cpus_per_actor: float  #: Ray CPU request of each actor (scheduling only; may be fractional)
-    threads: int  #: ONNX Runtime intra-op threads of each actor's sessions
-    decode_cpus: float  #: CPUs the actors leave free for the decode tasks
-    cpus_per_decode_task: float
-
-
-def plan_actors(cluster_cpus: float, num_actors: int | None = None, actor_threads: int | None = None) -> ActorPlan:
-    """Split `cluster_cpus` between the actor pool and the decode tasks so every stage progresses.
-
-    A quarter of the CPUs (at least 1, at most half) is kept for decoding; the actors share the
-    rest. Missing values are derived: `actor_threads` from the actors' share (at least 1), and
-    `num_actors` as many as fit the share at `actor_threads` (2 by default) each. Each actor
-    requests ``min(threads, share / num_actors)`` CPUs, whole above 1 CPU, so the pool never takes
-    the decoders' CPUs however many actors are asked for.
-    """
-    if not cluster_cpus > 0:
-        raise UsageError(f"the Ray cluster has no CPUs ({cluster_cpus}); --engine ray needs at least one")
-    decode = min(max(1.0, cluster_cpus / 4), cluster_cpus / 2)
-    share = cluster_cpus - decode
-    if num_actors is None:
-        num_actors = max(1, int(share // (actor_threads or 2)))
-    threads = actor_threads or max(1, int(share // num_actors))
-    request = min(float(threads), share / num_actors)
-    # whole CPUs above 1; below, rounded down to Ray's resource granularity (1e-4)
-    request = float(math.floor(request)) if request > 1 else math.floor(request * 1e4) / 1e4
-    return ActorPlan(num_actors, request, threads, decode, min(1.0, decode))
-
-
-@contextlib.contextmanager
-def ray_cluster(address: str = "local") -> Iterator[Any]:
-    """Connect Ray for one run and disconnect afterwards; an already initialised Ray is used as is.
-
-    ``local`` starts a private cluster with this machine's cores (no dashboard); anything else
-    (``auto``, ``ray://host:10001``, ``host:6379``) is passed to ``ray.init(address=...)``.
-    """
-    ray = import_ray()
-    if ray.is_initialized():
-        yield ray
-        return
-    _quiet_ray()
-    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
-    try:
-        if address == "local":
-            ray.init(num_cpus=_machine_cpus(), include_dashboard=False, **quiet)
-        else:
-            ray.init(address=address, **quiet)
-    except (ConnectionError, ValueError) as exc:  # no cluster there; a bad address; ray:// without ray[client]
-        raise UsageError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-def _machine_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _quiet_ray() -> None:
-    """Keep Ray's own log lines off stderr (the CLI prints only its own lines)."""
-    for name, value in _QUIET_ENV.items():
-        os.environ.setdefault(name, value)
-    for name in _RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def ray_rows(
@@ -176,34 +87,19 @@ def ray_rows(
     job: InferJob,
     *,
     provider: str = "cpu",
-    address: str | None = None,
-    num_actors: int | None = None,
-    actor_threads: int | None = None,
-    shared_export: bool = False,
+    options: RayOptions | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[InferRow]:
     """The rows of `job` on Ray, in input order; the cluster is connected on the first row, released at the end.
 
-    `address`: ``local`` (default: a private cluster on this machine, shut down afterwards),
-    ``auto`` or a Ray address; `num_actors`, `actor_threads`: see :func:`plan_actors`;
-    `shared_export`: actors load the export folder by path instead of from the object store.
+    `warn` receives one line per fault the run recovered from (a lost node, the work redone).
     """
-    with ray_cluster(address or "local") as ray:
+    options = options or RayOptions()
+    with ray_cluster(options.address or "local") as ray:
         assert manifest.directory is not None
-        export = str(manifest.directory.absolute()) if shared_export else [ray.put(_export_files(manifest))]
-        cpus = float(ray.cluster_resources().get("CPU", 0))
-        batches = math.ceil(len(job.paths) / job.batch_size)
-        plan = plan_actors(cpus, num_actors, actor_threads)
-        if plan.num_actors > batches:  # an actor per batch at most: more would stay idle
-            plan = plan_actors(cpus, batches, plan.threads)
-        ds = _dataset(ray, job, manifest.preprocessing, plan, (export, provider, job.eta, job.topk))
-        yield from _ordered(ds)
-
-
-def infer_ray(export_dir: str | Path | Manifest, inputs: Any, **kwargs: Any) -> Any:
-    """``infer(export_dir, inputs, engine="ray", **kwargs)`` (kept for callers of the older name)."""
-    from .infer import infer
-
-    return infer(export_dir, inputs, engine="ray", **kwargs)
+        export = str(manifest.directory.absolute()) if options.shared_export else [ray.put(_export_files(manifest))]
+        actor_args = (export, provider, job.eta, job.topk)
+        yield from _Driver(ray, job, manifest.preprocessing, options, actor_args, warn).rows()
 
 
 def _export_files(manifest: Manifest) -> dict[str, bytes]:
@@ -221,68 +117,250 @@ def _load_pipeline_manifest(directory: str | Path) -> Manifest:
     return manifest
 
 
-def _dataset(ray: Any, job: InferJob, pp: PreprocessConfig, plan: ActorPlan, actor_args: tuple[Any, ...]) -> Any:
-    """paths -> decode tasks -> actor pool: a Ray Dataset of row records (the JSONL layout plus ``index``).
+@dataclass
+class _Flight:
+    """One batch sent to the pool: its decode task, its actor call and the actor (an index in the pool)."""
 
-    One block per batch of `batch_size` paths; both stages map whole blocks (no re-bundling).
-    """
-    paths, batch_size, max_pixels = job.paths, job.batch_size, job.max_pixels
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.data.DataContext.get_current().print_on_execution_start = False
-    items = [{"index": i, "path": str(p), "file": str(p.absolute())} for i, p in enumerate(paths)]
-    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
-    # Decode tasks reserve memory for a worker and twice their decoded batch. Being the only op with
-    # a memory request also keeps Ray Data from fusing them into the actors (it fuses adjacent maps
-    # with equal remote args), which would decode inside the actors, one batch at a time.
-    batch_bytes = batch_size * 3 * pp.crop_size**2 * np.dtype(np.float32).itemsize
-    # max_restarts=0: a restarted actor would need the shipped export again (Ray warns about that on
-    # stderr for every actor with object-store constructor arguments); a crashed actor fails the run.
-    ds = ds.map_batches(
-        _decode_batch,
-        fn_kwargs={"pp": pp, "max_pixels": max_pixels, "decode": job.decode},
-        batch_size=None,
-        batch_format="numpy",
-        num_cpus=plan.cpus_per_decode_task,
-        memory=_DECODE_WORKER_MEMORY + 2 * batch_bytes,
-        udf_modifying_row_count=False,
-    )
-    with warnings.catch_warnings():  # max_restarts has no named parameter yet; Ray's own docs pass it so
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ds.map_batches(
-            _PipelineActor,
-            fn_constructor_args=(*actor_args, plan.threads),
-            batch_size=None,
-            batch_format="numpy",
-            num_cpus=plan.cpus_per_actor,
-            udf_modifying_row_count=False,
-            compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
-            max_restarts=0,
+    batch: int
+    decode: Any
+    result: Any
+    actor: int
+    generation: int
+
+
+class _Driver:
+    """Sends batches to the pool, takes each batch's rows once, and lays the pool out again on a fault."""
+
+    def __init__(
+        self,
+        ray: Any,
+        job: InferJob,
+        pp: PreprocessConfig,
+        options: RayOptions,
+        actor_args: tuple[Any, ...],
+        warn: Callable[[str], None] | None,
+    ) -> None:
+        self.ray, self.job, self.pp, self.options, self.actor_args = ray, job, pp, options, actor_args
+        self.warn = warn or (lambda line: log.warning("%s", line))
+        n = len(job.paths)
+        self.batches = [range(i, min(i + job.batch_size, n)) for i in range(0, n, job.batch_size)]
+        self.todo: deque[int] = deque(range(len(self.batches)))
+        self.done: dict[int, list[InferRow]] = {}
+        self.flights: dict[Any, _Flight] = {}  #: result ref -> flight
+        self.tries = [0] * len(self.batches)
+        self.excluded: set[str] = set()  #: nodes that lost an actor (not used again in this run)
+        self.generation, self.actors, self.layout = 0, [], None  # type: ignore[var-annotated]
+        self.lost_nodes, self.redone, self.relayouts = 0, 0, 0
+        self.fault_at: float | None = None  #: when the last fault was noticed, until a batch finishes after it
+        self.recovered_s = 0.0  #: longest time from noticing a fault to the next finished batch
+        self.last_progress = self.last_node_check = monotonic()
+
+    # -- the pool -----------------------------------------------------------------------------------
+    def _start_pool(self) -> None:
+        """Lay a pool out on the alive nodes (not the excluded ones) and start its actors."""
+        nodes = {k: v for k, v in alive_nodes(self.ray).items() if k not in self.excluded}
+        if not nodes:
+            raise InferStopped(f"no Ray node with CPUs is left to run the job ({self._demand()})")
+        opts = self.options
+        want = min(opts.num_actors or 0, len(self.batches)) or None
+        try:
+            layout = layout_pool(nodes, want, opts.actor_threads)
+            if opts.num_actors is None and layout.plan.num_actors > len(self.batches):  # an actor per batch at most
+                layout = layout_pool(nodes, len(self.batches), layout.plan.threads)
+        except UsageError as exc:
+            if self.layout is None:  # before any work: a usage error (exit 2)
+                raise
+            raise InferStopped(f"the Ray nodes left cannot hold the pool: {exc}") from None  # rows kept
+        self.layout, self.generation = layout, self.generation + 1
+        actor_class = self.ray.remote(_PipelineActor)
+        self.actors = [
+            actor_class.options(
+                num_cpus=layout.plan.cpus_per_actor,
+                max_restarts=0,  # the driver replaces lost actors (a restart would need the export again)
+                scheduling_strategy=self._on_node(node),
+            ).remote(*self.actor_args, layout.plan.threads)
+            for node in layout.actor_nodes
+        ]
+        self.decode = self.ray.remote(_decode_batch).options(num_cpus=layout.cpus_per_decode_task)
+
+    def _on_node(self, node: str) -> Any:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+
+    def _relayout(self, why: str) -> None:
+        """Kill the pool, put its batches back in the queue, and start a new pool on the nodes left."""
+        redo = sorted({f.batch for f in self.flights.values()} - set(self.done))
+        self.redone += sum(len(self.batches[b]) for b in redo)
+        for flight in self.flights.values():
+            for ref in (flight.result, flight.decode):
+                self._quietly(self.ray.cancel, ref, force=False)
+        for actor in self.actors:
+            self._quietly(self.ray.kill, actor, no_restart=True)
+        self.flights.clear()
+        self.todo.extendleft(reversed(redo))
+        self.relayouts += 1
+        self.fault_at = self.fault_at or monotonic()
+        log.debug("Ray pool laid out again (%s); %d batches to run again", why, len(redo))
+        self._start_pool()
+
+    @staticmethod
+    def _quietly(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        try:
+            call(*args, **kwargs)
+        except Exception as exc:  # already gone: nothing to cancel or kill
+            log.debug("ignored: %s", exc)
+
+    # -- the run ------------------------------------------------------------------------------------
+    def rows(self) -> Iterator[InferRow]:
+        following = 0
+        try:
+            self._start_pool()
+            while following < len(self.batches):
+                self._send()
+                ready, _ = (
+                    self.ray.wait(list(self.flights), num_returns=1, timeout=_WAIT_S) if self.flights else ([], [])
+                )
+                for ref in ready:
+                    self._take(ref)
+                while following in self.done:
+                    yield from self.done.pop(following)
+                    following += 1
+                self._watch()
+        finally:
+            for actor in self.actors:
+                self._quietly(self.ray.kill, actor, no_restart=True)
+        if self.lost_nodes or self.relayouts:
+            self.warn(self._fault_line())
+
+    def _send(self) -> None:
+        """Give queued batches to the actors with fewer than IN_FLIGHT_PER_ACTOR batches in flight."""
+        load = [0] * len(self.actors)
+        for flight in self.flights.values():
+            load[flight.actor] += 1
+        while self.todo:
+            actor = min(range(len(self.actors)), key=load.__getitem__)
+            if load[actor] >= IN_FLIGHT_PER_ACTOR:
+                return
+            batch = self.todo.popleft()
+            if batch in self.done:
+                continue
+            items = [(i, str(self.job.paths[i]), str(self.job.paths[i].absolute())) for i in self.batches[batch]]
+            decode = self.decode.remote(items, self.pp, self.job.max_pixels, self.job.decode)
+            result = self.actors[actor].run.remote(decode)
+            self.flights[result] = _Flight(batch, decode, result, actor, self.generation)
+            load[actor] += 1
+
+    def _take(self, ref: Any) -> None:
+        """A result came back: keep its rows (once per batch), or handle the failure it carries."""
+        flight = self.flights.pop(ref, None)
+        if flight is None:  # a call of a pool replaced while this wait's results were taken
+            return
+        exceptions = self.ray.exceptions
+        try:
+            records = self.ray.get(ref)
+        except exceptions.RayActorError as exc:  # its actor (or the actor's node) is gone
+            self.todo.appendleft(flight.batch)
+            self._actor_lost(flight, exc)
+            return
+        except exceptions.RayError as exc:  # a decode task that failed past Ray's retries, a lost object
+            self.tries[flight.batch] += 1
+            if self.tries[flight.batch] >= MAX_TRIES:
+                raise InferStopped(f"a batch failed {MAX_TRIES} times on Ray: {_first_line(exc)}") from None
+            self.todo.appendleft(flight.batch)
+            return
+        if flight.batch not in self.done:
+            records.sort(key=lambda r: r["index"])
+            self.done[flight.batch] = [
+                InferRow.from_json({k: v for k, v in r.items() if k != "index"}) for r in records
+            ]
+            self.last_progress = monotonic()
+            if self.fault_at is not None:
+                self.recovered_s = max(self.recovered_s, self.last_progress - self.fault_at)
+                self.fault_at = None
+
+    def _actor_lost(self, flight: _Flight, exc: Exception) -> None:
+        if flight.generation != self.generation:
+            return  # a call of a pool that was already replaced
+        assert self.layout is not None
+        node = self.layout.actor_nodes[flight.actor]
+        never_started = "creation task" in str(exc) or "never ran" in str(exc)  # its constructor raised, or Ray
+        if never_started and node in alive_nodes(self.ray):  # dropped it before it started: not a lost node
+            raise InferStopped(f"a Ray pipeline actor could not start: {_death_reason(exc)}") from None
+        self.excluded.add(node)
+        self.lost_nodes += 1
+        self._relayout(f"actor lost on node {node[:8]}")
+
+    def _watch(self) -> None:
+        """Lay the pool out again when a node of the layout left; end the run when nothing progresses."""
+        now = monotonic()
+        if now - self.last_node_check >= _NODE_CHECK_S and self.layout is not None:
+            self.last_node_check = now
+            alive = alive_nodes(self.ray)
+            gone = [n for n in self.layout.node_cpus if n not in alive and n not in self.excluded]
+            if gone:
+                self.excluded.update(gone)
+                self.lost_nodes += len(gone)
+                self._relayout(f"{len(gone)} node(s) left the cluster")
+        if now - self.last_progress > self.options.stall_timeout:
+            raise InferStopped(f"no batch finished on Ray for {self.options.stall_timeout:g} s ({self._demand()})")
+
+    def _demand(self) -> str:
+        """What the run waits for: the pool's requests against the CPUs the cluster has free."""
+        layout: PoolLayout | None = self.layout
+        try:
+            free = float(self.ray.available_resources().get("CPU", 0.0))
+            nodes = len(alive_nodes(self.ray))
+        except Exception:  # the cluster itself is gone
+            free, nodes = 0.0, 0
+        need = (
+            "nothing laid out"
+            if layout is None
+            else f"pending demand: {layout.plan.num_actors} actor(s) x {{'CPU': {layout.plan.cpus_per_actor:g}}}"
+            f" and decode tasks of {{'CPU': {layout.cpus_per_decode_task:g}}}"
         )
-    ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
-    return ds
+        return f"{need}; the cluster has {free:g} CPU free on {nodes} alive node(s)"
+
+    def _fault_line(self) -> str:
+        n = len(self.job.paths)
+        return (
+            f"Ray: {self.lost_nodes} node(s) lost during the run; the pool was laid out again "
+            f"{self.relayouts} time(s) ({self.layout.describe() if self.layout else 'no pool'}) and "
+            f"{self.redone} of {n} inputs were run again (work resumed {self.recovered_s:.1f} s after the loss "
+            "was noticed); every input has exactly one row"
+        )
+
+
+def _death_reason(exc: BaseException) -> str:
+    """Ray's line saying why an actor is dead (else the first line of its message)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    return next((line for line in lines if line.startswith("The actor is dead because")), _first_line(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _decode_batch(
-    batch: dict[str, np.ndarray], pp: PreprocessConfig, max_pixels: int | None, decode: str = "exact"
-) -> dict[str, np.ndarray]:
+    items: list[tuple[int, str, str]], pp: PreprocessConfig, max_pixels: int | None, decode: str = "exact"
+) -> dict[str, Any]:
     """Decode task: ``image`` (zeros for unreadable files), ``ok`` and ``error`` (the local engine's reason)."""
-    n = len(batch["file"])
+    n = len(items)
     images = np.zeros((n, 3, pp.crop_size, pp.crop_size), dtype=np.float32)
-    ok, errors = np.ones(n, dtype=bool), np.full(n, "", dtype=object)
-    for i, file in enumerate(batch["file"]):
+    ok, errors = np.ones(n, dtype=bool), [""] * n
+    for i, (_, _, file) in enumerate(items):
         item = decode_image(Path(file), pp, max_pixels, decode)
         if isinstance(item, str):
             ok[i], errors[i] = False, item
         else:
             images[i] = item
-    return {"index": batch["index"], "path": batch["path"], "image": images, "ok": ok, "error": errors}
+    return {"index": [t[0] for t in items], "path": [t[1] for t in items], "image": images, "ok": ok, "error": errors}
 
 
 class _PipelineActor:
     """One :class:`CFViTPipeline` per actor, built once from the shipped (or shared) export."""
 
     def __init__(self, export: list[Any] | str, provider: str, eta: float | None, topk: int, threads: int) -> None:
-        import pyarrow as pa
         import ray
 
         config = SessionConfig(threads=threads)
@@ -296,30 +374,14 @@ class _PipelineActor:
                 self.pipeline = CFViTPipeline(_load_pipeline_manifest(tmp), provider, config)
         self.eta, self.topk = eta, topk
         self.labels = self.pipeline.manifest.labels()
-        self.schema = pa.schema([("index", pa.int64()), *row_schema()])
-        self.pa = pa
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        rows = [InferRow(path=str(p), error=str(e)) for p, e in zip(batch["path"], batch["error"], strict=True)]
+    def run(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows of a decoded batch as JSON records with their input ``index``."""
+        rows = [InferRow(path=p, error=e) for p, e in zip(batch["path"], batch["error"], strict=True)]
         good = np.flatnonzero(batch["ok"])
         if good.size:
             result = self.pipeline.run(np.ascontiguousarray(batch["image"][good]), self.eta)
             done = rows_for_batch(result, [rows[i].path for i in good], self.labels, self.topk)
             for i, row in zip(good, done, strict=True):
                 rows[i] = row
-        records = [{"index": int(i), **row.to_json()} for i, row in zip(batch["index"], rows, strict=True)]
-        return self.pa.Table.from_pylist(records, schema=self.schema)
-
-
-def _ordered(ds: Any) -> Iterator[InferRow]:
-    """The dataset's rows in input order (Ray finishes batches out of order; early ones wait here)."""
-    pending: dict[int, InferRow] = {}
-    following = 0
-    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for record in table.to_pylist():
-            pending[record.pop("index")] = InferRow.from_json(record)
-        while following in pending:
-            yield pending.pop(following)
-            following += 1
-    if pending:
-        raise RuntimeError(f"Ray Data lost rows: {len(pending)} rows wait for row {following}")
+        return [{"index": int(i), **row.to_json()} for i, row in zip(batch["index"], rows, strict=True)]

@@ -8,6 +8,15 @@ applications, ``cfvit-coarse`` and ``cfvit-fine``, each with ``@serve.batch`` (`
 of replicas, and talks to them through deployment handles. The gate runs in the front, per request,
 with :class:`runtimes.stages.StageRunner`'s code, so the answers are those of the local server.
 Ray Serve's own HTTP proxy is not started.
+
+Cluster: ``address`` None or ``local`` starts a private Ray cluster (shut down with Ray Serve at the
+end); ``auto`` or ``host:port`` joins a running one, where only this server's two applications are
+deleted at the end (Ray Serve keeps running for others). Each replica requests ``replica_cpus``
+(0.5: a node of one CPU can hold two replicas, so replicas lost with a node can come back on the
+nodes left). Faults: a stage call that fails because its replica died (with its node) is retried
+on the replicas left until ``call_timeout_s``; after that, or while a stage has no replica, the
+request is answered 503 ``unavailable`` with ``Retry-After`` (never held). Ray Serve's controller
+starts replacement replicas by itself.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +35,14 @@ from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
 
 from .admission import Admission
-from .engine import EngineConfig, EngineObserver, admit, check_request
+from .engine import EngineBusy, EngineConfig, EngineObserver, admit, check_request
+from .ray_cluster import connect_ray
 from .stages import Answer, StageRunner
 
 log = logging.getLogger(__name__)
+REPLICA_CPUS = 0.5  #: CPU request of each replica (scheduling only)
+CALL_TIMEOUT_S = 30.0  #: longest a request waits for a stage (retries included) before its 503
+_RETRY_PAUSE_S = 0.25
 APPS = {"coarse": "cfvit-coarse", "fine": "cfvit-fine"}
 
 
@@ -85,13 +99,20 @@ class RayServeEngine:
         replicas: dict[str, int] | None = None,
         observer: EngineObserver | None = None,
         ray_init: dict[str, Any] | None = None,
+        *,
+        address: str | None = None,
+        replica_cpus: float = REPLICA_CPUS,
+        call_timeout_s: float = CALL_TIMEOUT_S,
     ) -> None:
         require("ray.serve", "ray", "cfvit serve --engine ray")
         self.export_dir = str(Path(export_dir).resolve())
         self.config, self.provider, self.threads = config, provider, threads
         self.replicas = replicas or {"coarse": 1, "fine": 1}
         self.observer = observer or EngineObserver()
-        self.ray_init = ray_init or {}
+        self.ray_init = ray_init or {}  #: more ray.init arguments (num_cpus: of the private cluster)
+        self.address, self.replica_cpus, self.call_timeout_s = address, replica_cpus, call_timeout_s
+        self.retries = 0  #: stage calls sent again after their replica died
+        self._disconnect: Any = None  # set when this engine connected Ray
         self.runner = StageRunner(_ManifestOnly(Manifest.load(export_dir)))  # type: ignore[arg-type]
         if self.config.default_eta is None:
             self.config.default_eta = self.runner.manifest.default_eta
@@ -99,25 +120,38 @@ class RayServeEngine:
         self._in_stage = {"coarse": 0, "fine": 0}
         #: requests accepted and not yet answered, at most config.max_queue
         self.admission = Admission(config.max_queue, "--max-queue")
-        self._closing = self._ready = self._started_ray = False
+        self._closing = self._ready = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._deploy)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._deploy)
+        finally:  # Ray's core worker installs its own handlers (a stack dump on SIGTERM): the server's again
+            for sig, handler in handlers.items():
+                with contextlib.suppress(ValueError, TypeError):  # not the main thread / not a Python handler
+                    signal.signal(sig, handler)
         self._ready = True
+
+    @property
+    def private(self) -> bool:
+        """True when this engine runs its own cluster (then Ray Serve is shut down with it)."""
+        return self.address in (None, "local")
 
     def _deploy(self) -> None:
         import ray
         from ray import serve
 
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, logging_level=logging.WARNING, **self.ray_init)
-            self._started_ray = True
+            init = dict(self.ray_init)
+            self._disconnect = connect_ray(self.address, init.pop("num_cpus", None), **init)
         serve.start(http_options={"location": "NoServer"})
         cfg = self.config
         for stage in ("coarse", "fine"):
             deployment = stage_deployment(stage, cfg.max_batch, cfg.max_wait_ms).options(
-                num_replicas=self.replicas[stage], max_ongoing_requests=max(2 * cfg.max_batch, 8)
+                num_replicas=self.replicas[stage],
+                max_ongoing_requests=max(2 * cfg.max_batch, 8),
+                ray_actor_options={"num_cpus": self.replica_cpus},
             )
             app = deployment.bind(self.export_dir, self.provider, self.threads)
             self._handles[stage] = serve.run(
@@ -137,16 +171,17 @@ class RayServeEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._undeploy)
 
     def _undeploy(self) -> None:
-        import ray
         from ray import serve
 
         for name in APPS.values():
             with contextlib.suppress(Exception):
                 serve.delete(name)
         self._handles.clear()
-        if self._started_ray:
-            serve.shutdown()
-            ray.shutdown()
+        if self._disconnect is not None:
+            if self.private:  # a joined cluster keeps its Ray Serve (other applications may use it)
+                serve.shutdown()
+            self._disconnect()
+            self._disconnect = None
 
     @property
     def ready(self) -> bool:
@@ -174,9 +209,27 @@ class RayServeEngine:
 
     # -- requests -----------------------------------------------------------------------------------
     async def _call(self, stage: str, item: Any) -> Any:
+        """`stage`'s answer for `item`; retried while its replica died; EngineBusy("unavailable") after the timeout."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.call_timeout_s
         self._in_stage[stage] += 1
         try:
-            row, size, position = await self._handles[stage].remote(item)
+            while True:
+                try:
+                    response = self._handles[stage].remote(item)
+                    row, size, position = await asyncio.wait_for(_awaited(response), deadline - loop.time())
+                    break
+                except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+                    log.debug("%s stage call failed (%s); retrying", stage, type(exc).__name__)
+                    if loop.time() + _RETRY_PAUSE_S >= deadline:
+                        raise EngineBusy("unavailable") from None
+                    self.retries += 1
+                    await asyncio.sleep(_RETRY_PAUSE_S)
+                except asyncio.TimeoutError:
+                    raise EngineBusy("unavailable") from None
         finally:
             self._in_stage[stage] -= 1
         if position == 0 and self.observer.on_batch:
@@ -201,3 +254,8 @@ class RayServeEngine:
         if self.observer.on_answer:
             self.observer.on_answer(stage)
         return answer
+
+
+async def _awaited(response: Any) -> Any:
+    """A Ray Serve DeploymentResponse as a coroutine (for asyncio.wait_for)."""
+    return await response

@@ -72,6 +72,8 @@ class InferSummary:
     overlays: int = 0  #: overlay PNGs written
     interrupted: bool = False
     signal: str | None = None  #: "SIGINT" or "SIGTERM" when interrupted
+    reason: str | None = None  #: why an engine stopped the run early (runtimes.inference.InferStopped)
+    warnings: list[str] = field(default_factory=list)  #: what the engine recovered from (e.g. a lost Ray node)
     engine: str = "local"
     decode: str = "exact"  #: the decode mode (exact or fast)
     batch_size: int = 0  #: the batch size used (capped at the number of inputs)
@@ -107,6 +109,8 @@ class InferSummary:
         return {
             "status": "interrupted" if self.interrupted else "complete",
             "signal": self.signal,
+            "reason": self.reason,
+            "warnings": self.warnings,
             "inputs": self.inputs,
             "rows": self.rows,
             "classified": self.images,

@@ -37,9 +37,9 @@ SCOPE: dict[str, list[str]] = {
     "cfvit_deploy.model": ["xǁCFViTǁselect", "xǁCFViTǁcoarse_stage", "x_confidence", "x_fine_indices"],
     # every criterion and check of validation (Criteria.describe is only the report's prose)
     "exporters.criteria": [
-        "xǁ_Checkerǁ*",
+        "xǁCheckerǁ*",
         "xǁCriteriaǁfor_precision",
-        "x__softmax_conf",
+        "x_softmax_confidence",
         "x_closeness_ratio",
         "x_relative_logit_error",
         "x_top2_margin",
@@ -52,7 +52,7 @@ SCOPE: dict[str, list[str]] = {
         "xǁManifestǁload",
         "xǁManifestǁgraph_path",
         "x_sha256_file",
-        "x__check_format_version",
+        "x_check_format_version",
     ],
     "cfvit_deploy.io": ["*"],  # atomic, no-clobber writes and the cleanup of dead writers' temporaries
     # decode, RGB conversion, resize, crop, normalise (PreprocessConfig's own field checks are not in scope)

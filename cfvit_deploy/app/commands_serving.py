@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from cfvit_deploy.app.cli_support import (
 )
 from cfvit_deploy.errors import UsageError
 from cfvit_deploy.signals import exit_code_for, sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    from runtimes.ray_cluster import RayOptions
 
 
 @app.command("infer")
@@ -57,6 +60,11 @@ def infer_cmd(
         False,
         "--shared-export",
         help="Ray: actors load EXPORT_DIR by path (shared file system), not from the object store.",
+    ),
+    stall_timeout: Optional[float] = typer.Option(
+        None,
+        "--stall-timeout",
+        help="Ray: end the run (rows kept, exit 1) when no batch finishes for this long (s, default 120).",
     ),
 ) -> int:
     """Classify images with the gated two-stage pipeline: one row per input file.
@@ -102,10 +110,7 @@ def infer_cmd(
                 overlay=overlay,
                 max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
                 decode=decode,
-                address=address,
-                num_actors=num_actors,
-                actor_threads=actor_threads,
-                shared_export=shared_export,
+                ray=ray_options(address, num_actors, actor_threads, shared_export, stall_timeout),
                 graph=graph,
                 on_row=None if output else show,
                 progress=progress,
@@ -115,6 +120,8 @@ def infer_cmd(
             where = f" to {s.output}" if s.output else ""
             print(f"error: interrupted, {s.rows} of {s.inputs} inputs written{where}", file=sys.stderr)
             return exit_code_for(exc)
+    for line in s.warnings:  # faults the engine recovered from (a lost Ray node)
+        print(f"warning: {line}", file=sys.stderr)
     print(
         f"files: {s.inputs}  classified: {s.images}  exited at coarse: {s.exited} ({s.exit_rate:.1%})  "
         f"went to fine: {s.fine}  errors: {s.errors}  {s.images_per_s:.1f} img/s"
@@ -123,6 +130,23 @@ def infer_cmd(
         file=sys.stderr,
     )
     return 1 if s.errors else 0
+
+
+def ray_options(
+    address: Optional[str],
+    num_actors: Optional[int],
+    actor_threads: Optional[int],
+    shared_export: bool,
+    stall_timeout: Optional[float],
+) -> RayOptions | None:
+    """infer's RayOptions from the CLI's Ray flags (None when none was given: the local engine refuses the rest)."""
+    from runtimes.ray_cluster import DEFAULT_STALL_TIMEOUT, RayOptions
+
+    given = (address, num_actors, actor_threads, stall_timeout)
+    if all(v is None for v in given) and not shared_export:
+        return None
+    timeout = DEFAULT_STALL_TIMEOUT if stall_timeout is None else stall_timeout
+    return RayOptions(address, num_actors, actor_threads, shared_export, timeout)
 
 
 @app.command("bench")
@@ -386,6 +410,9 @@ def serve_cmd(
     graph: str = typer.Option("pair", "--graph", help="pair (coarse.onnx + fine.onnx) | single (single.onnx)."),
     coarse_replicas: int = typer.Option(1, "--coarse-replicas", help="Ray: replicas of the coarse deployment."),
     fine_replicas: int = typer.Option(1, "--fine-replicas", help="Ray: replicas of the fine deployment."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray: local (default, a private cluster), auto, or host:port of a cluster."
+    ),
     body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds for a request's body; beyond: 408."),
     header_timeout: float = typer.Option(
         10.0, "--header-timeout", help="Seconds for a request's headers (from connect or the last answer); beyond: 408."
@@ -426,6 +453,7 @@ def serve_cmd(
         shared_threads=shared_threads,
         engine=engine,
         replicas={"coarse": coarse_replicas, "fine": fine_replicas},
+        address=address,
         graph=graph,
         body_timeout=body_timeout,
         header_timeout=header_timeout,

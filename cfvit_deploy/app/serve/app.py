@@ -78,6 +78,7 @@ def _busy(reason: str) -> BadRequest:
         "full": "the request queue is full (--max-queue); retry later",
         "closing": "the server is shutting down",
         "not ready": "the model is still loading; retry later (see /readyz)",
+        "unavailable": "a stage has no replica that answers (a Ray node was lost); retry later",
     }.get(reason, reason)
     return BadRequest(503, reason.replace(" ", "_"), text)
 

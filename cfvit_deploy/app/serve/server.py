@@ -62,6 +62,7 @@ class ServeOptions:
     shared_threads: bool = False
     engine: str = "local"
     replicas: dict[str, int] = field(default_factory=lambda: {"coarse": 1, "fine": 1})  #: Ray Serve only
+    address: str | None = None  #: Ray Serve only: local (default: a private cluster), auto, host:port
     log_level: str = "info"
     body_timeout: float = 30.0  #: seconds from a request's headers to its last body byte (beyond: 408)
     header_timeout: float = 10.0  #: seconds for a request's headers, from connect or the previous answer
@@ -94,6 +95,8 @@ class ServeOptions:
             check_positive_int(self.threads, "--threads")
         for stage, n in self.replicas.items():
             check_positive_int(n, f"--{stage}-replicas")
+        if self.address is not None and self.engine != "ray":
+            raise UsageError("--address needs --engine ray")
         check_positive_int(self.max_queue, "--max-queue")
         check_positive_int(self.max_connections, "--max-connections")
         for name in ("body_timeout", "header_timeout", "drain_timeout"):
@@ -116,7 +119,9 @@ def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMe
     if options.engine == "ray":
         from runtimes.ray_serve import RayServeEngine
 
-        return RayServeEngine(export_dir, config, options.provider, options.threads, options.replicas, observer)
+        return RayServeEngine(
+            export_dir, config, options.provider, options.threads, options.replicas, observer, address=options.address
+        )
     session = SessionConfig(threads=options.threads, shared_threads=options.shared_threads)
     graphs = graphs_for(options.graph, manifest)  # only the graphs it runs (never baseline.onnx)
     runner = SingleGraphRunner if options.graph == "single" else StageRunner

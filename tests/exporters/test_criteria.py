@@ -9,19 +9,19 @@ import pytest
 from exporters.criteria import (
     DECISIVE_FACTOR,
     MAX_REL_ERR,
+    Checker,
     Criteria,
     ValidationReport,
-    _Checker,
-    _softmax_conf,
     closeness_ratio,
     relative_logit_error,
+    softmax_confidence,
     top2_margin,
 )
 
 
-def checker(precision: str) -> _Checker:
+def checker(precision: str) -> Checker:
     crit = Criteria.for_precision(precision, None, None, None, None)
-    return _Checker(ValidationReport("e", "c", "cpu", precision, [1], [0.5]), crit)
+    return Checker(ValidationReport("e", "c", "cpu", precision, [1], [0.5]), crit)
 
 
 # -- defaults and overrides --------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def test_top2_margin_per_row():
 def test_softmax_confidence_per_row_and_stable():
     logits = np.array([[0.0, 0.0], [-1000.0, -1001.0], [2.0, 0.0]])
     expected = [0.5, 1 / (1 + np.exp(-1.0)), 1 / (1 + np.exp(-2.0))]
-    np.testing.assert_allclose(_softmax_conf(logits), expected, rtol=1e-12)
+    np.testing.assert_allclose(softmax_confidence(logits), expected, rtol=1e-12)
 
 
 # -- exit decisions --------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_check_rows_carry_name_input_and_batch():
 
 def test_fp32_closeness_at_exactly_the_bound_passes_and_just_above_fails():
     crit = Criteria(atol=0.5, rtol=0.25, exact=True, min_top1=1.0, min_exit=1.0)  # binary fractions: exact
-    check = _Checker(ValidationReport("e", "c", "cpu", "fp32", [1], [0.5]), crit)
+    check = Checker(ValidationReport("e", "c", "cpu", "fp32", [1], [0.5]), crit)
     ref = np.array([[2.0, 0.0]])
     check.close("x", ref + [[1.0, 0.0]], ref)  # error 1.0 = 0.5 + 0.25 * 2: exactly the bound
     check.close("x", ref + [[1.25, 0.0]], ref)  # 1.25x the bound
@@ -241,7 +241,7 @@ def test_closeness_bound_uses_the_largest_reference_magnitude_even_below_one():
 
 def test_reduced_precision_logits_at_exactly_the_bound_pass():
     crit = Criteria(atol=0.05, rtol=0.05, exact=False, min_top1=0.9, min_exit=0.9, max_rel_err=0.25)
-    check = _Checker(ValidationReport("e", "c", "int8", "int8", [1], [0.5]), crit)
+    check = Checker(ValidationReport("e", "c", "int8", "int8", [1], [0.5]), crit)
     ref = np.array([[1.0, -1.0], [1.0, -1.0]])  # std exactly 1
     check.close("logits", ref + 0.25, ref, logits=True)  # RMS error exactly 0.25
     check.close("logits", ref + 0.5, ref, logits=True)
@@ -258,7 +258,7 @@ def test_reduced_precision_logits_at_exactly_the_bound_pass():
 
 def test_reduced_precision_non_logits_are_reported_with_their_ratio():
     crit = Criteria(atol=0.5, rtol=0.25, exact=False, min_top1=0.9, min_exit=0.9, max_rel_err=0.2)
-    check = _Checker(ValidationReport("e", "c", "int8", "int8", [1], [0.5]), crit)
+    check = Checker(ValidationReport("e", "c", "int8", "int8", [1], [0.5]), crit)
     ref = np.array([[2.0, 0.0]])
     check.close("tokens", ref + [[3.0, 0.0]], ref)  # 3x the bound: reported, not judged
     c = check.report.checks[-1]

@@ -22,7 +22,7 @@ import pytest
 
 import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 COMMANDS = ("export", "validate", "train", "make-data", "infer", "bench", "sweep", "demo")
 
 

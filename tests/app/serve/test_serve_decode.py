@@ -22,7 +22,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT = 120  # seconds for any one wait below
 #: generous bound for a normal photo during the burst on a loaded 2-core machine (the goal on a quiet one: 2 s)
 NORMAL_PHOTO_S = 5.0

@@ -35,7 +35,7 @@ from runtimes.backends import create_backend  # noqa: E402
 from runtimes.batching import BatchingEngine, EngineConfig, StageRunner  # noqa: E402
 from runtimes.infer import infer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT = 90  # seconds: the server's start, and any single request
 MODEL = "mini"  # the live server runs with --model-name mini; the in-process app keeps the default, cfvit
 OUTPUTS = ("LABEL", "PROBABILITY", "STAGE", "CONFIDENCE")

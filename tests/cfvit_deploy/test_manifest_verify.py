@@ -7,10 +7,10 @@ import hashlib
 import json
 
 import pytest
-from test_manifest_fuzz import VALID, make_manifest, write_export
 
 from cfvit_deploy.errors import ManifestError
-from cfvit_deploy.manifest import FORMAT_VERSION, MIN_FORMAT_VERSION, Manifest, _check_format_version, sha256_file
+from cfvit_deploy.manifest import FORMAT_VERSION, MIN_FORMAT_VERSION, Manifest, check_format_version, sha256_file
+from tests.cfvit_deploy.test_manifest_fuzz import VALID, make_manifest, write_export
 
 
 def test_sha256_of_a_file_larger_than_one_read(tmp_path):
@@ -99,30 +99,30 @@ def test_graph_path_errors():
 
 @pytest.mark.parametrize("version", [MIN_FORMAT_VERSION, FORMAT_VERSION])
 def test_every_format_version_in_range_is_read(version):
-    _check_format_version({**VALID, "format_version": version})
+    check_format_version({**VALID, "format_version": version})
 
 
 def test_format_version_messages():
     reads = f"this cfvit-deploy reads format_version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}"
     with pytest.raises(ManifestError) as caught:
-        _check_format_version({})
+        check_format_version({})
     assert str(caught.value) == (
         f"manifest.json has no format_version key ({reads}); it was not written by `cfvit export`, or was edited: "
         "re-export it"
     )
     with pytest.raises(ManifestError) as caught:
-        _check_format_version({"format_version": 1.0})
+        check_format_version({"format_version": 1.0})
     assert str(caught.value) == (
         f"manifest format_version must be a JSON integer such as {FORMAT_VERSION}, got 1.0 (float); {reads}"
     )
     with pytest.raises(ManifestError) as caught:
-        _check_format_version({"format_version": FORMAT_VERSION + 1})
+        check_format_version({"format_version": FORMAT_VERSION + 1})
     assert str(caught.value) == (
         f"this export has format_version {FORMAT_VERSION + 1}; this cfvit-deploy reads up to {FORMAT_VERSION}: "
         "upgrade cfvit-deploy (pip install -U cfvit-deploy)"
     )
     with pytest.raises(ManifestError) as caught:
-        _check_format_version({"format_version": MIN_FORMAT_VERSION - 1})
+        check_format_version({"format_version": MIN_FORMAT_VERSION - 1})
     assert str(caught.value) == (
         f"this export has format_version {MIN_FORMAT_VERSION - 1}, older than any this cfvit-deploy reads "
         f"({MIN_FORMAT_VERSION} to {FORMAT_VERSION}): re-export it with `cfvit export`"

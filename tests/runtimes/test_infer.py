@@ -26,7 +26,7 @@ from runtimes import inference as inference_mod
 from runtimes.infer import InferInterrupted, collect_inputs, infer, overlay_names
 from runtimes.sinks import summary_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from PIL import Image
 
 import cli
 from cfvit_deploy.errors import ManifestError, MissingExtraError, UsageError
-from runtimes.infer import InferInterrupted, InferRow, infer
-from runtimes.ray_engine import _load_pipeline_manifest, infer_ray, plan_actors
+from runtimes.infer import InferInterrupted, InferRow, InferStopped, RayOptions, infer
+from runtimes.ray_cluster import layout_pool, plan_actors
+from runtimes.ray_engine import _load_pipeline_manifest
 from runtimes.sinks import summary_path
 from tests.conftest import FIXTURES
 
@@ -33,7 +34,8 @@ def ray_2cpu():
     pytest.importorskip("pyarrow")
     import logging
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    # address="local": a private cluster even while a `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
@@ -154,32 +156,43 @@ def test_cli_ray_rows_equal_local(ray_2cpu, export, images, local_rows, tmp_path
 
 
 def test_python_twin_shared_export(ray_2cpu, export, images) -> None:
-    """infer_ray with the export read by path: the same InferRow objects as infer(), in input order."""
+    """infer(engine="ray") with the export read by path: the same InferRow objects as the local engine, in input order."""
     want: list[InferRow] = []
     infer(export, images, batch_size=5, on_row=want.append)
     got: list[InferRow] = []
-    summary = infer_ray(export, images, batch_size=5, shared_export=True, actor_threads=1, on_row=got.append)
-    assert infer_ray(export, images[1], batch_size=5).rows == 1  # a single path
+    options = RayOptions(shared_export=True, actor_threads=1)
+    summary = infer(export, images, engine="ray", batch_size=5, ray=options, on_row=got.append)
+    assert infer(export, images[1], engine="ray", batch_size=5).rows == 1  # a single path
     _assert_same_rows([r.to_json() for r in got], [r.to_json() for r in want])
     assert (summary.inputs, summary.rows, summary.errors) == (len(want), len(want), 4)
     assert summary.exited + summary.fine == len(want) - 4
 
 
-def test_decode_runs_in_its_own_tasks(ray_2cpu, export, images) -> None:
-    """Ray Data must not fuse decoding into the actors (it fuses maps with equal remote args)."""
-    from cfvit_deploy.manifest import Manifest
-    from runtimes.infer import collect_inputs
-    from runtimes.inference import InferJob
-    from runtimes.ray_engine import _dataset, _ordered
+def test_crashed_actor_on_the_only_node_ends_the_run_with_rows_kept(ray_2cpu, export, images, tmp_path) -> None:
+    """An actor killed while its node stays up is a crash: that node is not used again; with no node left the
+    run ends with InferStopped naming the demand, and the rows done so far are kept (summary: interrupted)."""
+    import pandas as pd
 
-    manifest = Manifest.load(export)
-    plan = plan_actors(2, num_actors=1, actor_threads=1)
-    assert plan.cpus_per_actor == plan.cpus_per_decode_task == 1.0  # the case where fusion would happen
-    job = InferJob(collect_inputs(images), None, 8, 3, None, None)
-    ds = _dataset(ray_2cpu, job, manifest.preprocessing, plan, (str(export), "cpu", None, 3))
-    assert len(list(_ordered(ds))) == 25
-    stats = ds.stats()
-    assert "MapBatches(_decode_batch):" in stats and "MapBatches(_PipelineActor):" in stats
+    out, seen = tmp_path / "r.csv", []
+
+    def kill_an_actor(row: InferRow) -> None:
+        seen.append(row)
+        if len(seen) == 4:  # the first batch is back: SIGKILL the pipeline actor (a crash; its node stays up)
+            import psutil
+
+            for proc in psutil.Process().children(recursive=True):  # this test's private cluster only
+                if "_PipelineActor" in " ".join(proc.cmdline()):
+                    proc.kill()
+
+    with pytest.raises(InferStopped, match=r"no Ray node with CPUs is left.*interrupted, \d+ of 25 inputs") as info:
+        infer(
+            export, images, engine="ray", batch_size=4, output=out, ray=RayOptions(num_actors=1), on_row=kill_an_actor
+        )
+    summary = info.value.summary
+    assert summary is not None and summary.interrupted and 4 <= summary.rows < 25
+    assert len(pd.read_csv(out)) == summary.rows
+    saved = json.loads(summary_path(out).read_text())
+    assert saved["status"] == "interrupted" and "no Ray node" in saved["reason"]
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
@@ -209,10 +222,29 @@ def test_plan_two_cpus() -> None:
         plan_actors(0)
 
 
+def test_layout_two_single_cpu_nodes_never_deadlocks() -> None:
+    """Issue 24: 2 nodes x 1 CPU with 2 actors of 0.5 CPU left 0.5 CPU per node for decode tasks of 1 CPU."""
+    two = layout_pool({"a": 1.0, "b": 1.0}, 2, None)
+    assert two.actor_nodes == ("a", "b") and two.plan.cpus_per_actor == 0.5 and two.cpus_per_decode_task == 0.5
+    one = layout_pool({"a": 1.0, "b": 1.0}, None, None)  # default: one actor of 1 CPU, the other node decodes
+    assert one.actor_nodes == ("a",) and one.plan.cpus_per_actor == 1.0 and one.cpus_per_decode_task == 1.0
+    assert layout_pool({"a": 1.0}, 2, None).cpus_per_decode_task == 0.5  # what is left after losing a node
+    # default sizing shrinks the actors until one fits a node (8 CPUs in nodes of 1 CPU)
+    many = layout_pool({str(i): 1.0 for i in range(8)}, None, None)
+    assert many.plan.cpus_per_actor <= 1.0 and many.cpus_per_decode_task > 0
+
+
+def test_layout_refuses_what_no_node_can_hold() -> None:
+    """A given pool is checked node by node, not against the cluster's total: 3 CPUs per actor on nodes of 2."""
+    assert layout_pool({"big": 8.0, "small": 1.0}, 1, 6).actor_nodes == ("big",)
+    with pytest.raises(UsageError, match="does not fit the Ray nodes: 1 actors x 3 CPU on nodes of 2, 2 CPU"):
+        layout_pool({"a": 2.0, "b": 2.0}, 1, 3)
+
+
 def test_without_ray_says_how_to_install(monkeypatch, export, images, tmp_path, capsys) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MissingExtraError, match=r"pip install 'cfvit-deploy\[ray\]'"):
-        infer_ray(export, images)
+        infer(export, images, engine="ray")
     assert (
         _cli(export, *images, "--engine", "ray", "--output", tmp_path / "r.csv") == 1
     )  # a missing extra is exit 1 (MissingExtraError), checked before any work
@@ -233,6 +265,8 @@ def test_without_ray_says_how_to_install(monkeypatch, export, images, tmp_path, 
         (["--engine", "spark"], "--engine must be one of local, ray"),
         (["--num-actors", "2"], "need --engine ray"),
         (["--shared-export"], "need --engine ray"),
+        (["--stall-timeout", "5"], "need --engine ray"),
+        (["--engine", "ray", "--stall-timeout", "0"], "--stall-timeout must be a positive number"),
     ],
 )
 def test_usage_errors(export, images, tmp_path, monkeypatch, capsys, args, message) -> None:
@@ -299,3 +333,52 @@ def test_ray_interrupt_keeps_the_rows_done(ray_2cpu, export, images, local_rows,
     table = pd.read_parquet(out)
     assert list(table["path"]) == [r["path"] for r in local_rows[".jsonl"][:5]]
     assert json.loads(summary_path(out).read_text())["status"] == "interrupted"
+
+
+def test_serve_address_needs_the_ray_engine(export, capsys) -> None:
+    """`serve --address` is a Ray option, refused (exit 2, one line) with the local engine, before any work."""
+    assert cli.main(["serve", str(export), "--address", "127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --address needs --engine ray"
+
+
+class _DyingHandle:
+    """A Ray Serve deployment handle whose replica died `deaths` times, then answers (row, batch 1, position 0)."""
+
+    def __init__(self, deaths: int) -> None:
+        self.deaths, self.calls = deaths, 0
+
+    def remote(self, item):
+        from ray.exceptions import ActorDiedError
+
+        self.calls += 1
+        dead = self.calls <= self.deaths
+
+        async def answer():
+            if dead:
+                raise ActorDiedError()
+            return ("row", 1, 0)
+
+        return answer()
+
+
+@pytest.mark.parametrize("deaths, want", [(2, "row"), (10**9, "unavailable")])
+def test_ray_serve_stage_call_retries_then_answers_503(export, deaths, want) -> None:
+    """A stage call whose replica died is sent again; past call_timeout_s it is EngineBusy("unavailable")
+    (the HTTP layer's 503 + Retry-After), never held."""
+    import asyncio
+    import time
+
+    pytest.importorskip("ray.serve")
+    from runtimes.engine import EngineBusy, EngineConfig
+    from runtimes.ray_serve import RayServeEngine
+
+    engine = RayServeEngine(export, EngineConfig(), call_timeout_s=1.0)
+    engine._handles = {"coarse": _DyingHandle(deaths)}
+    started = time.monotonic()
+    if want == "row":
+        assert asyncio.run(engine._call("coarse", None)) == "row" and engine.retries == 2
+    else:
+        with pytest.raises(EngineBusy, match="unavailable"):
+            asyncio.run(engine._call("coarse", None))
+        assert 0.5 < time.monotonic() - started < 10 and engine.retries >= 2
+    assert engine.depth("coarse") == 0

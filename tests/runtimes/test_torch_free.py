@@ -13,7 +13,7 @@ import numpy as np
 
 from runtimes import CFViTPipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs in a fresh interpreter: a meta-path finder refuses torch, onnx, onnxsim and exporters before
 # anything is imported, then the serving modules load and the pipeline runs (plain and IOBinding).

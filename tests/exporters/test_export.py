@@ -386,10 +386,10 @@ def test_a_tamper_between_one_and_ten_times_the_fp32_bound_fails(tmp_path, expor
 
 # -- the closeness criteria themselves, per output kind and precision (issue 16 item 2) ---------------------
 def _checker(precision):
-    from exporters.validation import Criteria, ValidationReport, _Checker
+    from exporters.validation import Checker, Criteria, ValidationReport
 
     crit = Criteria.for_precision(precision, None, None, None, None)
-    return _Checker(ValidationReport("e", "c", "cpu", precision, [1], [0.5]), crit), crit
+    return Checker(ValidationReport("e", "c", "cpu", precision, [1], [0.5]), crit), crit
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N_FILES = 5000
 BAD_EVERY = 500  #: every 500th file is not an image: 10 error rows among the 5,000
 BASELINE_ROW = 1000

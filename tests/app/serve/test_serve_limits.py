@@ -27,7 +27,7 @@ pytest.importorskip("prometheus_client")
 from cfvit_deploy.app.serve import ServeOptions, build_app  # noqa: E402
 from cfvit_deploy.app.serve.protocol import TruncatedAccessLog  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT = 60  # seconds any single wait may take
 PNG_HEADERS = b"content-type: image/png\r\n"
 

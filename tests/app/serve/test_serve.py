@@ -502,7 +502,7 @@ assert not heavy, heavy
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     env = {**__import__("os").environ, "PYTHONPATH": str(root)}
     r = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT

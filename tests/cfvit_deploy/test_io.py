@@ -206,7 +206,7 @@ def test_two_concurrent_writers_exactly_one_wins(tmp_path, kind, fallback):
     gate.mkdir()
     target = out_dir / ("export" if kind == "dir" else "out.csv")
     code = RACER if not fallback else "import cfvit_deploy.io as io; io.USE_RENAMEAT2 = False\n" + RACER
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, kind, str(target), tag, str(gate)], env=env, stderr=subprocess.PIPE, text=True
@@ -285,7 +285,7 @@ def test_a_sigkilled_writer_leaves_a_temporary_that_the_next_run_removes(tmp_pat
         "with atomic_write_path(Path(sys.argv[1])) as tmp:\n"
         "    tmp.write_text('partial'); print(tmp, flush=True); time.sleep(60)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(tmp_path / "out.csv")], env=env, stdout=subprocess.PIPE, text=True
     )
