@@ -11,7 +11,7 @@ import pytest
 
 from cfvit_deploy.app.bench import BenchResult, BenchRow
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 try:
     import camera_images
     import headline_report as hr

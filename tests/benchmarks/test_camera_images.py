@@ -14,7 +14,7 @@ from PIL import Image
 from cfvit_deploy.data import synthetic as syn
 from cfvit_deploy.preprocessing import PreprocessConfig, preprocess
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 try:
     import camera_images as cam
 finally:
