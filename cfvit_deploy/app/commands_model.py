@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -230,17 +231,18 @@ def train_cmd(
     check_train_args(out or resume or Path("cfvit.pth"), init, resume, threads, force)  # before generating data
     if synthetic:
         data = ensure_synthetic_dataset(data)
-    result = train(
-        data,
-        out or resume or Path("cfvit.pth"),
-        recipe,
-        init=init,
-        resume=resume,
-        val_fraction=val_fraction,
-        force=force,
-        progress=progress,
-        threads=threads,
-    )
+    with progress_hook() if progress else contextlib.nullcontext() as hook:
+        result = train(
+            data,
+            out or resume or Path("cfvit.pth"),
+            recipe,
+            init=init,
+            resume=resume,
+            val_fraction=val_fraction,
+            force=force,
+            progress=hook,
+            threads=threads,
+        )
     val = result.val
     print(
         f"trained {recipe.arch}/{recipe.size} g={recipe.coarse_grid} on {len(result.class_names)} classes for "
