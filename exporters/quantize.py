@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 #: Calibration images used at most (MinMax ranges settle well before this; each costs one forward).
 MAX_CALIBRATION_IMAGES = 128
+#: Fewer calibration images than this get a warning: MinMax ranges from a handful of images miss the
+#: extremes of real inputs, which then saturate (clip) in uint8.
+MIN_CALIBRATION_IMAGES = 32
 CALIBRATION_BATCH = 8
 STATIC_OP_TYPES = ["Conv", "MatMul", "Gemm"]
 
@@ -60,6 +63,15 @@ class Calibration:
         read = read_images(list_images(folder, "--calibration"), pp, limit=limit, name="--calibration")
         if not len(read.images):
             raise UsageError(f"--calibration {folder} holds no readable image")
+        if len(read.images) < MIN_CALIBRATION_IMAGES:
+            log.warning(
+                "static int8 calibrated on only %d image(s) of %s: activation ranges from so few images can "
+                "clip real inputs; give --calibration at least %d images (up to %d are used)",
+                len(read.images),
+                folder,
+                MIN_CALIBRATION_IMAGES,
+                MAX_CALIBRATION_IMAGES,
+            )
         return cls(Path(folder), read.images.astype(np.float32), skipped=len(read.skipped))
 
     def info(self) -> dict[str, Any]:

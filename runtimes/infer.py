@@ -37,6 +37,7 @@ from cfvit_deploy.io import atomic_write_path
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS, PreprocessConfig
 from cfvit_deploy.progress import ProgressHook
+from cfvit_deploy.wording import plural
 
 from .backends import SessionConfig, check_provider
 from .inference import (
@@ -121,7 +122,7 @@ def _prepare_overlay_dir(directory: Path, names: Iterable[str], force: bool) -> 
         clash = [n for n in names if (directory / n).exists()]
         if clash:
             raise OutputExistsError(
-                f"{directory / clash[0]} already exists ({len(clash)} overlays would be "
+                f"{directory / clash[0]} already exists ({plural(len(clash), 'overlay')} would be "
                 "replaced); pass --force to overwrite them"
             )
     directory.mkdir(exist_ok=True)

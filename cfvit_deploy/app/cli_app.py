@@ -28,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
-    help="CF-ViT deployment toolkit: train, export, validate, infer, bench, sweep, demo.",
+    help="CF-ViT deployment toolkit: make-data, train, export, validate, infer, serve, bench, sweep, demo.",
 )
 console = Console(stderr=True)
 _state = {"debug": False}

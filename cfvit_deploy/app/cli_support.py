@@ -101,7 +101,8 @@ def progress_bars(console: Console) -> Iterator[Optional[ProgressHook]]:
 
 
 def needs(extra: str, command: str, *modules: str) -> None:
-    """Preflight: one `error:` line naming the extra, before the command does any work."""
+    """Preflight: one `error:` line naming the extra, before the command does any work. `extra` may
+    list several ("export,train,bench"): the one pip line then installs everything the command needs."""
     for module in modules:
         require(module, extra, f"cfvit {command}")
 
@@ -123,7 +124,7 @@ def bench_needs(export_dir: Path, precisions: Optional[str], torch: bool) -> Non
     """bench: psutil and matplotlib always; onnx only when a precision variant must be built; torch with --torch."""
     needs("bench", "bench", "psutil", "matplotlib")
     if torch:
-        require("torch", "export", "cfvit bench --torch")
+        require("torch", "bench,export", "cfvit bench --torch")
     if precisions:
         from cfvit_deploy.errors import ManifestError
         from cfvit_deploy.manifest import Manifest

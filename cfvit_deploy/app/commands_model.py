@@ -17,6 +17,7 @@ from cfvit_deploy.app.cli_support import (
 )
 from cfvit_deploy.checks import check_fraction
 from cfvit_deploy.errors import UsageError
+from cfvit_deploy.wording import plural
 
 
 @app.command("export")
@@ -246,7 +247,7 @@ def train_cmd(
     val = result.val
     print(
         f"trained {recipe.arch}/{recipe.size} g={recipe.coarse_grid} on {len(result.class_names)} classes for "
-        f"{len(result.history)} epochs in {result.seconds:.0f} s: val accuracy coarse {val.coarse_acc:.1%}, "
+        f"{plural(len(result.history), 'epoch')} in {result.seconds:.0f} s: val accuracy coarse {val.coarse_acc:.1%}, "
         f"fine {val.fine_acc:.1%} -> {result.path}"
     )
 

@@ -304,8 +304,8 @@ def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="Tiny data and one epoch: a smoke test of every step."),
 ) -> None:
     """Generate data, train, export, validate, infer, sweep and bench; write OUT/report.md."""
-    needs("export", "demo", "torch", "onnx", "onnxsim", "onnxconverter_common")
-    needs("bench", "demo", "psutil", "matplotlib")
+    # one pip line with every extra the demo runs, whichever module is missing first
+    needs("export,train,bench", "demo", "torch", "onnx", "onnxsim", "onnxconverter_common", "psutil", "matplotlib")
     from cfvit_deploy.app.demo import run_demo, summary_lines
 
     with progress_hook() as hook:  # bars only on a terminal, and on stderr
