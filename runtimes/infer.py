@@ -182,6 +182,7 @@ def infer(
     summary = InferSummary(
         inputs=len(paths), output=out, engine=engine, batch_size=job.batch_size, export=export_identity(manifest)
     )
+    summary.settings = run_settings(source, manifest, provider, job)
     if engine == "ray":
         from .ray_engine import ray_rows
 
@@ -189,6 +190,22 @@ def infer(
     else:
         rows = _local_rows(source, manifest, provider, config, job, overlay, force, workers)
     return run_rows(rows, summary, output=out, topk=job.topk, force=force, on_row=on_row, progress=progress)
+
+
+def run_settings(
+    source: str | Path | Manifest | CFViTPipeline, manifest: Manifest, provider: str, job: InferJob
+) -> dict[str, Any]:
+    """What the rows depend on besides the export, for the summary JSON: the η applied (the manifest's
+    default when none was given), the provider, the precision, the batch size and the image decoding."""
+    if isinstance(source, CFViTPipeline):
+        provider = getattr(source.backend, "provider", provider)
+    return {
+        "eta": manifest.default_eta if job.eta is None else job.eta,
+        "provider": provider,
+        "precision": manifest.precision,
+        "batch_size": job.batch_size,
+        "decode": getattr(job, "decode", None) or "exact",  # the decode option, where the job has one
+    }
 
 
 def _check_engine_arguments(
