@@ -31,6 +31,8 @@ app = typer.Typer(
     help="CF-ViT deployment toolkit: make-data, train, export, validate, infer, serve, bench, sweep, demo.",
 )
 console = Console(stderr=True)
+# off a terminal (a log file, a pipe) nothing is wrapped at rich's default 80 columns: one message, one line
+console.soft_wrap = not console.is_terminal
 _state = {"debug": False}
 
 

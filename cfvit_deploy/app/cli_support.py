@@ -46,6 +46,19 @@ class _LibraryOrWarning(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.split(".")[0] in LIBRARY_LOGGERS
 
 
+def _stderr_handler() -> logging.Handler:
+    """Rich's handler on a terminal; elsewhere (a log file, a pipe) plain ``LEVEL    message`` lines, so
+    a redirected log is neither wrapped at 80 columns nor padded with trailing spaces."""
+    console = Console(stderr=True)
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        return RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    return handler
+
+
 @contextlib.contextmanager
 def logging_to_stderr() -> Iterator[None]:
     """One rich handler on stderr for the duration of a command, removed afterwards.
@@ -53,10 +66,8 @@ def logging_to_stderr() -> Iterator[None]:
     It sits on the root logger (pytest's caplog still sees every record) and passes the toolkit's
     loggers from INFO (DEBUG with --debug, set by the root callback) and other libraries from WARNING.
     """
-    from rich.logging import RichHandler
-
     root = logging.getLogger()
-    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
+    handler = _stderr_handler()
     handler._cfvit = True  # type: ignore[attr-defined]
     handler.addFilter(_LibraryOrWarning())
     levels = {name: logging.getLogger(name).level for name in ("", *LIBRARY_LOGGERS)}
