@@ -25,7 +25,9 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -111,7 +113,9 @@ def run(args: argparse.Namespace, seed: int, threads: int) -> dict[str, object]:
     cmd = [sys.executable, __file__, "--one", "--seed", str(seed), "--threads", str(threads), "--work", args.work]
     for pair in args.set:
         cmd += ["--set", pair]
-    pin = {0} if threads == 1 else None  # taskset -c 0
+    # 1 thread: pinned to one core as `taskset -c 0` would (which core does not change the numbers; with
+    # --parallel the runs take turns so that they do not all queue on core 0)
+    pin = {seed % len(os.sched_getaffinity(0))} if threads == 1 else None
     busy0, total0 = _busy_jiffies()
     wall0 = time.perf_counter()
     log = Path(args.work) / f"seed{seed}-t{threads}.log"
@@ -119,6 +123,7 @@ def run(args: argparse.Namespace, seed: int, threads: int) -> dict[str, object]:
     with log.open("w") as err:
         proc = subprocess.run(
             cmd,
+            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},  # no spinning on a shared machine; same numbers
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -158,6 +163,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/demo_recipe"))
     p.add_argument("--work", default=str(ROOT / "runs/demo_recipe"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (each in its own process)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -172,10 +178,16 @@ def main() -> None:
 
     machine["torch"] = torch.__version__
     (out / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
+    from cfvit_deploy.data.synthetic import make_synthetic_dataset
+    from cfvit_deploy.training import DEMO_DATA
+
+    make_synthetic_dataset(Path(args.work) / "data", **asdict(DEMO_DATA))  # once, before parallel runs read it
     table = out / "runs.csv"
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for threads in (int(t) for t in args.threads.split(",")):
-            row = run(args, seed, threads)
+    lock = threading.Lock()
+
+    def one_run(seed: int, threads: int) -> None:
+        row = run(args, seed, threads)
+        with lock:
             new = not table.exists()
             with table.open("a", newline="") as fh:
                 writer = csv.DictWriter(fh, FIELDS)
@@ -188,6 +200,11 @@ def main() -> None:
                 f"background {row['background_cpu_pct']}%  {row['overrides']}",
                 flush=True,
             )
+
+    runs = [(int(s), int(t)) for s in args.seeds.split(",") for t in args.threads.split(",")]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for done in [pool.submit(one_run, seed, threads) for seed, threads in runs]:
+            done.result()
 
 
 if __name__ == "__main__":

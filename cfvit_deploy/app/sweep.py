@@ -284,6 +284,27 @@ def write_default_eta(export_dir: str | Path, eta: float, chosen_by: dict[str, A
     return Manifest.load(export_dir)
 
 
+def label_indices(
+    xs: Sequence[float], ys: Sequence[float], first: Sequence[int] = (), min_sep: float = 0.07
+) -> list[int]:
+    """Which points get an η label: `first` (the chosen η), then each point in order that lies at least
+    `min_sep` (in axis fractions) from every labelled one, so labels of clustered points never overlap."""
+
+    def span(values: Sequence[float]) -> tuple[float, float]:
+        low, high = min(values), max(values)
+        return low, (high - low) or 1.0
+
+    (x0, dx), (y0, dy) = span(xs), span(ys)
+    points = [((x - x0) / dx, (y - y0) / dy) for x, y in zip(xs, ys, strict=True)]
+    chosen: list[int] = []
+    for i in [*first, *range(len(points))]:
+        if i not in chosen and all(
+            max(abs(points[i][0] - points[j][0]), abs(points[i][1] - points[j][1])) >= min_sep for j in chosen
+        ):
+            chosen.append(i)
+    return chosen
+
+
 def plot_sweep(result: SweepResult, path: Path) -> None:
     """Accuracy vs measured latency and vs GMACs, each point labelled with its η."""
     import matplotlib
@@ -302,10 +323,12 @@ def plot_sweep(result: SweepResult, path: Path) -> None:
         ),
         (axes[1], [r.expected_gmacs for r in rows], "expected GMACs / image"),
     ):
-        ax.plot(xs, acc, "o-", color="tab:blue")
-        for x, y, r in zip(xs, acc, rows, strict=True):
-            if len(rows) <= 11 or round(r.eta * 20) % 4 == 0:
-                ax.annotate(f"η={r.eta:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        order = sorted(range(len(rows)), key=lambda i: (xs[i], acc[i]))  # along the x axis: no zig-zag
+        ax.plot([xs[i] for i in order], [acc[i] for i in order], "o-", color="tab:blue")
+        chosen_eta = result.choice["eta"] if result.choice else None
+        first = [i for i, r in enumerate(rows) if r.eta == chosen_eta]
+        for i in label_indices(xs, acc, first=first):
+            ax.annotate(f"η={rows[i].eta:g}", (xs[i], acc[i]), textcoords="offset points", xytext=(4, -10), fontsize=7)
         if result.choice:
             chosen = [(x, y) for x, y, r in zip(xs, acc, rows, strict=True) if r.eta == result.choice["eta"]]
             ax.plot(*chosen[0], "o", ms=12, mfc="none", color="tab:red", label=f"chosen η={result.choice['eta']:g}")
