@@ -89,7 +89,7 @@ def one(args: argparse.Namespace) -> None:
         Path(args.work) / f"seed{args.seed}-t{args.threads}.pth",
         recipe,
         force=True,
-        progress=False,
+        progress=None,
         threads=args.threads,
     )
     print(
