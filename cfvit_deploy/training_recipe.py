@@ -112,9 +112,9 @@ DEMO_EXPECTED_FINE = 0.90
 DEMO_EXPECTED_GAP = 0.20
 #: What the demo's warning suggests when its model ends below that range.
 DEMO_TRY = (
-    "training is deterministic for a CPU and thread count, so a rerun repeats it; train longer on the same data "
-    "(`cfvit train OUT/data --synthetic --epochs 14 --out model.pth`, then `cfvit export model.pth`) "
-    "and please report the CPU and thread count from the report"
+    "try training longer on the same data (`cfvit train OUT/data --synthetic --epochs 14 --out model.pth`, "
+    "then `cfvit export model.pth`); a rerun repeats the same result (training is deterministic for a CPU and "
+    "thread count), so please report the CPU and threads the report names"
 )
 
 
