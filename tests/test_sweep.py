@@ -238,3 +238,17 @@ def test_latency_panel_joins_points_along_the_axis(tmp_path, monkeypatch):
     result = SweepResult("e", "f", "cpu", 32, 10, [], {"coarse": 0.02, "fine": 0.09}, rows)
     plot_sweep(result, tmp_path / "s.png")
     assert lines and all(xs == sorted(xs) for xs in lines)
+
+
+def test_cli_output_off_a_terminal_is_unwrapped_without_progress_lines(labelled, export_dir_factory, tmp_path, capfd):
+    """Issue 23 item 4: off a terminal, messages were wrapped at 80 columns with trailing spaces, and
+    `sweep: eta 1/11` progress lines stood beside the INFO lines that say the same."""
+    from cli import main
+
+    out_dir = tmp_path / "a-folder-name-long-enough-that-an-80-column-console-would-wrap-the-message-about-it"
+    assert main(["sweep", str(export_dir_factory("deit_g7")), str(labelled), "--etas", "0,1", "-o", str(out_dir)]) == 0
+    out, err = capfd.readouterr()
+    lines = (out + err).splitlines()
+    assert all(line == line.rstrip() for line in lines), [line for line in lines if line != line.rstrip()]
+    assert not any("eta 1/2" in line or "eta 2/2" in line for line in lines)  # no progress lines
+    assert any(str(out_dir) in line and "sweep.json" in line for line in err.splitlines())  # one unwrapped line

@@ -84,6 +84,18 @@ def logging_to_stderr() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def print_table(table: Any) -> None:
+    """A rich table on stdout: the terminal's width there; elsewhere (a file, a pipe) up to 200 columns,
+    no colour codes, and no trailing spaces (rich pads titles and captions to the width)."""
+    if sys.stdout.isatty():
+        Console().print(table)
+        return
+    console = Console(width=200, no_color=True, highlight=False)
+    with console.capture() as captured:
+        console.print(table)
+    print("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
 @contextlib.contextmanager
 def progress_bars(console: Console) -> Iterator[Optional[ProgressHook]]:
     """A :class:`ProgressHook` that draws rich bars on stderr, or None when stderr is not a terminal."""

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from cfvit_deploy.app.cli_app import app, console, progress_hook
 from cfvit_deploy.app.cli_support import (
     needs,
     needs_provider,
+    print_table,
 )
 from cfvit_deploy.checks import check_fraction
 from cfvit_deploy.errors import UsageError
@@ -160,7 +159,7 @@ def validate_cmd(
             f"{c.threshold:.3g}",
             "[green]PASSED[/green]" if c.passed else "[red]FAILED[/red]",
         )
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    print_table(table)
     if result.skipped_images:
         console.print(f"skipped {len(result.skipped_images)} unreadable images (listed in the report)")
     path = result.save(report or export_dir / "validation.json")

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from cfvit_deploy.app.cli_app import app, console, progress_hook
 from cfvit_deploy.app.cli_support import (
@@ -15,6 +14,7 @@ from cfvit_deploy.app.cli_support import (
     needs,
     needs_infer,
     needs_provider,
+    print_table,
 )
 from cfvit_deploy.errors import UsageError
 from cfvit_deploy.signals import exit_code_for, sigterm_as_interrupt
@@ -172,7 +172,7 @@ def bench_cmd(
     from cfvit_deploy.app.bench import NothingMeasuredError, render_table, run_bench
 
     def show(result) -> None:
-        Console(width=None if sys.stdout.isatty() else 200).print(render_table(result))
+        print_table(render_table(result))
         for note in result.notes:
             print(f"note: {note}")
 
@@ -282,7 +282,7 @@ def sweep_cmd(
             f"{r.ms_per_image:.3f}",
             "" if r.background_cpu_pct is None else f"{r.background_cpu_pct:.0f}%",
         )
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    print_table(table)
     if result.skipped_files:
         console.print(f"skipped {len(result.skipped_files)} unreadable files (listed in sweep.json)")
     console.print(f"wrote {result.save(out, force=force)}/sweep.json, sweep.csv, sweep.png")
