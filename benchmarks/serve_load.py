@@ -2,7 +2,8 @@
 
 One command, on the loopback only, bounded in requests and time:
 
-    python benchmarks/serve_load.py EXPORT_DIR [--quick] [--provider cpu] [--out benchmarks/results/serve] [--force]
+    python benchmarks/serve_load.py EXPORT_DIR [--quick] [--provider cpu] [--protocol v1|v2|both]
+                                    [--out benchmarks/results/serve] [--force]
 
 It starts `cfvit serve` twice on 127.0.0.1 (a free port each): with `--max-batch 32` (two-stage
 batching) and with `--max-batch 1` (no batching). For each server and each concurrency (1, 8, 32) a
@@ -18,6 +19,12 @@ Python time on the same cores is not the server's); the client-side difference i
 Also reported: the batching ceiling of this machine, offline batch-32 over batch-1 throughput (batching
 cannot give the server more than it gives the pipeline).
 Writes OUT/results.json and OUT/serve_load.png; prints a markdown table.
+
+``--protocol v2`` drives the Open Inference Protocol route instead (``POST /v2/models/cfvit/infer``, one
+image per request, as ``tritonclient`` sends it by default: the binary tensor extension both ways).
+``--protocol both`` starts the batching server only and measures v1 and v2 side by side, interleaved
+(v1, v2, v1, v2, ... at each concurrency, `--rounds` times; the median of the rounds is reported), so
+that a busy machine's drift hits both alike; goal (issue 27): v2 throughput >= 90% of v1's at c = 32.
 The client runs on the same machine as the server and takes CPU from it; on a busy machine the
 numbers are noisy (the JSON records the load average before and after).
 """
@@ -49,6 +56,8 @@ from cfvit_deploy.io import atomic_write_path, check_output  # noqa: E402
 from cfvit_deploy.manifest import Manifest  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
+PROTOCOLS = ("v1", "v2")
+V2_MODEL = "cfvit"  #: the server's default --model-name
 
 
 @dataclass(frozen=True)
@@ -143,13 +152,41 @@ def _server_ms(header: str) -> float:
     return float("nan")
 
 
-async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, time_limit: float) -> dict:
+def v2_request(image: bytes) -> tuple[bytes, dict[str, str]]:
+    """A v2 infer request for one image as ``tritonclient`` builds it by default: the JSON header, then the
+    image as a length-prefixed BYTES element (binary tensor extension), all outputs asked in binary."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(image) + 4}}
+            ],
+            "parameters": {"binary_data_output": True},
+        },
+        separators=(",", ":"),
+    ).encode()
+    headers = {"Inference-Header-Content-Length": str(len(header)), "content-type": "application/octet-stream"}
+    return header + len(image).to_bytes(4, "little") + image, headers
+
+
+def requests_for(bodies: list[bytes], protocol: str) -> list[tuple[str, bytes, dict[str, str]]]:
+    """(path, body, headers) per image for `protocol` ("v1": the image as the body; "v2": a binary infer)."""
+    if protocol == "v1":
+        return [("/v1/classify", body, {"content-type": "image/png"}) for body in bodies]
+    return [(f"/v2/models/{V2_MODEL}/infer", *v2_request(body)) for body in bodies]
+
+
+async def load(
+    base: str, bodies: list[bytes], concurrency: int, requests: int, time_limit: float, protocol: str = "v1"
+) -> dict:
     """`requests` POSTs from `concurrency` workers (bounded by `time_limit` seconds); latency stats."""
     import httpx
+
+    calls = requests_for(bodies, protocol)
 
     latencies: list[float] = []
     server_ms: list[float] = []  # the server's own time per request (its Server-Timing header)
     errors = 0
+    kinds: dict[str, int] = {}  # the errors by HTTP status or transport exception
     issued = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
@@ -159,15 +196,21 @@ async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, 
         async def worker() -> None:
             nonlocal issued, errors
             while issued < requests and time.perf_counter() < stop_at:
-                body = bodies[issued % len(bodies)]
+                path, body, headers = calls[issued % len(calls)]
                 issued += 1
                 t0 = time.perf_counter()
-                r = await client.post("/v1/classify", content=body, headers={"content-type": "image/png"})
+                try:
+                    r = await client.post(path, content=body, headers=headers)
+                except httpx.TransportError as exc:  # a connection reset or timeout: an error, the run goes on
+                    errors += 1
+                    kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
+                    continue
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
                     server_ms.append(_server_ms(r.headers.get("server-timing", "")))
                 else:
                     errors += 1
+                    kinds[str(r.status_code)] = kinds.get(str(r.status_code), 0) + 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
@@ -175,8 +218,10 @@ async def load(base: str, bodies: list[bytes], concurrency: int, requests: int, 
     pct = np.percentile(ms, [50, 95, 99]) if len(ms) else [float("nan")] * 3
     return {
         "concurrency": concurrency,
+        "protocol": protocol,
         "requests": len(latencies),
         "errors": errors,
+        "error_kinds": kinds,
         "seconds": elapsed,
         "throughput": len(latencies) / elapsed if elapsed else 0.0,
         "p50_ms": float(pct[0]),
@@ -208,7 +253,7 @@ def offline(setup: Setup, paths: list[Path], eta: float, repeats: int) -> dict:
     return {"infer_images_per_s": rate, "pipeline_p50_ms": p50_ms, "batching_ceiling": rate * p50_ms / 1000}
 
 
-def run(setup: Setup, quick: bool, eta: float | None) -> dict:
+def run(setup: Setup, quick: bool, eta: float | None, protocol: str = "v1") -> dict:
     manifest = Manifest.load(setup.export_dir)
     eta = manifest.default_eta if eta is None else eta
     requests = 48 if quick else 512
@@ -220,6 +265,7 @@ def run(setup: Setup, quick: bool, eta: float | None) -> dict:
         "precision": manifest.precision,
         "quick": quick,
         "eta": eta,
+        "protocol": protocol,
         "threads": setup.threads,
         "requests_per_cell": requests,
         "time_limit_per_cell_s": time_limit,
@@ -239,8 +285,8 @@ def run(setup: Setup, quick: bool, eta: float | None) -> dict:
             server = Server(setup, max_batch, eta, Path(tmp) / f"{name}.log")
             try:
                 server.wait_ready(120)
-                asyncio.run(load(server.base, bodies, 8, 16, time_limit))  # warm-up, not recorded
-                cells = [asyncio.run(load(server.base, bodies, c, requests, time_limit)) for c in CONCURRENCY]
+                asyncio.run(load(server.base, bodies, 8, 16, time_limit, protocol))  # warm-up, not recorded
+                cells = [asyncio.run(load(server.base, bodies, c, requests, time_limit, protocol)) for c in CONCURRENCY]
             finally:
                 server.stop()
             result["servers"][name] = {"max_batch": max_batch, "cells": cells, "exit_code": server.exit_code}
@@ -289,7 +335,7 @@ def table(result: dict) -> str:
     o = result["offline"]
     lines += [
         "",
-        f"export precision {result.get('precision', 'fp32')}; "
+        f"export precision {result.get('precision', 'fp32')}; protocol {result.get('protocol', 'v1')}; "
         f"offline `infer` (batch 32): {o['infer_images_per_s']:.1f} img/s; pipeline alone, one image "
         f"(decode + batch-1 run): p50 {o['pipeline_p50_ms']:.1f} ms; batching ceiling (offline batch-32 / "
         f"batch-1 throughput) {o['batching_ceiling']:.2f}x",
@@ -335,6 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per session (server and offline)")
     parser.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt | openvino (server and offline)")
     parser.add_argument("--eta", type=float, default=None, help="exit threshold (default: the manifest's)")
+    parser.add_argument(
+        "--protocol",
+        choices=("v1", "v2", "both"),
+        default="v1",
+        help="v1: POST /v1/classify; v2: the KServe v2 infer route (binary); both: v1 and v2 interleaved",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--protocol both: interleaved rounds per cell")
     parser.add_argument("--force", action="store_true", help="replace existing results in --out")
     args = parser.parse_args(argv)
     json_path = args.out / "results.json"
@@ -345,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     except CFViTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    result = run(Setup(args.export_dir, args.provider, args.threads), args.quick, args.eta)
+    setup = Setup(args.export_dir, args.provider, args.threads)
+    if args.protocol == "both":
+        return _compare(setup, args, json_path)
+    result = run(setup, args.quick, args.eta, args.protocol)
     with atomic_write_path(json_path) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "serve_load.png")
@@ -353,6 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {json_path} and {args.out / 'serve_load.png'}", file=sys.stderr)
     bad = [n for n, s in result["servers"].items() if s["exit_code"] != 0]
     return 1 if bad else 0
+
+
+def _compare(setup: Setup, args: argparse.Namespace, json_path: Path) -> int:
+    import serve_protocols
+
+    result = serve_protocols.compare(setup, args.quick, args.eta, args.rounds)
+    with atomic_write_path(json_path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    print(serve_protocols.table(result))
+    print(f"\nwrote {json_path}", file=sys.stderr)
+    return 0 if result["exit_code"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -32,7 +32,21 @@ class ExportError(CFViTError):
 
 
 class ImageError(CFViTError):
-    """An image file cannot be read or decoded."""
+    """An image file cannot be read or decoded; `reason` says why as a machine-readable code.
+
+    The reasons: ``not_an_image`` (unrecognised bytes, or a format off the allowlist),
+    ``too_many_pixels`` (above the pixel limit), ``empty`` (no bytes), ``truncated``, ``corrupt``
+    (the data cannot be decoded) and ``unreadable`` (missing file, directory, permission, symlink loop).
+    """
+
+    REASONS = ("not_an_image", "too_many_pixels", "empty", "truncated", "corrupt", "unreadable")
+
+    def __init__(self, message: str, reason: str = "corrupt") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:  # keep the reason across pickling (process pools, Ray)
+        return (type(self), (str(self), self.reason))
 
 
 class ProviderError(CFViTError):

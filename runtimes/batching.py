@@ -37,12 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from cfvit_deploy.checks import check_eta, check_positive_int
-from cfvit_deploy.errors import UsageError
-
+from .admission import Admission
+from .engine import EngineBusy, EngineConfig, EngineObserver, admit, check_request
 from .stages import STAGES, Answer, CoarseRow, FineRow, StageRunner
 
-#: the per-stage calls live in runtimes.stages; re-exported here for the serving layer
+#: the per-stage calls live in runtimes.stages and the interface in runtimes.engine; re-exported here
 __all__ = [
     "STAGES",
     "Answer",
@@ -54,22 +53,6 @@ __all__ = [
     "FineRow",
     "StageRunner",
 ]
-
-
-class EngineBusy(Exception):
-    """The engine cannot take a request now: ``reason`` is "full", "closing" or "not ready"."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass
-class EngineObserver:
-    """Callbacks for metrics (all optional; called on the event loop's thread)."""
-
-    on_batch: Callable[[str, int, float], None] | None = None  #: (stage, batch size, seconds)
-    on_answer: Callable[[str], None] | None = None  #: (stage that answered)
 
 
 @dataclass
@@ -85,28 +68,7 @@ _CLOSE = None  # queue sentinel: no more tickets
 
 
 @dataclass
-class EngineConfig:
-    max_batch: int = 32  #: most images per graph call (1: no batching)
-    max_wait_ms: float = 5.0  #: longest a stage waits for more requests before it runs
-    max_queue: int = 256  #: most requests in the engine (queued or running) before EngineBusy("full")
-    default_eta: float | None = None  #: η when a request gives none (None: the manifest's)
-
-    def __post_init__(self) -> None:
-        check_positive_int(self.max_batch, "--max-batch")
-        check_positive_int(self.max_queue, "--max-queue")
-        if (
-            isinstance(self.max_wait_ms, bool)
-            or not isinstance(self.max_wait_ms, (int, float))
-            or not 0 <= self.max_wait_ms < 60_000
-        ):
-            raise UsageError(f"--max-wait-ms must be a number in [0, 60000), got {self.max_wait_ms!r}")
-        if self.default_eta is not None:
-            self.default_eta = check_eta(self.default_eta, "--eta")
-
-
-@dataclass
 class _Counts:
-    pending: int = 0  #: accepted and not answered
     expected: int = 0  #: announced by expect() and not yet submitted
     coarse_busy: bool = False
     closing: bool = False
@@ -134,6 +96,8 @@ class BatchingEngine:
         self._workers = {stage: ThreadPoolExecutor(1, thread_name_prefix=f"cfvit-{stage}") for stage in STAGES}
         self._queues: dict[str, asyncio.Queue[_Ticket | None]] = {}
         self._state = _Counts()
+        #: requests accepted and not yet answered (queued or running), at most config.max_queue
+        self.admission = Admission(self.config.max_queue, "--max-queue")
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -176,7 +140,7 @@ class BatchingEngine:
     @property
     def pending(self) -> int:
         """Requests accepted and not yet answered."""
-        return self._state.pending
+        return self.admission.in_use
 
     def depth(self, stage: str) -> int:
         """Requests waiting in `stage`'s queue (not counting the batch that runs)."""
@@ -196,22 +160,22 @@ class BatchingEngine:
 
     def check_request(self, eta: float | None, topk: int) -> tuple[float, int]:
         """η (default: the engine's) and top-k of a request, checked ("eta", "topk" are named)."""
-        eta = self.config.default_eta if eta is None else check_eta(eta, "eta")
-        return eta, check_positive_int(topk, "topk")
+        return check_request(self.config, eta, topk)
 
-    async def submit(self, image: np.ndarray, eta: float | None = None, topk: int = 5) -> Answer:
+    async def submit(
+        self, image: np.ndarray, eta: float | None = None, topk: int = 5, *, admitted: bool = False
+    ) -> Answer:
         """Classify one preprocessed (3, S, S) float32 image; raises :class:`EngineBusy` when full,
-        closing or not ready. Cancelling the awaiting task drops the request before its next stage."""
+        closing or not ready. Cancelling the awaiting task drops the request before its next stage.
+        `admitted`: the caller took this image's unit of :attr:`admission` already (see :func:`admit`)."""
         state = self._state
-        if state.closing:
-            raise EngineBusy("closing")
-        if not state.ready:
-            raise EngineBusy("not ready")
-        if state.pending >= self.config.max_queue:
-            raise EngineBusy("full")
-        eta, topk = self.check_request(eta, topk)
+        admit(self.admission, ready=state.ready, closing=state.closing, admitted=admitted)
+        try:
+            eta, topk = self.check_request(eta, topk)
+        except BaseException:
+            self.admission.release()
+            raise
         ticket = _Ticket(image, eta, topk, asyncio.get_running_loop().create_future())
-        state.pending += 1
         self._queues["coarse"].put_nowait(ticket)
         try:
             return await ticket.future
@@ -246,7 +210,7 @@ class BatchingEngine:
                 closed = True
                 break
             if item.future.done():  # cancelled by a client that went away: costs nothing
-                self._state.pending -= 1
+                self.admission.release()
                 continue
             batch.append(item)
         return batch, closed
@@ -261,7 +225,7 @@ class BatchingEngine:
     def _finish(
         self, ticket: _Ticket, stage: str, answer: Answer | None = None, error: BaseException | None = None
     ) -> None:
-        self._state.pending -= 1
+        self.admission.release()
         if ticket.future.done():
             return
         if error is not None:

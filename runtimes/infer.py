@@ -35,7 +35,7 @@ from cfvit_deploy.checks import check_choice, check_positive_int
 from cfvit_deploy.errors import OutputExistsError, UsageError
 from cfvit_deploy.io import atomic_write_path
 from cfvit_deploy.manifest import Manifest
-from cfvit_deploy.preprocessing import DEFAULT_MAX_PIXELS, PreprocessConfig
+from cfvit_deploy.preprocessing import DECODE_MODES, DEFAULT_MAX_PIXELS, PreprocessConfig
 from cfvit_deploy.progress import ProgressHook
 from cfvit_deploy.wording import plural
 
@@ -143,6 +143,7 @@ def infer(
     force: bool = False,
     overlay: str | Path | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    decode: str = "exact",
     workers: int | None = None,
     address: str | None = None,
     num_actors: int | None = None,
@@ -165,6 +166,7 @@ def infer(
     Ctrl-C or SIGTERM (after the rows done so far were written).
     """
     check_choice(engine, ENGINES, "--engine")
+    check_choice(decode, DECODE_MODES, "--decode")
     eta = check_arguments(eta, batch_size, topk, max_pixels)
     ray_options = {
         "address": address,
@@ -177,10 +179,21 @@ def infer(
     paths = find_inputs(inputs, recursive)
     manifest = _manifest(source)
     job = InferJob(
-        paths, eta, fit_batch_size(batch_size, len(paths), manifest), min(topk, manifest.num_classes), max_pixels, out
+        paths,
+        eta,
+        fit_batch_size(batch_size, len(paths), manifest),
+        min(topk, manifest.num_classes),
+        max_pixels,
+        out,
+        decode,
     )
     summary = InferSummary(
-        inputs=len(paths), output=out, engine=engine, batch_size=job.batch_size, export=export_identity(manifest)
+        inputs=len(paths),
+        output=out,
+        engine=engine,
+        decode=decode,
+        batch_size=job.batch_size,
+        export=export_identity(manifest),
     )
     summary.settings = run_settings(source, manifest, provider, job)
     if engine == "ray":
@@ -204,7 +217,7 @@ def run_settings(
         "provider": provider,
         "precision": manifest.precision,
         "batch_size": job.batch_size,
-        "decode": getattr(job, "decode", None) or "exact",  # the decode option, where the job has one
+        "decode": job.decode,
     }
 
 
@@ -280,7 +293,7 @@ class LocalEngine:
         self.buffer = np.empty((job.batch_size, 3, s, s), dtype=np.float32)
 
     def _decode(self, path: Path) -> np.ndarray | str:
-        return decode_image(path, self.manifest.preprocessing, self.job.max_pixels)
+        return decode_image(path, self.manifest.preprocessing, self.job.max_pixels, self.job.decode)
 
     def rows(self) -> Iterator[InferRow]:
         """The rows of every input, batch by batch; closing the generator stops the decode threads."""

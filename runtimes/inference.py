@@ -103,6 +103,7 @@ class InferSummary:
     interrupted: bool = False
     signal: str | None = None  #: "SIGINT" or "SIGTERM" when interrupted
     engine: str = "local"
+    decode: str = "exact"  #: the decode mode (exact or fast)
     batch_size: int = 0  #: the batch size used (capped at the number of inputs)
     export: dict[str, Any] = field(default_factory=dict)  #: the export's identity
     #: how the rows were made: eta, provider, precision, batch_size, decode (see runtimes.infer.run_settings)
@@ -148,6 +149,7 @@ class InferSummary:
             "seconds": round(self.seconds, 3),
             "images_per_s": round(self.images_per_s, 2),
             "engine": self.engine,
+            "decode": self.decode,
             "batch_size": self.batch_size,
             "output": None if self.output is None else str(self.output),
             "export": self.export,
@@ -198,10 +200,10 @@ def collect_inputs(inputs: Iterable[str | Path], recursive: bool = False) -> lis
     return list(found)
 
 
-def decode_image(path: Path, pp: PreprocessConfig, max_pixels: int | None) -> np.ndarray | str:
+def decode_image(path: Path, pp: PreprocessConfig, max_pixels: int | None, decode: str = "exact") -> np.ndarray | str:
     """The preprocessed image, or why it cannot be read (never raises: one bad file must not stop the run)."""
     try:
-        return load_and_preprocess(path, pp, max_pixels)
+        return load_and_preprocess(path, pp, max_pixels, decode=decode)
     except ImageError as exc:  # its message starts with the path, which the row already has
         return str(exc).removeprefix(f"{path}: ")
     except Exception as exc:  # anything PIL did not anticipate
@@ -244,6 +246,7 @@ class InferJob:
     topk: int  #: capped at the number of classes by the engine's manifest
     max_pixels: int | None
     output: Path | None
+    decode: str = "exact"  #: preprocessing.DECODE_MODES
 
 
 def check_arguments(eta: Any, batch_size: Any, topk: Any, max_pixels: Any) -> float | None:

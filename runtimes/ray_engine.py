@@ -239,7 +239,7 @@ def _dataset(ray: Any, job: InferJob, pp: PreprocessConfig, plan: ActorPlan, act
     # stderr for every actor with object-store constructor arguments); a crashed actor fails the run.
     ds = ds.map_batches(
         _decode_batch,
-        fn_kwargs={"pp": pp, "max_pixels": max_pixels},
+        fn_kwargs={"pp": pp, "max_pixels": max_pixels, "decode": job.decode},
         batch_size=None,
         batch_format="numpy",
         num_cpus=plan.cpus_per_decode_task,
@@ -262,13 +262,15 @@ def _dataset(ray: Any, job: InferJob, pp: PreprocessConfig, plan: ActorPlan, act
     return ds
 
 
-def _decode_batch(batch: dict[str, np.ndarray], pp: PreprocessConfig, max_pixels: int | None) -> dict[str, np.ndarray]:
+def _decode_batch(
+    batch: dict[str, np.ndarray], pp: PreprocessConfig, max_pixels: int | None, decode: str = "exact"
+) -> dict[str, np.ndarray]:
     """Decode task: ``image`` (zeros for unreadable files), ``ok`` and ``error`` (the local engine's reason)."""
     n = len(batch["file"])
     images = np.zeros((n, 3, pp.crop_size, pp.crop_size), dtype=np.float32)
     ok, errors = np.ones(n, dtype=bool), np.full(n, "", dtype=object)
     for i, file in enumerate(batch["file"]):
-        item = decode_image(Path(file), pp, max_pixels)
+        item = decode_image(Path(file), pp, max_pixels, decode)
         if isinstance(item, str):
             ok[i], errors[i] = False, item
         else:

@@ -44,6 +44,7 @@ class Answer:
     row: InferRow
     refined: tuple[int, ...]  #: coarse patches refined by the fine stage (empty when it exited)
     eta: float
+    logits: np.ndarray | None = None  #: (classes,) float32 logits of the stage that answered
 
 
 class StageRunner:
@@ -109,7 +110,7 @@ class StageRunner:
         )
         row = rows_for_batch(result, [""], self.labels, min(topk, self.manifest.num_classes))[0]
         refined = () if exited else tuple(int(i) for i in informative[0] if i >= 0)
-        return Answer(row=row, refined=refined, eta=eta)
+        return Answer(row=row, refined=refined, eta=eta, logits=logits[0])
 
     def exits(self, coarse: CoarseRow, eta: float) -> bool:
         """The paper's gate, as the pipeline computes it (float32 confidence >= η)."""

@@ -55,11 +55,18 @@ def documented_options(commands: set[str]) -> dict[tuple[str, str], list[str]]:
         text = doc.read_text()
         page_command = doc.stem if doc.parent.name == "docs" and doc.stem in commands else None
         pieces = _code_block_lines(text)
+        # options of the page's scripts (`python benchmarks/x.py ... --opt`): a bare `--opt` may be theirs
+        scripts = {o for line in pieces if re.match(r"\s*python\b", line) for o in OPTION.findall(line)}
         for paragraph in re.sub(r"```.*?```", "", text, flags=re.S).split("\n\n"):
             spans = re.findall(r"(?<!`)`([^`\n]+)`(?!`)", paragraph)
             # a bare `--option` on a command's page is that command's, unless the paragraph is about a script
             own = page_command if page_command and not re.search(r"\bpython\b|benchmarks/|tools/", paragraph) else None
-            pieces += [f"cfvit {own} {span}" if own and span.strip().startswith("--") else span for span in spans]
+            pieces += [
+                f"cfvit {own} {span}"
+                if own and span.strip().startswith("--") and span.split()[0] not in scripts
+                else span
+                for span in spans
+            ]
         for piece in pieces:
             starts = [(m.start(), m.group(1)) for m in COMMAND.finditer(piece) if m.group(1) in commands]
             for i, (start, command) in enumerate(starts):

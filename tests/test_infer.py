@@ -124,10 +124,10 @@ def test_explicit_files_are_always_attempted(export_dir, folder, tmp_path):
 def test_unexpected_decode_failure_is_an_error_row(export_dir, folder, tmp_path, monkeypatch):
     real = inference_mod.load_and_preprocess
 
-    def flaky(path, pp, max_pixels):
+    def flaky(path, pp, max_pixels, **kwargs):
         if Path(path).name == "b.JPG":
             raise RuntimeError("boom")
-        return real(path, pp, max_pixels)
+        return real(path, pp, max_pixels, **kwargs)
 
     monkeypatch.setattr(inference_mod, "load_and_preprocess", flaky)
     out = tmp_path / "r.jsonl"
@@ -262,9 +262,9 @@ def test_decoding_look_ahead_is_bounded(export_dir, tmp_path, monkeypatch):
     decoded, emitted, batch = [0], [0], 3
     real = inference_mod.load_and_preprocess
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         decoded[0] += 1
-        return real(*args)
+        return real(*args, **kwargs)
 
     class Watching(CFViTPipeline):
         def run(self, images, eta=None):
@@ -690,5 +690,6 @@ def test_summary_records_the_settings_the_rows_depend_on(export_dir, folder, tmp
     settings = json.loads(summary_path(out).read_text())["settings"]
     precision = Manifest.load(export_dir).precision
     assert settings == {"eta": 0.35, "provider": "cpu", "precision": precision, "batch_size": 2, "decode": "exact"}
-    infer(export_dir, [folder], output=out, force=True)  # no --eta: the manifest's default is what was applied
-    assert json.loads(summary_path(out).read_text())["settings"]["eta"] == Manifest.load(export_dir).default_eta
+    infer(export_dir, [folder], output=out, force=True, decode="fast")  # no --eta: the manifest's default applies
+    settings = json.loads(summary_path(out).read_text())["settings"]
+    assert settings["eta"] == Manifest.load(export_dir).default_eta and settings["decode"] == "fast"

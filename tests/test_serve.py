@@ -22,7 +22,7 @@ import cli  # noqa: E402
 from cfvit_deploy.app.serve import ServeOptions, build_app  # noqa: E402
 from cfvit_deploy.app.serve.app import create_app  # noqa: E402
 from cfvit_deploy.app.serve.metrics import ServeMetrics  # noqa: E402
-from cfvit_deploy.app.serve.requests import BadRequest, Limits, decode_image  # noqa: E402
+from cfvit_deploy.app.serve.requests import BadRequest, Limits  # noqa: E402
 from cfvit_deploy.manifest import Manifest  # noqa: E402
 from cfvit_deploy.preprocessing import load_and_preprocess  # noqa: E402
 from runtimes import CFViTPipeline  # noqa: E402
@@ -90,8 +90,8 @@ def _runner(export_dir: Path) -> StageRunner:
 # -- engine --------------------------------------------------------------------------------------
 def test_decode_matches_infer_decoding(export_dir, images):
     pp = Manifest.load(export_dir).preprocessing
-    for path in images[:3]:
-        np.testing.assert_array_equal(decode_image(path.read_bytes(), pp, None), load_and_preprocess(path, pp))
+    for path in images[:3]:  # serve decodes the bytes with infer's decoder
+        np.testing.assert_array_equal(load_and_preprocess(path.read_bytes(), pp, None), load_and_preprocess(path, pp))
 
 
 def test_engine_batches_both_stages_and_matches_infer(export_dir, images, mixed_eta, infer_rows):
@@ -104,7 +104,7 @@ def test_engine_batches_both_stages_and_matches_infer(export_dir, images, mixed_
         await engine.start()
         with engine.expect():  # every request announced: the coarse stage waits for them
             tasks = [
-                asyncio.ensure_future(engine.submit(decode_image(p.read_bytes(), pp, None), mixed_eta, 3))
+                asyncio.ensure_future(engine.submit(load_and_preprocess(p.read_bytes(), pp, None), mixed_eta, 3))
                 for p in images
             ]
         answers = await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
@@ -139,7 +139,7 @@ class _Gated(StageRunner):
 
 def test_cancelled_request_costs_nothing_and_close_drains(export_dir, images):
     pp = Manifest.load(export_dir).preprocessing
-    image = decode_image(images[0].read_bytes(), pp, None)
+    image = load_and_preprocess(images[0].read_bytes(), pp, None)
     go = threading.Event()
     sizes: list[int] = []
     engine = BatchingEngine(
@@ -374,7 +374,7 @@ def test_client_that_disconnects_costs_nothing(export_dir):
             assert held.result(TIMEOUT).status_code == 200
         assert sent == [] and sizes == [1]  # nothing sent to the gone client; it never reached the graph
         assert state.engine.pending == 0
-        assert 'cfvit_requests_total{status="499"} 1.0' in c.get("/metrics").text
+        assert 'cfvit_requests_total{protocol="v1",status="499"} 1.0' in c.get("/metrics").text
 
 
 async def _disconnecting_request(app, body: bytes) -> list:
@@ -447,7 +447,7 @@ def test_client_gone_while_sending_its_body(export_dir):
         answered = c.portal.call(_request_then_gone, app)
         assert (
             answered == []
-        )  # no error answer (a 499 goes nowhere: the connection is closed) and 'cfvit_requests_total{status="499"} 1.0' in c.get("/metrics").text
+        )  # no error answer (a 499 goes nowhere: the connection is closed) and 'cfvit_requests_total{protocol="v1",status="499"} 1.0' in c.get("/metrics").text
         assert c.post("/v1/classify", content=_png(), headers={"content-type": "image/png"}).status_code == 200
 
 
@@ -518,7 +518,7 @@ def test_ray_serve_engine_gives_the_local_answers(export_dir, images, mixed_eta,
     pytest.importorskip("ray.serve")
     from starlette.testclient import TestClient
 
-    from cfvit_deploy.app.serve.ray_engine import RayServeEngine
+    from runtimes.ray_serve import RayServeEngine
 
     metrics = ServeMetrics()
     engine = RayServeEngine(

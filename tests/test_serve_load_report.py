@@ -57,3 +57,50 @@ def test_committed_results_carry_their_verdicts(folder):
     assert result["goals"] == serve_load.goals(result)
     assert result["precision"] in ("fp32", "int8")
     assert "| c=32 batching / no batching |" in serve_load.table(result)
+
+
+# -- --protocol v2 / both (issue 27) ------------------------------------------------------------------
+def test_v2_load_requests_are_what_the_server_parses():
+    from cfvit_deploy.app.serve.v2_codec import parse_infer_request
+
+    (path, body, headers), *_ = serve_load.requests_for([b"\x89PNG fake"], "v2")
+    assert path == "/v2/models/cfvit/infer"
+    request = parse_infer_request(body, headers["Inference-Header-Content-Length"])
+    assert request.inputs["IMAGE"].data == [b"\x89PNG fake"] and request.binary_data_output
+
+
+def test_protocol_comparison_judges_the_c32_ratio_on_medians():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_protocols
+    finally:
+        sys.path.pop(0)
+
+    def runs(*rates):
+        cell = {"p50_ms": 1, "p95_ms": 2, "p99_ms": 3, "server_p50_ms": 1, "errors": 0}
+        return [{**cell, "throughput": r, "server_cpu_ms_per_request": 100 / r} for r in rates]
+
+    cells = {  # the rounds drift (a busy machine): each round's v2 cell is judged against its own v1 cell
+        "v1": {1: runs(10, 10, 10), 8: runs(20, 20, 20), 32: runs(30, 100, 20)},
+        "v2": {1: runs(9, 9, 9), 8: runs(21, 21, 21), 32: runs(27, 95, 17)},  # ratios 0.9, 0.95, 0.85
+    }
+    goals = {g["goal"]: (g["value"], g["rounds"], g["met"]) for g in serve_protocols.goals(cells)}
+    assert goals["c=32 v2 binary / v1 throughput"] == (0.9, [0.9, 0.95, 0.85], True)  # median of the ratios
+    assert goals["c=1 v2 binary / v1 throughput"][2] is None  # reported only
+    assert goals["c=32 server CPU per request, v1 / v2"] == (0.9, [0.9, 0.95, 0.85], None)
+    cells["v2"][32] = runs(26, 95, 17)  # ratios 0.867, 0.95, 0.85
+    assert serve_protocols.goals(cells)[2]["met"] is False  # c=32
+    summary = {(r["protocol"], r["concurrency"]): r for r in serve_protocols.summary(cells)}
+    assert summary[("v1", 32)]["throughput"] == 30  # the median of the rounds, not the mean
+
+
+def test_committed_protocol_comparison_carries_its_verdicts():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_protocols
+    finally:
+        sys.path.pop(0)
+    result = json.loads((ROOT / "benchmarks" / "results" / "serve-v2" / "results.json").read_text())
+    assert result["goals"] == serve_protocols.goals(result["cells"])
+    assert result["summary"] == serve_protocols.summary(result["cells"])
+    assert "| c=32 v2 binary / v1 throughput |" in serve_protocols.table(result)

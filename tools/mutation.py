@@ -55,7 +55,20 @@ SCOPE: dict[str, list[str]] = {
     ],
     "cfvit_deploy.io": ["*"],  # atomic, no-clobber writes and the cleanup of dead writers' temporaries
     # decode, RGB conversion, resize, crop, normalise (PreprocessConfig's own field checks are not in scope)
-    "cfvit_deploy.preprocessing": ["x_preprocess", "x__to_rgb", "x_load_image", "x_load_and_preprocess"],
+    # (the one decoder: the pixel limit and the reason codes, the gray table look-up, the transform; _opened,
+    # the allowlisted open, is a decorated context manager: pinned by test_decoder's allowlist tests instead)
+    "cfvit_deploy.preprocessing": [
+        "x_preprocess",
+        "x__to_rgb",
+        "x__to_rgb_or_gray",
+        "x_load_image",
+        "x_load_and_preprocess",
+        "x__check_pixels",
+        "x__image_error",
+        "x__gray_to_8_bit",
+        "x__transform",
+        "x__resize_size",
+    ],
 }
 # mutmut 3 does not mutate decorated functions (properties, CFViT.predict under torch.no_grad): the gate in
 # CFViT.predict and PipelineResult.exit_rate are covered by the planted-bug tests of issue 16 instead.

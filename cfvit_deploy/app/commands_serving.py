@@ -40,6 +40,9 @@ def infer_cmd(
     max_pixels: Optional[int] = typer.Option(
         None, "--max-pixels", help="Largest image accepted (default 89,478,485 pixels)."
     ),
+    decode: str = typer.Option(
+        "exact", "--decode", help="exact | fast (JPEG draft mode and reducing resize: faster on large photos)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite the output file and overlay PNGs."),
     engine: str = typer.Option("local", "--engine", help="local | ray (Ray Data; pip install 'cfvit-deploy[ray]')."),
     address: Optional[str] = typer.Option(
@@ -93,6 +96,7 @@ def infer_cmd(
                 force=force,
                 overlay=overlay,
                 max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
+                decode=decode,
                 address=address,
                 num_actors=num_actors,
                 actor_threads=actor_threads,
@@ -235,6 +239,7 @@ def sweep_cmd(
         help="Wait for, and re-time passes disturbed by, other processes using more than this CPU %.",
     ),
     write_eta: bool = typer.Option(False, "--write-eta", help="Store the chosen eta as the export's default_eta."),
+    decode: str = typer.Option("exact", "--decode", help="exact | fast (JPEG draft mode, reducing resize)."),
     out: Path = typer.Option(Path("sweep"), "--out", "-o", help="Output folder (sweep.json, sweep.csv, sweep.png)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
@@ -267,6 +272,7 @@ def sweep_cmd(
             max_latency_ms=max_latency_ms,
             repeats=repeats,
             quiet_below=quiet_below,
+            decode=decode,
             progress=hook,
         )
     table = Table(title=f"cfvit sweep: {result.n_images} images, {provider}, batch {batch_size}")
@@ -334,6 +340,12 @@ def serve_cmd(
         20 * 1024 * 1024, "--max-bytes", help="Largest request body (bytes); beyond it: 413."
     ),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image (width x height); beyond it: 413."),
+    decode_pixels: int = typer.Option(
+        64_000_000,
+        "--decode-pixels",
+        help="Most pixels (width x height, summed) decoded at once; beyond it: 503 with Retry-After.",
+    ),
+    decode: str = typer.Option("exact", "--decode", help="exact | fast (JPEG draft mode, reducing resize)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads (default: the runtime's)."),
     shared_threads: bool = typer.Option(
         False,
@@ -345,8 +357,10 @@ def serve_cmd(
     ),
     coarse_replicas: int = typer.Option(1, "--coarse-replicas", help="Ray: replicas of the coarse deployment."),
     fine_replicas: int = typer.Option(1, "--fine-replicas", help="Ray: replicas of the fine deployment."),
+    model_name: str = typer.Option("cfvit", "--model-name", help="The model's name on the /v2 routes (KServe v2)."),
 ) -> int:
-    """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, /healthz, /readyz, /metrics.
+    """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, the KServe v2 routes
+    (/v2/models/NAME/infer ...), /healthz, /readyz, /metrics.
 
     SIGTERM stops accepting, answers every queued request and exits 0. See docs/serve.md.
     """
@@ -366,9 +380,12 @@ def serve_cmd(
         max_queue=max_queue,
         max_bytes=max_bytes,
         max_pixels=max_pixels,
+        decode_pixels=decode_pixels,
+        decode=decode,
         threads=threads,
         shared_threads=shared_threads,
         engine=engine,
         replicas={"coarse": coarse_replicas, "fine": fine_replicas},
+        model_name=model_name,
     )
     return serve(export_dir, options)

@@ -28,13 +28,14 @@ import numpy as np
 from runtimes.backends import SessionConfig
 from runtimes.pipeline import CFViTPipeline
 
-from ..checks import check_batch_size, check_etas, check_positive_int, parse_etas
+from ..checks import check_batch_size, check_choice, check_etas, check_positive_int, parse_etas
 from ..data.listing import list_image_folder
 from ..data.reader import read_images
 from ..errors import CFViTError, UsageError
 from ..extras import require
 from ..io import atomic_directory
 from ..manifest import MANIFEST_NAME, Manifest
+from ..preprocessing import DECODE_MODES
 from ..progress import ProgressHook, report
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class SweepResult:
     rows: list[SweepRow] = field(default_factory=list)
     #: the η chosen for a budget (:func:`choose_eta`): the row's fields plus the budget and reference
     choice: dict[str, Any] | None = None
+    decode: str = "exact"  #: how the images were decoded (preprocessing.DECODE_MODES)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,7 +92,7 @@ def check_plotting() -> None:
 
 
 def _labelled_images(
-    folder: Path, manifest: Manifest, max_images: int | None
+    folder: Path, manifest: Manifest, max_images: int | None, decode: str = "exact"
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images and labels of ``folder/<class>/...`` (unreadable files skipped and reported)."""
     classes, files = list_image_folder(folder)
@@ -107,7 +109,7 @@ def _labelled_images(
     paths = list(label_of)
     if max_images is not None:  # a seeded sample of readable images
         paths = [paths[i] for i in np.random.default_rng(0).permutation(len(paths))]
-    read = read_images(paths, manifest.preprocessing, limit=max_images, name="FOLDER")
+    read = read_images(paths, manifest.preprocessing, limit=max_images, name="FOLDER", decode=decode)
     skipped = [f"{path}: {reason}" for path, reason in read.skipped]
     return read.images, np.asarray([label_of[p] for p in read.paths]), skipped
 
@@ -126,16 +128,19 @@ def sweep(
     max_latency_ms: float | None = None,
     repeats: int = 1,
     quiet_below: float | None = None,
+    decode: str = "exact",
     progress: ProgressHook | None = None,
 ) -> SweepResult:
     """Measure accuracy, exit rate, expected GMACs and img/s for every η; with a budget (`max_drop` in
     top-1 points vs η = 1, or `max_latency_ms` per image) also choose η (:attr:`SweepResult.choice`).
 
     The latency of each η is the fastest of `repeats` timed passes over the folder; with `quiet_below`
-    (a CPU %) each pass first waits for a machine that quiet and is re-measured while other processes
-    used more (as ``cfvit bench --quiet-below``), so a busy machine costs time, not truth."""
+    (a CPU %) a pass that other processes disturbed more is timed again after waiting for a quieter
+    machine (as ``cfvit bench --quiet-below``), so a busy machine costs time, not truth.
+    `decode` is how the images are decoded (``"exact"`` or ``"fast"``, see :mod:`cfvit_deploy.preprocessing`)."""
     batch_size = check_batch_size(batch_size)
     repeats = check_positive_int(repeats, "--repeats")
+    check_choice(decode, DECODE_MODES, "--decode")
     if max_images is not None:
         max_images = check_positive_int(max_images, "--max-images")
     eta_values = parse_etas(etas) if isinstance(etas, str) else check_etas(etas)
@@ -143,12 +148,14 @@ def sweep(
     if max_drop is not None and 1.0 not in eta_values:
         eta_values.append(1.0)  # the reference the drop is measured from
     manifest = Manifest.load(export_dir)
-    images, labels, skipped = _labelled_images(Path(folder), manifest, max_images)
+    images, labels, skipped = _labelled_images(Path(folder), manifest, max_images, decode)
     pipe = CFViTPipeline(manifest, provider, SessionConfig(threads=threads, allow_fallback=allow_fallback))
     batches = [slice(i, i + batch_size) for i in range(0, len(images), batch_size)]
     pipe.run(images[batches[0]], 1.0)  # warm-up: both sessions, first-run allocations
     coarse, fine = manifest.gmacs["coarse"], manifest.gmacs["fine"]
-    result = SweepResult(str(export_dir), str(folder), provider, batch_size, len(images), skipped, dict(manifest.gmacs))
+    result = SweepResult(
+        str(export_dir), str(folder), provider, batch_size, len(images), skipped, dict(manifest.gmacs), decode=decode
+    )
     for done, eta in enumerate(eta_values, 1):
         (elapsed, correct, exited), background = _timed_passes(pipe, images, labels, batches, eta, repeats, quiet_below)
         exit_rate = exited / len(images)

@@ -48,9 +48,16 @@ def list_images(folder: str | Path, name: str = "--images") -> list[Path]:
 
 
 def read_images(
-    paths: Iterable[Path], pp: PreprocessConfig, limit: int | None = None, name: str = "--images"
+    paths: Iterable[Path],
+    pp: PreprocessConfig,
+    limit: int | None = None,
+    name: str = "--images",
+    *,
+    decode: str = "exact",
 ) -> FolderImages:
-    """Decode and preprocess `paths` (at most `limit` readable ones), skipping and reporting bad files."""
+    """Decode and preprocess `paths` (at most `limit` readable ones), skipping and reporting bad files.
+
+    `decode` is the decode mode (``validate`` always reads with ``"exact"``, the reference)."""
     arrays: list[np.ndarray] = []
     kept: list[Path] = []
     skipped: list[tuple[Path, str]] = []
@@ -58,7 +65,7 @@ def read_images(
         if limit is not None and len(arrays) >= limit:
             break
         try:
-            arrays.append(load_and_preprocess(path, pp))
+            arrays.append(load_and_preprocess(path, pp, decode=decode))
         except ImageError as exc:
             # the decoder's message names the file already ("P: empty file"); else name it here
             where = "" if str(path) in str(exc) else f"{path}: "

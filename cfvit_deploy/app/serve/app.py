@@ -23,7 +23,9 @@ from typing import Any
 from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import PreprocessConfig
+from runtimes.engine import EngineBusy, ServingEngine
 
+from .decoding import PixelBudget, decode_request
 from .metrics import ServeMetrics
 from .requests import (
     MULTIPART,
@@ -31,11 +33,11 @@ from .requests import (
     Limits,
     check_content_type,
     check_declared_length,
-    decode_image,
     file_from_form,
     parse_params,
     read_body,
 )
+from .v2_routes import V2Routes
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
@@ -53,7 +55,7 @@ def export_identity(export_dir: str | Path) -> dict[str, str]:
 
 @dataclass
 class AppState:
-    engine: Any  #: BatchingEngine or RayEngine: start, close, ready, expect, submit, depth, pending
+    engine: ServingEngine  #: runtimes.batching.BatchingEngine or runtimes.ray_serve.RayServeEngine
     identity: dict[str, str]
     preprocessing: PreprocessConfig
     limits: Limits
@@ -64,6 +66,10 @@ class AppState:
     decoder: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="cfvit-decode")
     )
+    decode_budget: PixelBudget = field(init=False)  #: pixels being decoded, at most limits.decode_pixels
+
+    def __post_init__(self) -> None:
+        self.decode_budget = PixelBudget(self.limits.decode_pixels)
 
 
 def _error(exc: BadRequest, headers: dict[str, str] | None = None) -> Any:
@@ -116,10 +122,11 @@ async def _answer(request: Any, state: AppState) -> Any:
     with engine.expect():
         eta, topk = parse_params(request.query_params)
         if not engine.ready:
-            raise _busy("closing" if getattr(engine, "closing", False) else "not ready")
+            raise _busy("closing" if engine.closing else "not ready")
         data = await _image_from_request(request, state)
-        image = await asyncio.get_running_loop().run_in_executor(
-            state.decoder, decode_image, data, state.preprocessing, state.limits.max_pixels
+        limits = state.limits
+        image = await decode_request(
+            data, state.preprocessing, limits.max_pixels, state.decode_budget, state.decoder, limits.decode
         )
     work = asyncio.ensure_future(engine.submit(image, eta, topk))
     gone = asyncio.ensure_future(_client_gone(request))
@@ -151,8 +158,6 @@ async def _classify(request: Any, state: AppState) -> Any:
     """POST /v1/classify: the answer, or one JSON error; every outcome is counted in the metrics."""
     from starlette.requests import ClientDisconnect
     from starlette.responses import Response
-
-    from runtimes.batching import EngineBusy
 
     start = perf_counter()
     try:
@@ -226,13 +231,14 @@ def _lifespan(state: AppState, on_load_error: Callable[[Exception], None] | None
 
 
 def create_app(
-    engine: Any,
+    engine: ServingEngine,
     export_dir: str | Path,
     limits: Limits | None = None,
     metrics: ServeMetrics | None = None,
     on_load_error: Callable[[Exception], None] | None = None,
+    model_name: str = "cfvit",
 ) -> Any:
-    """The Starlette app serving `engine` for the export in `export_dir`.
+    """The Starlette app serving `engine` for the export in `export_dir` (/v1, and /v2 as `model_name`).
 
     The engine is started (sessions created and warmed up) in the background when the app starts,
     and closed, answering every accepted request first, when it shuts down. If it cannot start,
@@ -261,6 +267,7 @@ def create_app(
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *V2Routes(state, manifest, model_name).routes(),  # the Open Inference Protocol (docs/serve.md)
     ]
     app = Starlette(routes=routes, lifespan=_lifespan(state, on_load_error))
     app.state.serve = state

@@ -18,12 +18,17 @@ class ServeMetrics:
         self._prom = prom
         self.registry = prom.CollectorRegistry()
         r = self.registry
+        # protocol: "v1" (POST /v1/classify) or "v2" (POST /v2/models/.../infer, N images a request)
         self.requests = prom.Counter(
-            "cfvit_requests", "Classify requests by HTTP status (499: client went away)", ["status"], registry=r
+            "cfvit_requests",
+            "Classify and infer requests by HTTP status (499: client went away) and protocol",
+            ["status", "protocol"],
+            registry=r,
         )
         self.latency = prom.Histogram(
             "cfvit_request_latency_seconds",
-            "Classify latency: request in to answer out",
+            "Classify and infer latency by protocol: request in to answer out",
+            ["protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -66,9 +71,9 @@ class ServeMetrics:
         self._counts[stage] += 1
         self.answers.labels(stage=stage).inc()
 
-    def on_request(self, status: int, seconds: float) -> None:
-        self.requests.labels(status=str(status)).inc()
-        self.latency.observe(seconds)
+    def on_request(self, status: int, seconds: float, protocol: str = "v1") -> None:
+        self.requests.labels(status=str(status), protocol=protocol).inc()
+        self.latency.labels(protocol=protocol).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST

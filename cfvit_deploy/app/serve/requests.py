@@ -2,23 +2,18 @@
 
 Every problem is a :class:`BadRequest` with an HTTP status, a short machine-readable code and a
 message that names the problem; the app turns it into a 4xx JSON answer and goes on serving.
-Images are decoded exactly as ``cfvit infer`` decodes files (first frame, EXIF orientation, RGB,
-the manifest's preprocessing), from the request's bytes instead of a path.
+Images are decoded by the toolkit's one decoder (:mod:`.decoding`), exactly as ``cfvit infer``
+decodes files, from the request's bytes instead of a path.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 from cfvit_deploy.checks import check_eta, check_positive_int
 from cfvit_deploy.errors import UsageError
-from cfvit_deploy.preprocessing import PreprocessConfig, preprocess
 
 QUERY_PARAMS = ("eta", "topk")
 MULTIPART = "multipart/form-data"
@@ -39,6 +34,8 @@ class BadRequest(Exception):
 class Limits:
     max_bytes: int = 20 * 1024 * 1024  #: largest request body accepted
     max_pixels: int | None = 40_000_000  #: largest decoded image (width x height) accepted
+    decode_pixels: int | None = 64_000_000  #: most pixels being decoded at once (beyond: 503)
+    decode: str = "exact"  #: the decode mode (preprocessing.DECODE_MODES)
 
 
 def parse_params(query: Any) -> tuple[float | None, int]:
@@ -117,30 +114,3 @@ async def file_from_form(form: Any) -> bytes:
             400, "too_many_files", f"the multipart form has {len(files)} files; send one image per request"
         )
     return await chosen[0].read()
-
-
-def decode_image(data: bytes, pp: PreprocessConfig, max_pixels: int | None) -> np.ndarray:
-    """Decode and preprocess image bytes as ``cfvit infer`` does a file, or raise :class:`BadRequest`."""
-    if not data:
-        raise BadRequest(400, "empty_body", "the request has no image data (empty body or empty file)")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise BadRequest(
-                    413,
-                    "too_many_pixels",
-                    f"image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} (--max-pixels)",
-                )
-            img.seek(0)
-            return preprocess(ImageOps.exif_transpose(img), pp)
-    except BadRequest:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise BadRequest(413, "too_many_pixels", f"image is over the pixel limit ({exc})") from None
-    except UnidentifiedImageError:
-        raise BadRequest(400, "not_an_image", "the body is not an image in a recognised format") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
-            raise BadRequest(400, "truncated_image", f"the image data is truncated ({exc})") from None
-        raise BadRequest(400, "corrupt_image", f"cannot decode the image ({type(exc).__name__}: {exc})") from None

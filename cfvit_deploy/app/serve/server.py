@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from cfvit_deploy.checks import check_choice, check_positive_int
 from cfvit_deploy.errors import CFViTError, UsageError
 from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
+from cfvit_deploy.preprocessing import DECODE_MODES
+from runtimes.engine import ServingEngine
 
 from .app import create_app
 from .metrics import ServeMetrics
@@ -42,6 +45,8 @@ class ServeOptions:
     max_queue: int = 256
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int | None = 40_000_000
+    decode_pixels: int | None = 64_000_000  #: most pixels being decoded at once; beyond it: 503 (None: no bound)
+    decode: str = "exact"  #: preprocessing.DECODE_MODES
     threads: int | None = None  #: intra-op threads per session, or of the shared pool (None: the runtime's default)
     #: ONNX Runtime's process-wide pool for both sessions instead of SessionConfig()'s default (a pool per
     #: session that spins only while its graph runs: the measured fastest, as infer and bench use it)
@@ -49,12 +54,22 @@ class ServeOptions:
     engine: str = "local"
     replicas: dict[str, int] = field(default_factory=lambda: {"coarse": 1, "fine": 1})  #: Ray Serve only
     log_level: str = "info"
+    model_name: str = "cfvit"  #: the model's name on the v2 (Open Inference Protocol) routes
 
     def check(self) -> ServeOptions:
         check_choice(self.engine, ENGINES, "--engine")
+        if not isinstance(self.model_name, str) or not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.model_name
+        ):
+            raise UsageError(
+                f"--model-name must be letters, digits, '_', '.' or '-' (URL-safe), got {self.model_name!r}"
+            )
         check_positive_int(self.max_bytes, "--max-bytes")
         if self.max_pixels is not None:
             check_positive_int(self.max_pixels, "--max-pixels")
+        if self.decode_pixels is not None:
+            check_positive_int(self.decode_pixels, "--decode-pixels")
+        check_choice(self.decode, DECODE_MODES, "--decode")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be an integer in [0, 65535], got {self.port!r}")
         if self.threads is not None:
@@ -64,7 +79,7 @@ class ServeOptions:
         return self
 
 
-def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMetrics) -> Any:
+def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMetrics) -> ServingEngine:
     """The engine for `options.engine`: local two-stage batching, or Ray Serve deployments."""
     from runtimes.backends import SessionConfig, check_provider, create_backend
     from runtimes.batching import BatchingEngine, EngineConfig, EngineObserver, StageRunner
@@ -74,7 +89,7 @@ def build_engine(export_dir: str | Path, options: ServeOptions, metrics: ServeMe
     manifest = Manifest.load(export_dir)  # a broken export fails here, before the port is taken
     observer = EngineObserver(on_batch=metrics.on_batch, on_answer=metrics.on_answer)
     if options.engine == "ray":
-        from .ray_engine import RayServeEngine
+        from runtimes.ray_serve import RayServeEngine
 
         return RayServeEngine(export_dir, config, options.provider, options.threads, options.replicas, observer)
     session = SessionConfig(threads=options.threads, shared_threads=options.shared_threads)
@@ -90,7 +105,8 @@ def build_app(
     options = (options or ServeOptions()).check()
     metrics = ServeMetrics()
     engine = build_engine(export_dir, options, metrics)
-    return create_app(engine, export_dir, Limits(options.max_bytes, options.max_pixels), metrics, on_load_error)
+    limits = Limits(options.max_bytes, options.max_pixels, options.decode_pixels, options.decode)
+    return create_app(engine, export_dir, limits, metrics, on_load_error, model_name=options.model_name)
 
 
 def serve(export_dir: str | Path, options: ServeOptions | None = None, sockets: list[Any] | None = None) -> int:

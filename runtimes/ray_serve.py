@@ -1,11 +1,12 @@
 """``cfvit serve --engine ray``: the two stages as Ray Serve deployments, each batched by Ray Serve.
 
-The HTTP front (the same Starlette app, validation and metrics) stays in the ``cfvit serve``
-process; :class:`RayServeEngine` replaces the local engine behind it. It deploys two Ray Serve
+Torch-free; Ray is imported on first use (the ``ray`` extra). The HTTP front (the same Starlette
+app, validation and metrics) stays in the ``cfvit serve`` process; :class:`RayServeEngine`, a
+:class:`~runtimes.engine.ServingEngine`, replaces the local engine behind it. It deploys two Ray Serve
 applications, ``cfvit-coarse`` and ``cfvit-fine``, each with ``@serve.batch`` (``max_batch`` and
 ``max_wait_ms`` as Ray Serve's ``max_batch_size`` and ``batch_wait_timeout_s``) and its own number
 of replicas, and talks to them through deployment handles. The gate runs in the front, per request,
-with :class:`runtimes.batching.StageRunner`'s code, so the answers are those of the local server.
+with :class:`runtimes.stages.StageRunner`'s code, so the answers are those of the local server.
 Ray Serve's own HTTP proxy is not started.
 """
 
@@ -22,7 +23,10 @@ import numpy as np
 
 from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
-from runtimes.batching import Answer, EngineBusy, EngineConfig, EngineObserver, StageRunner
+
+from .admission import Admission
+from .engine import EngineConfig, EngineObserver, admit, check_request
+from .stages import Answer, StageRunner
 
 log = logging.getLogger(__name__)
 APPS = {"coarse": "cfvit-coarse", "fine": "cfvit-fine"}
@@ -51,7 +55,7 @@ def stage_deployment(stage: str, max_batch: int, max_wait_ms: float) -> Any:
     @serve.deployment(name=f"{stage.capitalize()}Stage")
     class Stage:
         def __init__(self, export_dir: str, provider: str, threads: int | None) -> None:
-            from runtimes.backends import SessionConfig, create_backend
+            from .backends import SessionConfig, create_backend
 
             manifest = Manifest.load(export_dir)
             backend = create_backend(manifest, provider, SessionConfig(threads=threads), graphs=(stage,))
@@ -70,7 +74,7 @@ def stage_deployment(stage: str, max_batch: int, max_wait_ms: float) -> Any:
 
 
 class RayServeEngine:
-    """The engine interface of :class:`runtimes.batching.BatchingEngine`, on Ray Serve deployments."""
+    """A :class:`~runtimes.engine.ServingEngine` on Ray Serve deployments (the gate runs here, per request)."""
 
     def __init__(
         self,
@@ -93,7 +97,8 @@ class RayServeEngine:
             self.config.default_eta = self.runner.manifest.default_eta
         self._handles: dict[str, Any] = {}
         self._in_stage = {"coarse": 0, "fine": 0}
-        self._pending = 0
+        #: requests accepted and not yet answered, at most config.max_queue
+        self.admission = Admission(config.max_queue, "--max-queue")
         self._closing = self._ready = self._started_ray = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -125,7 +130,7 @@ class RayServeEngine:
     async def close(self) -> None:
         """Stop accepting, wait for every accepted request, then delete the deployments."""
         self._closing = True
-        while self._pending:
+        while self.admission.in_use:
             await asyncio.sleep(0.01)
         self._ready = False
         if self._handles:
@@ -153,7 +158,7 @@ class RayServeEngine:
 
     @property
     def pending(self) -> int:
-        return self._pending
+        return self.admission.in_use
 
     def depth(self, stage: str) -> int:
         """Requests sent to `stage`'s deployment and not yet back (queued or running there)."""
@@ -164,9 +169,8 @@ class RayServeEngine:
         yield  # Ray Serve's batching waits its batch_wait_timeout_s by itself
 
     def check_request(self, eta: float | None, topk: int) -> tuple[float, int]:
-        from runtimes.batching import BatchingEngine
-
-        return BatchingEngine.check_request(self, eta, topk)  # type: ignore[arg-type]
+        """η (default: the engine's) and top-k of a request, checked ("eta", "topk" are named)."""
+        return check_request(self.config, eta, topk)
 
     # -- requests -----------------------------------------------------------------------------------
     async def _call(self, stage: str, item: Any) -> Any:
@@ -179,16 +183,13 @@ class RayServeEngine:
             self.observer.on_batch(stage, size, 0.0)
         return row
 
-    async def submit(self, image: np.ndarray, eta: float | None = None, topk: int = 5) -> Answer:
-        if self._closing:
-            raise EngineBusy("closing")
-        if not self._ready:
-            raise EngineBusy("not ready")
-        if self._pending >= self.config.max_queue:
-            raise EngineBusy("full")
-        eta, topk = self.check_request(eta, topk)
-        self._pending += 1
+    async def submit(
+        self, image: np.ndarray, eta: float | None = None, topk: int = 5, *, admitted: bool = False
+    ) -> Answer:
+        """Classify one preprocessed image as :meth:`runtimes.batching.BatchingEngine.submit` does."""
+        admit(self.admission, ready=self._ready, closing=self._closing, admitted=admitted)
         try:
+            eta, topk = self.check_request(eta, topk)
             coarse = await self._call("coarse", image)
             if self.runner.exits(coarse, eta):
                 answer, stage = self.runner.answer(coarse, eta, topk), "coarse"
@@ -196,7 +197,7 @@ class RayServeEngine:
                 fine = await self._call("fine", coarse.fine_inputs)
                 answer, stage = self.runner.answer(coarse, eta, topk, fine), "fine"
         finally:
-            self._pending -= 1
+            self.admission.release()
         if self.observer.on_answer:
             self.observer.on_answer(stage)
         return answer
