@@ -21,6 +21,7 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capfd):
     stdout, stderr = capfd.readouterr()
     # `cfvit demo > log`: the summary on stdout, no bars anywhere when nothing is a terminal
     assert "chosen eta" in stdout and "report: " in stdout
+    assert "CPU: " in stdout and "threads: training 1 (torch)" not in stderr and "background CPU" in stdout
     assert "━" not in stdout + stderr and "\x1b[" not in stdout + stderr
     out = tmp_path / "runs" / "demo"
     summary = json.loads((out / "summary.json").read_text())
@@ -49,6 +50,8 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capfd):
         "## Short benchmark",
         "| generate the image set and train |",
         f"**Chosen η = {choice['eta']:g}**",
+        "## Measured on",
+        "| caveat |",
     ):
         assert part in report, part
     inference = report.split("## Inference on the held-out folder")[1].split("##")[0]
@@ -224,3 +227,32 @@ def test_demo_says_when_the_model_is_below_the_recipes_range():
     assert "\n" not in line
     assert below_expected(0.62, 0.96) is None
     assert below_expected(0.80, 0.95) is not None  # fine high, but only 15 points above coarse
+
+
+def test_summary_names_the_machine_and_warns_below_the_range(tmp_path):
+    """Issue 23 item 2: the summary says what the numbers were measured on (CPU, threads, background CPU
+    during sweep and bench) and, below the recipe's range, one warning line with what to try."""
+    from cfvit_deploy.app.demo import DemoResult, _machine_lines, below_expected, summary_lines
+
+    trained = SimpleNamespace(history=[{"threads": 1}, {"threads": 1}])
+    swept = SimpleNamespace(rows=[SimpleNamespace(background_cpu_pct=v) for v in (3.0, 40.0)])
+    bench = SimpleNamespace(
+        machine={"cpu_model": "AMD EPYC", "logical_cores": 2},
+        settings={"threads": 2},
+        rows=[BenchRow("onnxruntime", "cpu", "fp32", "cfvit", 32, "forced", background_cpu_pct=75.0)],
+    )
+    machine = _machine_lines(trained, swept, bench)
+    assert machine[0] == "CPU: AMD EPYC (2 logical cores)"
+    assert machine[1] == "threads: training 1 (torch), inference 2 (ONNX Runtime intra-op)"
+    assert "sweep 3-40% (1 of 2 timings at >= 25%)" in machine[2] and "bench 75-75% (1 of 1" in machine[2]
+    summary = {
+        "val_coarse_acc": 0.573,
+        "val_fine_acc": 0.773,
+        "validation_passed": True,
+        "eta_choice": _choice(0.6),
+        "machine": machine,
+        "warning": below_expected(0.573, 0.773),
+    }
+    lines = summary_lines(DemoResult(tmp_path, tmp_path / "report.md", {"train": 1.0}, summary))
+    assert machine[0] in lines and sum(line.startswith("warning: ") for line in lines) == 1
+    assert lines[-5] == f"report: {tmp_path / 'report.md'}"
