@@ -302,6 +302,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def export_identity(manifest: Manifest, *, with_directory: bool = True) -> dict[str, Any]:
+    """What identifies an export, the same for every consumer (``cfvit infer``'s summary JSON, the
+    server's answers): the sha256 of its manifest.json (which records every graph's sha256; None for
+    a manifest never saved), the architecture, precision, whether optimized, the coarse and fine
+    graphs' sha256, and its folder. `with_directory=False` leaves the folder out: a server tells its
+    clients which model answered, not where it keeps its files."""
+    folder = manifest.directory
+    manifest_file = None if folder is None else folder / MANIFEST_NAME
+    identity: dict[str, Any] = {
+        "manifest_sha256": sha256_file(manifest_file) if manifest_file and manifest_file.is_file() else None,
+        "arch": manifest.model.arch,
+        "precision": manifest.precision,
+        "optimized": manifest.optimized,
+        "graphs": {name: spec.sha256 for name, spec in manifest.graphs.items() if name in ("coarse", "fine")},
+    }
+    if with_directory:
+        identity["directory"] = None if folder is None else str(folder.absolute())
+    return identity
+
+
 #: Graph interface (names are also recorded per graph in the manifest; runtimes read them from there).
 #: The fine graph's inputs other than ``images`` are coarse outputs of the same name.
 GRAPH_IO_DOC: dict[str, dict[str, str]] = {

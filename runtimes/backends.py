@@ -1,8 +1,10 @@
-"""The backend interface and factory (torch-free): ``run(graph, inputs) -> outputs`` per runtime.
+"""The backend interface and registry (torch-free): ``run(graph, inputs) -> outputs`` per runtime.
 
 This module holds what every runtime shares: the :class:`Backend` protocol the pipeline needs, the
 session settings (:class:`SessionConfig`), the provider names and :func:`create_backend`. Each
-implementation lives in its own module and imports only this one:
+implementation lives in its own module, imports only this one, and is found by name in
+:data:`BACKENDS` (a module path, imported on first use), so this module never imports an
+implementation and an install without OpenVINO never loads its backend:
 
 * :mod:`runtimes.ort_backend` — ONNX Runtime with the CPU, CUDA or TensorRT execution provider,
   with the IOBinding path that keeps the coarse outputs on the device for the fine graph.
@@ -11,7 +13,7 @@ implementation lives in its own module and imports only this one:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -77,29 +79,35 @@ def check_provider(provider: str) -> str:
     return provider
 
 
+#: provider -> "module:factory" of its backend; a factory takes (manifest, provider, config, graphs)
+BACKENDS: dict[str, str] = {
+    **dict.fromkeys(ORT_PROVIDERS, "runtimes.ort_backend:OrtBackend"),
+    "openvino": "runtimes.openvino_backend:OpenVinoBackend.for_provider",
+}
+BackendFactory = Callable[[Manifest, str, SessionConfig | None, tuple[str, ...] | None], Backend]
+
+
+def backend_factory(provider: str) -> BackendFactory:
+    """The factory of `provider`'s backend, its module imported now (the first use)."""
+    module_name, _, attribute = BACKENDS[check_provider(provider)].partition(":")
+    found: Any = import_module(module_name)
+    for part in attribute.split("."):
+        found = getattr(found, part)
+    return found  # type: ignore[no-any-return]
+
+
 def create_backend(
     manifest: Manifest,
     provider: str = "cpu",
     config: SessionConfig | None = None,
     graphs: tuple[str, ...] | None = None,
 ) -> Backend:
-    """The backend serving `provider` ("cpu", "cuda", "tensorrt" via ONNX Runtime; "openvino").
-
-    The implementation's module is imported here, on first use, so an install without OpenVINO
-    never imports it and the interface never depends on an implementation.
-    """
-    check_provider(provider)
-    if provider == "openvino":
-        from .openvino_backend import OpenVinoBackend
-
-        return OpenVinoBackend(manifest, config=config, graphs=graphs)
-    from .ort_backend import OrtBackend
-
-    return OrtBackend(manifest, provider, config, graphs)
+    """The backend serving `provider` ("cpu", "cuda", "tensorrt" via ONNX Runtime; "openvino")."""
+    return backend_factory(provider)(manifest, provider, config, graphs)
 
 
 def __getattr__(name: str) -> Any:
     """``runtimes.backends.OrtBackend`` still works (it moved to :mod:`runtimes.ort_backend`)."""
     if name == "OrtBackend":
-        return import_module(".ort_backend", __package__).OrtBackend
+        return backend_factory("cpu")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,9 +18,10 @@ reading a body) for the coarse stage, a busy coarse stage for the fine stage. A 
 therefore never delayed by the wait. :meth:`BatchingEngine.close` stops accepting and answers every
 request already accepted (drain).
 
-The answer for one image is built by :func:`runtimes.infer.rows_for_batch` from the same arrays
-:class:`~runtimes.pipeline.CFViTPipeline` computes (coarse logits, max-softmax confidence, the gate
-``confidence >= eta``, fine logits and refined patches), so it equals ``cfvit infer``'s row.
+The answer for one image is built by :func:`runtimes.rows.rows_for_batch` from the same arrays
+:class:`~runtimes.pipeline.CFViTPipeline` computes, with the same functions (:mod:`runtimes.gate`:
+max-softmax confidence, the gate ``confidence >= eta`` per request, the merge), so it equals
+``cfvit infer``'s row.
 :class:`runtimes.stages.StageRunner` holds these pieces without any queueing; the Ray Serve deployments
 reuse it.
 """
@@ -254,11 +255,12 @@ class BatchingEngine:
                 continue
             finally:
                 state.coarse_busy = False
-            for ticket, row in zip(batch, rows, strict=True):
+            exited = runner.gate(rows, [ticket.eta for ticket in batch])  # one η per request
+            for ticket, row, exits in zip(batch, rows, exited, strict=True):
                 ticket.image = None  # type: ignore[assignment]  # free it while the fine stage waits
                 if ticket.future.done():
                     self._finish(ticket, "coarse")
-                elif runner.exits(row, ticket.eta):
+                elif exits:
                     self._finish(ticket, "coarse", runner.answer(row, ticket.eta, ticket.topk))
                 else:
                     ticket.coarse = row

@@ -1,7 +1,8 @@
 """The inference shell shared by both engines (torch-free): checks, rows, summary, interrupts.
 
 An engine (the local one in :mod:`runtimes.infer`, Ray in :mod:`runtimes.ray_engine`) only turns
-input paths into :class:`InferRow` s, in input order. Everything around that lives here, once:
+input paths into :class:`~runtimes.rows.InferRow` s, in input order. Everything around that lives
+here, once:
 
 - the argument checks that come before any work (:func:`check_arguments`, :func:`check_output_path`,
   :func:`find_inputs`), and the batch size capped at the number of inputs and refused when its
@@ -22,7 +23,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -33,128 +34,39 @@ from cfvit_deploy.checks import check_batch_size, check_eta, check_positive_int
 from cfvit_deploy.errors import ImageError, UsageError
 from cfvit_deploy.extras import require
 from cfvit_deploy.io import check_output
-from cfvit_deploy.manifest import Manifest
+from cfvit_deploy.manifest import Manifest, export_identity
 from cfvit_deploy.preprocessing import PreprocessConfig, is_image_file, load_and_preprocess
 from cfvit_deploy.progress import ProgressHook, report
 from cfvit_deploy.signals import Terminated
 
-from .pipeline import PipelineResult, softmax
+from .rows import InferRow, InferSummary, rows_for_batch
 from .sinks import open_sink, summary_path, write_summary
+
+#: the row and summary types live in runtimes.rows (below the sinks that write them) and the export's
+#: identity in cfvit_deploy.manifest (one definition for infer and serve); re-exported here
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "PREFETCH_BATCHES",
+    "InferInterrupted",
+    "InferJob",
+    "InferRow",
+    "InferSummary",
+    "check_arguments",
+    "check_output_path",
+    "collect_inputs",
+    "decode_image",
+    "export_identity",
+    "find_inputs",
+    "fit_batch_size",
+    "rows_for_batch",
+    "run_rows",
+]
 
 log = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".parquet")
 #: Batches decoded ahead of the one being classified (both engines keep about this many in flight).
 PREFETCH_BATCHES = 2
-
-
-# -- rows and summary ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class InferRow:
-    """The result for one input file."""
-
-    path: str
-    stage: str = ""  #: "coarse" | "fine" ("" for an error row)
-    confidence: float | None = None  #: max softmax(coarse logits)
-    patches: int | None = None  #: refined coarse patches: k for "fine", 0 for "coarse"
-    labels: tuple[str, ...] = ()  #: top-k class names, most probable first
-    probs: tuple[float, ...] = ()
-    overlay: str = ""  #: the overlay PNG written for this input ("" when none)
-    error: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "stage": self.stage or None,
-            "confidence": self.confidence,
-            "patches": self.patches,
-            "topk": [{"label": label, "prob": p} for label, p in zip(self.labels, self.probs, strict=True)],
-            "overlay": self.overlay,
-            "error": self.error,
-        }
-
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> InferRow:
-        """:meth:`to_json`, inverted."""
-        topk = record.get("topk") or []
-        return cls(
-            path=record["path"],
-            stage=record.get("stage") or "",
-            confidence=record.get("confidence"),
-            patches=record.get("patches"),
-            labels=tuple(t["label"] for t in topk),
-            probs=tuple(t["prob"] for t in topk),
-            overlay=record.get("overlay") or "",
-            error=record.get("error") or "",
-        )
-
-
-@dataclass
-class InferSummary:
-    """Counts of one run (the CLI's final line and the summary JSON)."""
-
-    inputs: int = 0  #: input files found
-    exited: int = 0  #: images answered by the coarse stage
-    fine: int = 0  #: images that went to the fine stage
-    errors: int = 0  #: files that could not be read
-    seconds: float = 0.0
-    output: Path | None = None
-    overlays: int = 0  #: overlay PNGs written
-    interrupted: bool = False
-    signal: str | None = None  #: "SIGINT" or "SIGTERM" when interrupted
-    engine: str = "local"
-    decode: str = "exact"  #: the decode mode (exact or fast)
-    batch_size: int = 0  #: the batch size used (capped at the number of inputs)
-    export: dict[str, Any] = field(default_factory=dict)  #: the export's identity
-    #: how the rows were made: eta, provider, precision, batch_size, decode (see runtimes.infer.run_settings)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def images(self) -> int:
-        """Images classified."""
-        return self.exited + self.fine
-
-    @property
-    def rows(self) -> int:
-        return self.images + self.errors
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def exit_rate(self) -> float:
-        return self.exited / self.images if self.images else 0.0
-
-    def count(self, row: InferRow) -> None:
-        if row.error:
-            self.errors += 1
-        elif row.stage == "coarse":
-            self.exited += 1
-        else:
-            self.fine += 1
-        self.overlays += bool(row.overlay)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "status": "interrupted" if self.interrupted else "complete",
-            "signal": self.signal,
-            "inputs": self.inputs,
-            "rows": self.rows,
-            "classified": self.images,
-            "exited": self.exited,
-            "fine": self.fine,
-            "errors": self.errors,
-            "overlays": self.overlays,
-            "seconds": round(self.seconds, 3),
-            "images_per_s": round(self.images_per_s, 2),
-            "engine": self.engine,
-            "decode": self.decode,
-            "batch_size": self.batch_size,
-            "output": None if self.output is None else str(self.output),
-            "export": self.export,
-            "settings": self.settings,
-        }
 
 
 class InferInterrupted(KeyboardInterrupt):
@@ -164,16 +76,6 @@ class InferInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted, {summary.rows} of {summary.inputs} inputs written")
         self.summary = summary
         self.signal_name = summary.signal or "SIGINT"  #: read by cfvit_deploy.signals.exit_code_for
-
-
-def export_identity(manifest: Manifest) -> dict[str, Any]:
-    """What identifies the export a run used: folder, precision and the graphs' sha256."""
-    return {
-        "directory": None if manifest.directory is None else str(manifest.directory.absolute()),
-        "precision": manifest.precision,
-        "optimized": manifest.optimized,
-        "graphs": {name: spec.sha256 for name, spec in manifest.graphs.items() if name in ("coarse", "fine")},
-    }
 
 
 # -- inputs and rows ----------------------------------------------------------------------------
@@ -208,31 +110,6 @@ def decode_image(path: Path, pp: PreprocessConfig, max_pixels: int | None, decod
         return str(exc).removeprefix(f"{path}: ")
     except Exception as exc:  # anything PIL did not anticipate
         return f"{type(exc).__name__}: {exc}"
-
-
-def _rounded(x: float) -> float:
-    return float(f"{x:.6g}")
-
-
-def rows_for_batch(
-    result: PipelineResult, paths: Sequence[Path | str], labels: Sequence[str], topk: int
-) -> list[InferRow]:
-    """Rows for one pipeline batch (vectorised softmax and top-k)."""
-    probs = softmax(result.logits)
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
-    top_p = np.take_along_axis(probs, top, axis=1)
-    patches = (result.informative_idx >= 0).sum(axis=1)
-    return [
-        InferRow(
-            path=str(path),
-            stage="coarse" if result.exited[i] else "fine",
-            confidence=_rounded(float(result.confidence[i])),
-            patches=int(patches[i]),
-            labels=tuple(labels[j] for j in top[i]),
-            probs=tuple(_rounded(float(p)) for p in top_p[i]),
-        )
-        for i, path in enumerate(paths)
-    ]
 
 
 # -- checks before any work ---------------------------------------------------------------------

@@ -54,6 +54,17 @@ class OpenVinoBackend:
         self._inputs = {g: _port_names(m.inputs, manifest.graphs[g].input_names()) for g, m in self.compiled.items()}
         self._local = threading.local()
 
+    @classmethod
+    def for_provider(
+        cls,
+        manifest: Manifest,
+        provider: str = "openvino",
+        config: SessionConfig | None = None,
+        graphs: tuple[str, ...] | None = None,
+    ) -> OpenVinoBackend:
+        """The factory :data:`runtimes.backends.BACKENDS` names (OpenVINO has one provider, "openvino")."""
+        return cls(manifest, config, graphs)
+
     def _request(self, graph: str) -> Any:
         requests = self._local.__dict__.setdefault("requests", {})
         if graph not in requests:

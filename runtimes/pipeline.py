@@ -1,6 +1,7 @@
 """The gated two-stage pipeline (torch-free): coarse graph, the η gate, the fine graph on the rest.
 
-The gate is the paper's: an image exits at the coarse stage iff max softmax(coarse_logits) >= η.
+The gate is the paper's (:mod:`runtimes.gate`): an image exits at the coarse stage iff
+max softmax(coarse_logits) >= η.
 Only the images that did not exit are gathered (in input order) into the fine graph's sub-batch;
 their fine logits are merged back in place. The host work between the graphs is one softmax over
 (B, classes), a comparison and one gather: vectorised numpy, no per-image Python.
@@ -24,11 +25,11 @@ from cfvit_deploy.errors import UsageError
 from cfvit_deploy.manifest import Manifest
 
 from .backends import Backend, SessionConfig, create_backend
+from .gate import NOT_REFINED, exits, fine_indices, gather, max_softmax, merge, softmax
 
+#: the gate's pieces live in runtimes.gate (shared with the serving engines); re-exported here
 __all__ = ["CFViTPipeline", "NOT_REFINED", "PipelineResult", "StageTimings", "check_eta", "max_softmax", "softmax"]
 
-#: Fill value of :attr:`PipelineResult.informative_idx` in the rows of images that exited.
-NOT_REFINED = -1
 _FINE_OUTPUTS = ("fine_logits", "informative_idx")
 
 
@@ -62,20 +63,6 @@ class PipelineResult:
     @property
     def exit_rate(self) -> float:
         return float(self.exited.mean())
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis (max-subtracted), in the input's float dtype."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z
-
-
-def max_softmax(logits: np.ndarray) -> np.ndarray:
-    """max softmax per row, the gate's confidence: exp(0) / sum(exp(l - max)) = 1 / sum(exp(l - max))."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    return 1.0 / np.exp(z, out=z).sum(axis=-1)
 
 
 class CFViTPipeline:
@@ -141,26 +128,22 @@ class CFViTPipeline:
         t1 = perf_counter()
 
         confidence = max_softmax(coarse_logits)
-        exited = confidence >= eta
-        todo = np.flatnonzero(~exited)
-        logits = coarse_logits.copy()
-        informative = np.full((n, self.manifest.model.k), NOT_REFINED, dtype=np.int64)
+        exited = exits(confidence, eta)
+        todo = fine_indices(exited)
+        fine: dict[str, Any] = {}
         fine_s = 0.0
         if todo.size:
-            feeds = {name: coarse[name] for name in self._fine_inputs}
-            if todo.size < n:
-                if bound:
-                    feeds = backend.take(feeds, todo)  # type: ignore[attr-defined]
-                else:
-                    feeds = {name: np.take(value, todo, axis=0) for name, value in feeds.items()}
+            take = backend.take if bound else None  # type: ignore[attr-defined]
+            feeds = gather({name: coarse[name] for name in self._fine_inputs}, todo, n, take)
             t2 = perf_counter()
             if bound:
                 fine = backend.run_bound("fine", feeds, _FINE_OUTPUTS)  # type: ignore[attr-defined]
             else:
                 fine = backend.run("fine", feeds)
             fine_s = perf_counter() - t2
-            logits[todo] = fine["fine_logits"]
-            informative[todo] = fine["informative_idx"]
+        logits, informative = merge(
+            coarse_logits, todo, fine.get("fine_logits"), fine.get("informative_idx"), self.manifest.model.k
+        )
         total = perf_counter() - t0
         timings = StageTimings(coarse_s=t1 - t0, gate_s=total - (t1 - t0) - fine_s, fine_s=fine_s)
         return PipelineResult(logits, exited, coarse_logits, confidence, informative, eta, timings)

@@ -17,13 +17,12 @@ import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from cfvit_deploy.extras import require
 from cfvit_deploy.io import atomic_write_path
 
-if TYPE_CHECKING:
-    from .inference import InferRow, InferSummary
+from .rows import InferRow, InferSummary
 
 SUMMARY_SUFFIX = ".summary.json"
 _PARQUET_ROW_GROUP = 1024

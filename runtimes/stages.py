@@ -2,8 +2,10 @@
 
 :class:`StageRunner` holds the pieces :class:`runtimes.batching.BatchingEngine` batches and the Ray
 Serve deployments call: the coarse graph on a batch, the gate per request, the fine graph on the fine
-inputs of several requests, and the answer for one image, built by :func:`runtimes.infer.rows_for_batch`
-from the same arrays :class:`~runtimes.pipeline.CFViTPipeline` computes, so it equals ``cfvit infer``'s row.
+inputs of several requests, and the answer for one image, built by :func:`runtimes.rows.rows_for_batch`
+from the arrays :mod:`runtimes.gate` computes for :class:`~runtimes.pipeline.CFViTPipeline` too (confidence,
+the float32 ``>= η`` decision, the merge), so it equals ``cfvit infer``'s row. A batch of requests may
+mix η: :meth:`StageRunner.gate` decides them all at once with one η per request.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import numpy as np
 from cfvit_deploy.manifest import Manifest
 
 from .backends import Backend
-from .infer import InferRow, rows_for_batch
-from .pipeline import NOT_REFINED, PipelineResult, StageTimings, max_softmax
+from .gate import exits, max_softmax, merge
+from .pipeline import PipelineResult, StageTimings
+from .rows import InferRow, rows_for_batch
 
 STAGES = ("coarse", "fine")
 
@@ -96,9 +99,14 @@ class StageRunner:
     def answer(self, coarse: CoarseRow, eta: float, topk: int, fine: FineRow | None = None) -> Answer:
         """The answer for one image, computed as ``cfvit infer`` computes its row."""
         exited = fine is None
-        k = self.manifest.model.k
-        informative = np.full((1, k), NOT_REFINED, np.int64) if exited else fine.informative_idx[None]
-        logits = (coarse.logits if exited else fine.logits)[None].astype(np.float32, copy=True)
+        todo = np.arange(0 if exited else 1)
+        logits, informative = merge(
+            coarse.logits[None],
+            todo,
+            None if fine is None else fine.logits[None],
+            None if fine is None else fine.informative_idx[None],
+            self.manifest.model.k,
+        )
         result = PipelineResult(
             logits=logits,
             exited=np.array([exited]),
@@ -112,6 +120,10 @@ class StageRunner:
         refined = () if exited else tuple(int(i) for i in informative[0] if i >= 0)
         return Answer(row=row, refined=refined, eta=eta, logits=logits[0])
 
+    def gate(self, rows: Sequence[CoarseRow], etas: Sequence[float]) -> np.ndarray:
+        """(B,) bool: which of `rows` exit, each at its own request's η (the paper's gate, float32 >= η)."""
+        return exits(np.array([row.confidence for row in rows], np.float32), np.array(etas, np.float32))
+
     def exits(self, coarse: CoarseRow, eta: float) -> bool:
-        """The paper's gate, as the pipeline computes it (float32 confidence >= η)."""
-        return bool((np.array([coarse.confidence], np.float32) >= eta)[0])
+        """The gate for one request (see :meth:`gate`)."""
+        return bool(self.gate([coarse], [eta])[0])

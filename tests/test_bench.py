@@ -365,7 +365,7 @@ def test_bench_builds_the_pipeline_users_get(export_dir, monkeypatch):
 
 def test_latency_plot_shows_p50_like_the_tables(tmp_path, monkeypatch):
     """Issue 23 item 8: the plot drew mean latencies under a bare "latency" axis while the tables give p50."""
-    import cfvit_deploy.app.bench.results as results
+    import cfvit_deploy.app.bench.plots as results
     from cfvit_deploy.app.bench import BenchResult, BenchRow
 
     drawn = []

@@ -31,7 +31,8 @@ MUTMUT = [sys.executable, "-m", "mutmut"]
 
 #: module -> mutmut function-name globs in scope ("x_<function>" or "xǁ<Class>ǁ<method>")
 SCOPE: dict[str, list[str]] = {
-    "runtimes.pipeline": ["x_softmax", "x_max_softmax", "xǁCFViTPipelineǁrun"],
+    "runtimes.gate": ["x_softmax", "x_max_softmax", "x_exits", "x_fine_indices", "x_gather", "x_merge"],
+    "runtimes.pipeline": ["xǁCFViTPipelineǁrun"],
     "cfvit_deploy.checks": ["x_check_eta"],  # the gate's η check (runtimes.pipeline re-exports it)
     "cfvit_deploy.model": ["xǁCFViTǁselect", "xǁCFViTǁcoarse_stage", "x_confidence", "x_fine_indices"],
     # every criterion and check of validation (Criteria.describe is only the report's prose)

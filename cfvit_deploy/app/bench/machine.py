@@ -37,7 +37,7 @@ def measure_matmul(spec: dict[str, Any]) -> dict[str, Any]:
     constant, prepacked like the graphs' weights). Needs onnx to build the graph (the export extra)."""
     import onnxruntime as ort
 
-    from .worker import timed_loop
+    from .timing import timed_loop
 
     onnx = require("onnx", purpose="measuring the GEMM peak")
     helper, numpy_helper, tensor = onnx.helper, onnx.numpy_helper, onnx.TensorProto

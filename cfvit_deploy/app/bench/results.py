@@ -1,17 +1,14 @@
 """From raw measurements to results: rows with statistics and FLOP rates, speedups, notes, and the
-presentation (a rich table, latency and throughput plots)."""
+presentation (a rich table; the latency and throughput plots are in :mod:`.plots`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cfvit_deploy.extras import require
 from cfvit_deploy.flops import baseline_gmacs, stage_gmacs
-from cfvit_deploy.io import atomic_write_path
 from cfvit_deploy.manifest import Manifest
 
 from .schema import BenchResult, BenchRow, Cell
@@ -235,43 +232,3 @@ def render_table(result: BenchResult) -> Any:
         table.caption = "\n".join(f"[{n}] {escape(reason)}" for reason, n in reasons.items())
         table.caption_justify = "left"
     return table
-
-
-def _plot_batch(ax: Any, result: BenchResult, b: int, metric: str, label: str) -> None:
-    series = sorted({(r.runtime, r.provider, r.precision) for r in result.find(batch_size=b)})
-    for j, (runtime, provider, precision) in enumerate(series):
-        color = f"C{j % 10}"
-        key = dict(runtime=runtime, provider=provider, precision=precision, batch_size=b)
-        points = sorted((r.fine_fraction, getattr(r, metric)) for r in result.find(model="cfvit", **key))
-        name = f"{runtime}/{provider} {precision}"
-        if points:
-            ax.plot(*zip(*points, strict=False), marker="o", color=color, label=f"CF-ViT {name}")
-        for r in result.find(model="baseline", **key):
-            ax.axhline(getattr(r, metric), color=color, linestyle="--", label=f"baseline {name}")
-    ax.set(title=f"batch {b}", xlabel="fine fraction (measured)", ylabel=label, xlim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=7)
-
-
-def plot(result: BenchResult, directory: Path) -> list[Path]:
-    """latency.png and throughput.png: per batch size, one line per runtime/precision over the fine
-    fraction, the baseline of the same runtime/precision as a dashed horizontal line."""
-    matplotlib = require("matplotlib", "bench", purpose="the bench plots")
-    matplotlib.use("Agg")
-    plt = require("matplotlib.pyplot", "bench")
-    batch_sizes = sorted({r.batch_size for r in result.rows})
-    paths = []
-    for metric, name, label in (  # p50, as the tables; img/s is batch / mean time, as `img_per_s`
-        ("p50_ms", "latency.png", "p50 latency per batch (ms)"),
-        ("img_per_s", "throughput.png", "images/s (batch / mean latency)"),
-    ):
-        fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.5 * len(batch_sizes), 4.2), squeeze=False)
-        for ax, b in zip(axes[0], batch_sizes, strict=True):
-            _plot_batch(ax, result, b, metric, label)
-        fig.tight_layout()
-        with atomic_write_path(Path(directory) / name) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        paths.append(Path(directory) / name)
-    return paths

@@ -128,7 +128,7 @@ class BenchResult:
 
     def write_files(self, directory: str | Path) -> list[Path]:
         """results.json, results.csv, latency.png and throughput.png in `directory`, each replaced atomically."""
-        from .results import plot
+        from .plots import plot
 
         directory = Path(directory)
         with atomic_write_path(directory / "results.json") as tmp:

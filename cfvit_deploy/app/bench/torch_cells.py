@@ -14,7 +14,7 @@ from cfvit_deploy.extras import require
 from cfvit_deploy.manifest import Manifest
 
 from .schema import Cell
-from .worker import eta_for_fine_fraction, timed_loop
+from .timing import eta_for_fine_fraction, timed_loop
 
 
 def measure_torch(spec: dict[str, Any], cell: Cell, batches: list[np.ndarray]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The per-cell worker: the timing loop, one cell's measurement, and per-cell process isolation.
+"""The per-cell worker: one cell's measurement and per-cell process isolation (timing loop: :mod:`.timing`).
 
 A cell creates its sessions once, runs an untimed warm-up, then times whole calls on preallocated
 inputs: for the pipeline the timer covers the orchestrator call (coarse run, gate, gather, fine run,
@@ -17,15 +17,12 @@ starts), so the worker's working directory does not matter.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from time import perf_counter
 from typing import Any
 
 import numpy as np
@@ -34,47 +31,13 @@ from cfvit_deploy.errors import CFViTError, ManifestError, ProviderError
 from cfvit_deploy.manifest import Manifest
 
 from .schema import Cell, json_default
+from .timing import MIN_ITERATIONS, eta_for_fine_fraction, timed_loop
 
-#: Fewest timed calls in duration mode.
-MIN_ITERATIONS = 5
+#: the timing helpers live in .timing (below the cells that use them); re-exported here
+__all__ = ["MIN_ITERATIONS", "eta_for_fine_fraction", "measure_cell", "peak_rss_mb", "run_isolated", "timed_loop"]
+
 #: The package root, put on the worker's PYTHONPATH (the worker runs this same source tree).
 _ROOT = Path(__file__).resolve().parents[3]
-
-
-def timed_loop(
-    call: Callable[[int], Any], n_batches: int, warmup: int, iterations: int | None, duration: float
-) -> tuple[list[float], list[Any]]:
-    """`warmup` untimed calls, then timed calls (`iterations`, or at least `duration` seconds and
-    MIN_ITERATIONS calls) ending on a whole pass over the `n_batches` input batches."""
-    for i in range(warmup):
-        call(i)
-    times: list[float] = []
-    outputs: list[Any] = []
-    start = perf_counter()
-    i = 0
-    while True:
-        t0 = perf_counter()
-        out = call(i)
-        times.append(perf_counter() - t0)
-        outputs.append(out)
-        i += 1
-        done = i >= iterations if iterations else (i >= MIN_ITERATIONS and perf_counter() - start >= duration)
-        if done and i % n_batches == 0:
-            return times, outputs
-
-
-def eta_for_fine_fraction(confidence: np.ndarray, fraction: float) -> float:
-    """The η that sends round(fraction * n) of the n images (the least confident) to the fine stage.
-
-    η is one of the float32 confidences itself, so ``confidence >= η`` splits exactly at it (barring ties).
-    """
-    c = np.sort(np.asarray(confidence, dtype=np.float32).ravel())
-    m = int(math.floor(fraction * c.size + 0.5))
-    if m <= 0:
-        return 0.0
-    if m >= c.size:
-        return 1.0
-    return float(c[m])
 
 
 def peak_rss_mb() -> float | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +20,7 @@ from time import perf_counter
 from typing import Any
 
 from cfvit_deploy.extras import require
-from cfvit_deploy.manifest import Manifest
+from cfvit_deploy.manifest import Manifest, export_identity
 from cfvit_deploy.preprocessing import PreprocessConfig
 from runtimes.engine import EngineBusy, ServingEngine
 
@@ -45,18 +44,10 @@ RETRY_AFTER_S = 1
 CLIENT_GONE = 499
 
 
-def export_identity(export_dir: str | Path) -> dict[str, str]:
-    """The export's identity: the sha256 of its manifest.json (which holds every graph's sha256)."""
-    path = Path(export_dir) / "manifest.json"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest = Manifest.load(export_dir, verify=False)
-    return {"manifest_sha256": digest, "arch": manifest.model.arch, "precision": manifest.precision}
-
-
 @dataclass
 class AppState:
     engine: ServingEngine  #: runtimes.batching.BatchingEngine or runtimes.ray_serve.RayServeEngine
-    identity: dict[str, str]
+    identity: dict[str, Any]  #: cfvit_deploy.manifest.export_identity, without the folder
     preprocessing: PreprocessConfig
     limits: Limits
     metrics: ServeMetrics
@@ -250,7 +241,8 @@ def create_app(
 
     manifest = Manifest.load(export_dir, verify=False)
     metrics = metrics or ServeMetrics()
-    state = AppState(engine, export_identity(export_dir), manifest.preprocessing, limits or Limits(), metrics)
+    identity = export_identity(manifest, with_directory=False)
+    state = AppState(engine, identity, manifest.preprocessing, limits or Limits(), metrics)
     metrics.watch(engine)
 
     async def classify(request: Any) -> Any:
