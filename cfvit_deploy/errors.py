@@ -53,6 +53,10 @@ class ProviderError(CFViTError):
     """An execution provider or runtime is unavailable or not active."""
 
 
+class OutputError(CFViTError):
+    """An output cannot be written: the disk is full, read-only, over quota, or not writable (exit 1)."""
+
+
 class OutputExistsError(UsageError):
     """An output exists and --force was not given."""
 

@@ -9,6 +9,10 @@ nothing behind. With ``force`` the replacement is atomic too (``rename`` for fil
 
 The writer's pid in the temporary name lets the next run writing the same output remove what a
 killed run (SIGKILL, power loss) left behind; temporaries of live processes are left alone.
+
+A disk that refuses the output (full, read-only, over quota, not writable) is an :class:`OutputError`
+naming the output and the reason, one line for the CLI; the temporary is removed and the previous
+output, if any, is left as it was.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError, UsageError
+from .errors import OutputError, OutputExistsError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,90 @@ def _umask_mode(base: int) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return base & ~mask
+
+
+# -- disk errors -----------------------------------------------------------------------------------
+#: errors that mean "this output cannot be written here", whatever wrote it
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM})
+#: of those, the ones that can only come from writing (EACCES/EPERM can come from reading an input too)
+_WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def disk_error_reason(exc: BaseException) -> str | None:
+    """Why a write failed ("No space left on device", ...) when `exc` is a disk error, else None.
+
+    Also recognises libraries that report a failed write without an errno (pyarrow's OSError carries
+    only the message) or wrap the OSError in their own exception (its ``__cause__`` or ``__context__``).
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        reason = _own_disk_reason(exc)
+        if reason is not None:
+            return reason
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+def _own_disk_reason(exc: BaseException) -> str | None:
+    if isinstance(exc, OSError):
+        if exc.errno in DISK_ERRNOS:
+            return exc.strerror or os.strerror(exc.errno)
+        text = str(exc)
+        return next((os.strerror(e) for e in sorted(DISK_ERRNOS) if os.strerror(e) in text), None)
+    return None
+
+
+def full_or_read_only(folder: Path) -> str | None:
+    """ "No space left on device" or "Read-only file system" when `folder`'s file system is so now.
+
+    For writers whose exception says nothing of the disk: torch.save on a full disk raises
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...``.
+    """
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if st.f_bavail * st.f_frsize < 64 * 1024:  # not even one block of a write left
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+def _is_output_file(file: Path, path: Path, temporary: Path | None) -> bool:
+    """`file` is the output `path`, one of its temporaries, or inside the `temporary` folder."""
+    file = Path(os.path.abspath(file))
+    if file.name.startswith((path.name, f".{path.name}")):
+        return True
+    return temporary is not None and (
+        file == Path(os.path.abspath(temporary)) or Path(os.path.abspath(temporary)) in file.parents
+    )
+
+
+@contextlib.contextmanager
+def output_errors(path: Path, temporary: Path | None = None, only_output: bool = False) -> Iterator[None]:
+    """Turn a disk error while writing `path` (or its `temporary`) into one :class:`OutputError` line.
+
+    Unless the block touches nothing but the output (`only_output`: creating the temporary),
+    EACCES/EPERM count only when they name no file or the output's own files: a permission error on
+    some other file (an input) is not this output's problem.
+    """
+    try:
+        yield
+    except OSError as exc:
+        reason = disk_error_reason(exc)
+        named = only_output or exc.filename is None or _is_output_file(Path(os.fsdecode(exc.filename)), path, temporary)
+        if reason is None or (exc.errno not in _WRITE_ONLY_ERRNOS and exc.errno in DISK_ERRNOS and not named):
+            raise
+        raise OutputError(f"cannot write {path}: {reason}") from exc
+    except OutputError:
+        raise
+    except Exception as exc:  # a library's own exception around the OSError (torch.onnx), or none (torch.save)
+        reason = disk_error_reason(exc) or full_or_read_only(path.parent)
+        if reason is None:
+            raise
+        raise OutputError(f"cannot write {path}: {reason}") from exc
 
 
 # -- renameat2 ---------------------------------------------------------------------------------------
@@ -217,15 +305,17 @@ def atomic_write_path(path: Path, force: bool = True) -> Iterator[Path]:
     if not force and os.path.lexists(path):
         raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
     clean_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    with output_errors(path, only_output=True):
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, _umask_mode(0o666))
-        if force:
-            os.replace(tmp, path)
-        else:
-            _rename_noreplace_file(Path(tmp), path)
+        with output_errors(path, Path(tmp)):
+            yield Path(tmp)
+            os.chmod(tmp, _umask_mode(0o666))
+            if force:
+                os.replace(tmp, path)
+            else:
+                _rename_noreplace_file(Path(tmp), path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -243,19 +333,21 @@ def atomic_directory(path: Path, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     check_output(path, force)
     clean_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    with output_errors(path, only_output=True):
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        os.chmod(tmp, _umask_mode(0o777))
-        if force and os.path.lexists(path):
-            _replace_dir(tmp, path)
-        elif force:
-            try:
-                _rename_noreplace_dir(tmp, path)
-            except OutputExistsError:  # appeared meanwhile: --force replaces it
+        with output_errors(path, tmp):
+            yield tmp
+            os.chmod(tmp, _umask_mode(0o777))
+            if force and os.path.lexists(path):
                 _replace_dir(tmp, path)
-        else:
-            _rename_noreplace_dir(tmp, path)
+            elif force:
+                try:
+                    _rename_noreplace_dir(tmp, path)
+                except OutputExistsError:  # appeared meanwhile: --force replaces it
+                    _replace_dir(tmp, path)
+            else:
+                _rename_noreplace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

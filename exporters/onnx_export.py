@@ -22,7 +22,7 @@ from cfvit_deploy.config import ModelConfig
 from cfvit_deploy.data.reader import list_images
 from cfvit_deploy.errors import ExportError, UsageError
 from cfvit_deploy.flops import baseline_gmacs, stage_gmacs
-from cfvit_deploy.io import atomic_directory
+from cfvit_deploy.io import atomic_directory, disk_error_reason
 from cfvit_deploy.manifest import GRAPH_IO_DOC, PRECISIONS, GraphSpec, Manifest, TensorSpec, sha256_file
 from cfvit_deploy.model import CFViT
 from cfvit_deploy.preprocessing import PreprocessConfig
@@ -102,6 +102,8 @@ def _export_graph(
                 custom_opsets=CONTRIB_OPSET if fused else None,
             )
     except Exception as exc:  # torch.onnx raises many types; keep the first line
+        if disk_error_reason(exc) is not None:
+            raise  # a full or read-only disk: the atomic export folder names it in one line
         raise ExportError(f"torch.onnx.export failed for {path.name}: {str(exc).splitlines()[0][:300]}") from exc
 
 
@@ -116,6 +118,8 @@ def _simplify(path: Path) -> str:
         onnx.save(simplified, str(path))
         return "simplified with onnxsim"
     except Exception as exc:  # onnxsim fails in many ways on exotic graphs
+        if disk_error_reason(exc) is not None:
+            raise  # the graph may be half written: never keep it
         return f"onnxsim failed ({type(exc).__name__}: {str(exc)[:120]}); kept the unsimplified graph"
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cfvit_deploy.checks import check_choice, check_positive_int
-from cfvit_deploy.errors import OutputExistsError, UsageError
+from cfvit_deploy.errors import OutputError, OutputExistsError, UsageError
 from cfvit_deploy.io import atomic_write_path
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import DECODE_MODES, DEFAULT_MAX_PIXELS, PreprocessConfig
@@ -47,6 +47,7 @@ from .inference import (
     InferJob,
     InferRow,
     InferSummary,
+    OverlaysFailed,
     check_arguments,
     check_output_path,
     collect_inputs,
@@ -287,6 +288,7 @@ class LocalEngine:
     ) -> None:
         self.pipeline, self.job, self.workers = pipeline, job, workers
         self.overlay_dir, self.names = overlay_dir, names or {}
+        self.overlay_error: OutputError | None = None  #: the first overlay the disk refused
         self.manifest = pipeline.manifest
         self.labels = self.manifest.labels()
         s = pipeline.image_size
@@ -319,6 +321,8 @@ class LocalEngine:
             yield from self._classify(batch)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        if self.overlay_error is not None:  # every row is out: now the run fails, naming the overlay
+            raise OverlaysFailed(f"{self.overlay_error} (every row was written; no overlay after that one)")
 
     def _classify(self, batch: list[tuple[Path, np.ndarray | str]]) -> list[InferRow]:
         """The rows of `batch`, in order: its decoded images classified, its unreadable files as error rows."""
@@ -331,15 +335,22 @@ class LocalEngine:
             result = self.pipeline.run(images, self.job.eta)
             done = rows_for_batch(result, [batch[i][0] for i, _ in good], self.labels, self.job.topk)
             for j, ((i, _), row) in enumerate(zip(good, done, strict=True)):
-                if self.overlay_dir is not None and not result.exited[j]:
+                if self.overlay_dir is not None and not result.exited[j] and self.overlay_error is None:
                     target = self._write_overlay(batch[i][0], images[j], result.informative_idx[j])
-                    row = dataclasses.replace(row, overlay=str(target))
+                    row = dataclasses.replace(row, overlay=str(target) if target else "")
                 rows[i] = row
         return rows  # type: ignore[return-value]
 
-    def _write_overlay(self, path: Path, image: np.ndarray, informative_idx: np.ndarray) -> Path:
+    def _write_overlay(self, path: Path, image: np.ndarray, informative_idx: np.ndarray) -> Path | None:
+        """The overlay PNG written, or None when the disk refused it (then no more are tried: the rows
+        go on, and the run ends with the error once every row is written)."""
         target = self.overlay_dir / self.names[path]  # type: ignore[operator]
         img = render_overlay(image, informative_idx, self.manifest.model.coarse_grid, self.manifest.preprocessing)
-        with atomic_write_path(target) as tmp:
-            img.save(tmp, format="PNG")
+        try:
+            with atomic_write_path(target) as tmp:
+                img.save(tmp, format="PNG")
+        except OutputError as exc:
+            self.overlay_error = exc
+            log.warning("%s; the rows go on without overlays", exc)
+            return None
         return target

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from cfvit_deploy.checks import check_batch_size, check_eta, check_positive_int
-from cfvit_deploy.errors import ImageError, UsageError
+from cfvit_deploy.errors import ImageError, OutputError, UsageError
 from cfvit_deploy.extras import require
 from cfvit_deploy.io import check_output
 from cfvit_deploy.manifest import Manifest, export_identity
@@ -76,6 +76,11 @@ class InferInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted, {summary.rows} of {summary.inputs} inputs written")
         self.summary = summary
         self.signal_name = summary.signal or "SIGINT"  #: read by cfvit_deploy.signals.exit_code_for
+
+
+class OverlaysFailed(OutputError):
+    """An overlay PNG could not be written (disk full, read-only, ...): raised by an engine after its
+    last row, so that the rows output is still completed before the run fails."""
 
 
 # -- inputs and rows ----------------------------------------------------------------------------
@@ -223,6 +228,7 @@ def run_rows(
     """
     start = perf_counter()
     interrupt: KeyboardInterrupt | None = None
+    overlays_failed: OverlaysFailed | None = None
     with contextlib.ExitStack() as stack:
         sink = None if output is None else stack.enter_context(open_sink(output, topk, force))
         report(progress, "infer", 0, summary.inputs)
@@ -238,6 +244,8 @@ def run_rows(
             interrupt = exc
             summary.interrupted = True
             summary.signal = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        except OverlaysFailed as exc:  # every row is in the sink: keep the output, then fail
+            overlays_failed = exc
         finally:
             close = getattr(rows, "close", None)
             if close is not None:
@@ -248,4 +256,6 @@ def run_rows(
     if interrupt is not None:
         log.debug("interrupted after %d of %d inputs", summary.rows, summary.inputs)
         raise InferInterrupted(summary) from interrupt
+    if overlays_failed is not None:
+        raise overlays_failed
     return summary

@@ -140,14 +140,14 @@ class OrtBackend:
             with _quiet_ort_log(ort, wanted != "CPUExecutionProvider"):
                 session = ort.InferenceSession(str(path), so, providers=providers, enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            if cfg.allow_fallback:
+            on_cpu = wanted == "CPUExecutionProvider"
+            if cfg.allow_fallback and not on_cpu:
                 session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             else:
                 first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-                raise ProviderError(
-                    f"cannot create a {self.provider} session for {path.name}: {first}; "
-                    "pass --allow-fallback to run on the CPU instead"
-                ) from None
+                # the hint only where a fallback exists: the CPU provider has nothing to fall back to
+                hint = "" if on_cpu else "; pass --allow-fallback to run on the CPU instead"
+                raise ProviderError(f"cannot create a {self.provider} session for {path.name}: {first}{hint}") from None
         active = session.get_providers()
         if active[0] != wanted and not cfg.allow_fallback:
             raise ProviderError(

@@ -124,11 +124,15 @@ def test_engine_batches_both_stages_and_matches_infer(export_dir, images, mixed_
 class _Gated(StageRunner):
     """A runner whose coarse calls wait for `go` (to hold requests in the queue)."""
 
+    #: set when a coarse call (not the warm-up) starts: a request is in the graph, not just admitted
+    entered = threading.Event()
+
     def __init__(self, runner: StageRunner, go: threading.Event) -> None:
         super().__init__(runner.backend)
         self.go = go
 
     def run_coarse(self, images):
+        _Gated.entered.set()
         assert self.go.wait(TIMEOUT)
         return super().run_coarse(images)
 
@@ -363,12 +367,11 @@ def test_client_that_disconnects_costs_nothing(export_dir):
         state = app.state.serve
         sizes: list[int] = []
         state.engine.observer.on_batch = lambda stage, n, s: stage == "coarse" and sizes.append(n)
+        _Gated.entered.clear()
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(lambda: c.post("/v1/classify", content=_png(), headers={"content-type": "image/png"}))
-            import time
-
-            while state.engine.pending < 1:
-                time.sleep(0.01)
+            # in the coarse graph (engine.pending counts it from before its body is read: too early)
+            assert _Gated.entered.wait(TIMEOUT)
             sent = c.portal.call(_disconnecting_request, app, _png())
             go.set()
             assert held.result(TIMEOUT).status_code == 200

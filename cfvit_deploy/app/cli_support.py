@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from rich.console import Console
 
 from ..errors import CFViTError
 from ..extras import require
+from ..io import disk_error_reason
 from ..progress import ProgressHook
 from ..signals import EXIT_SIGTERM, exit_code_for, sigterm_as_interrupt
 
@@ -220,6 +222,14 @@ def run_app(app: typer.Typer, argv: Optional[list[str]], debug: dict[str, bool])
             return code
 
 
+def disk_error_line(exc: OSError) -> str | None:
+    """``cannot write PATH: REASON`` for a full, read-only, over-quota or unwritable disk, else None (a bug)."""
+    reason = disk_error_reason(exc)
+    if reason is None:
+        return None
+    return f"cannot write {os.fsdecode(exc.filename) if exc.filename else 'an output'}: {reason}"
+
+
 def _run(app: typer.Typer, argv: Optional[list[str]], debug: dict[str, bool]) -> int:
     try:
         result = app(args=argv, prog_name="cfvit", standalone_mode=False)
@@ -238,6 +248,14 @@ def _run(app: typer.Typer, argv: Optional[list[str]], debug: dict[str, bool]) ->
         return code
     except typer.Exit as exc:
         return exc.exit_code
+    except OSError as exc:  # a disk error outside the atomic writers (which raise OutputError themselves)
+        line = disk_error_line(exc)
+        if line is None:
+            raise
+        if debug["debug"] or "--debug" in (argv if argv is not None else sys.argv):
+            traceback.print_exc()
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     except typer.Abort:
         print("error: interrupted", file=sys.stderr)
         return 130

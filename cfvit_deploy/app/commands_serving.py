@@ -357,12 +357,23 @@ def serve_cmd(
     ),
     coarse_replicas: int = typer.Option(1, "--coarse-replicas", help="Ray: replicas of the coarse deployment."),
     fine_replicas: int = typer.Option(1, "--fine-replicas", help="Ray: replicas of the fine deployment."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds for a request's body; beyond: 408."),
+    header_timeout: float = typer.Option(
+        10.0, "--header-timeout", help="Seconds for a request's headers (from connect or the last answer); beyond: 408."
+    ),
+    drain_timeout: float = typer.Option(
+        30.0, "--drain-timeout", help="Longest SIGTERM waits for requests in flight before closing them."
+    ),
+    max_connections: int = typer.Option(
+        512, "--max-connections", help="Open connections beyond which a new one gets 503 and is closed."
+    ),
     model_name: str = typer.Option("cfvit", "--model-name", help="The model's name on the /v2 routes (KServe v2)."),
 ) -> int:
     """Serve the export over HTTP with two-stage dynamic batching: POST /v1/classify, the KServe v2 routes
     (/v2/models/NAME/infer ...), /healthz, /readyz, /metrics.
 
-    SIGTERM stops accepting, answers every queued request and exits 0. See docs/serve.md.
+    SIGTERM stops accepting, answers the requests in flight (at most --drain-timeout) and exits 0; a second
+    SIGTERM or Ctrl-C exits at once. See docs/serve.md.
     """
     needs("serve", "serve", "starlette", "uvicorn", "prometheus_client", "multipart")
     if engine == "ray":
@@ -386,6 +397,10 @@ def serve_cmd(
         shared_threads=shared_threads,
         engine=engine,
         replicas={"coarse": coarse_replicas, "fine": fine_replicas},
+        body_timeout=body_timeout,
+        header_timeout=header_timeout,
+        drain_timeout=drain_timeout,
+        max_connections=max_connections,
         model_name=model_name,
     )
     return serve(export_dir, options)

@@ -25,6 +25,7 @@ from cfvit_deploy.preprocessing import PreprocessConfig
 from runtimes.engine import EngineBusy, ServingEngine
 
 from .decoding import PixelBudget, decode_request
+from .limits import CLOSE_AFTER, Slot, admitted, internal_error, read_body_within
 from .metrics import ServeMetrics
 from .requests import (
     MULTIPART,
@@ -32,9 +33,9 @@ from .requests import (
     Limits,
     check_content_type,
     check_declared_length,
+    check_multipart_complete,
     file_from_form,
     parse_params,
-    read_body,
 )
 from .v2_routes import V2Routes
 
@@ -63,10 +64,13 @@ class AppState:
         self.decode_budget = PixelBudget(self.limits.decode_pixels)
 
 
-def _error(exc: BadRequest, headers: dict[str, str] | None = None) -> Any:
+def _error(exc: BadRequest, headers: dict[str, str] | None = None, request_id: str | None = None) -> Any:
     from starlette.responses import JSONResponse
 
-    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
+    body = exc.to_json()
+    if request_id is not None:
+        body["error"]["request_id"] = request_id
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 def _busy(reason: str) -> BadRequest:
@@ -81,9 +85,10 @@ def _busy(reason: str) -> BadRequest:
 async def _image_from_request(request: Any, state: AppState) -> bytes:
     kind = check_content_type(request.headers.get("content-type"))
     check_declared_length(request.headers.get("content-length"), state.limits.max_bytes)
-    body = await read_body(request.stream(), state.limits.max_bytes)
+    body = await read_body_within(request.stream(), state.limits.max_bytes, state.limits.body_timeout)
     if kind != MULTIPART:
         return body
+    check_multipart_complete(request.headers.get("content-type"), body)
     from starlette.requests import Request
 
     async def replay() -> dict[str, Any]:
@@ -106,7 +111,7 @@ async def _client_gone(request: Any) -> None:
             return
 
 
-async def _answer(request: Any, state: AppState) -> Any:
+async def _answer(request: Any, state: AppState, slot: Slot) -> Any:
     from starlette.responses import JSONResponse, Response
 
     engine = state.engine
@@ -119,7 +124,7 @@ async def _answer(request: Any, state: AppState) -> Any:
         image = await decode_request(
             data, state.preprocessing, limits.max_pixels, state.decode_budget, state.decoder, limits.decode
         )
-    work = asyncio.ensure_future(engine.submit(image, eta, topk))
+    work = asyncio.ensure_future(slot.submit(engine, image, eta, topk))
     gone = asyncio.ensure_future(_client_gone(request))
     await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     if not work.done():  # the client went away: drop its request, answer nobody
@@ -152,18 +157,22 @@ async def _classify(request: Any, state: AppState) -> Any:
 
     start = perf_counter()
     try:
-        response = await _answer(request, state)
+        # one unit of the engine's counter from before the body is read: a refused request buffers nothing
+        async with admitted(state.engine.admission) as slot:
+            response = await _answer(request, state, slot)
     except ClientDisconnect:  # gone while its body was read: nothing to answer
         response = Response(status_code=CLIENT_GONE)
     except BadRequest as exc:
         response = _error(exc)
     except EngineBusy as exc:
         response = _error(_busy(exc.reason), {"Retry-After": str(RETRY_AFTER_S)})
-    except Exception as exc:  # a failing graph: the server goes on
-        log.exception("classify failed")
-        response = _error(BadRequest(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+    except Exception as exc:  # a failing graph: the server goes on, the client learns nothing internal
+        error, request_id = internal_error(exc)
+        response = _error(error, {"X-Request-ID": request_id}, request_id)
     if response.status_code == 503 and "retry-after" not in response.headers:
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    if response.status_code in CLOSE_AFTER:
+        response.headers["Connection"] = "close"
     seconds = perf_counter() - start
     # the server's own time for this request (W3C Server-Timing), so a client can tell it from the network's
     response.headers["Server-Timing"] = f"app;dur={seconds * 1000:.3f}"

@@ -8,7 +8,7 @@ decodes files, from the request's bytes instead of a path.
 
 from __future__ import annotations
 
-import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,30 +36,47 @@ class Limits:
     max_pixels: int | None = 40_000_000  #: largest decoded image (width x height) accepted
     decode_pixels: int | None = 64_000_000  #: most pixels being decoded at once (beyond: 503)
     decode: str = "exact"  #: the decode mode (preprocessing.DECODE_MODES)
+    body_timeout: float | None = 30.0  #: seconds from the headers to the last body byte (None: no deadline)
+
+
+#: the accepted spellings: ASCII digits only (str.isdigit and float() also take full-width and other
+#: Unicode digits, and int() takes "1_0"), so a parameter means the same to every proxy and log reader
+_ETA_TEXT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_TOPK_TEXT = re.compile(r"[0-9]+")
+
+
+def _single(query: Any, name: str) -> str | None:
+    """The one value of query parameter `name` (None when absent); a repeated parameter is a 400."""
+    values = query.getlist(name) if hasattr(query, "getlist") else ([query[name]] if name in query else [])
+    if len(values) > 1:
+        raise BadRequest(400, "bad_parameter", f"query parameter {name!r} is given {len(values)} times; give it once")
+    return values[0] if values else None
 
 
 def parse_params(query: Any) -> tuple[float | None, int]:
-    """η (None: the server's default) and top-k from the query string (a mapping of str -> str)."""
+    """η (None: the server's default) and top-k from the query string (a multidict or mapping of str -> str)."""
     unknown = sorted(set(query) - set(QUERY_PARAMS))
     if unknown:
         raise BadRequest(
             400, "unknown_parameter", f"unknown query parameter {unknown[0]!r}; accepted: {', '.join(QUERY_PARAMS)}"
         )
+    eta_text, topk_text = _single(query, "eta"), _single(query, "topk")
     eta = None
-    if "eta" in query:
+    if eta_text is not None:
         try:
-            value = float(query["eta"])
-            if math.isnan(value):
+            if not _ETA_TEXT.fullmatch(eta_text):
                 raise ValueError
-            eta = check_eta(value, "eta")
+            eta = check_eta(float(eta_text), "eta")
         except (ValueError, UsageError):
-            raise BadRequest(400, "bad_eta", f"eta must be a number in [0, 1], got {query['eta']!r}") from None
+            raise BadRequest(400, "bad_eta", f"eta must be a number in [0, 1], got {eta_text[:50]!r}") from None
     topk = 5
-    if "topk" in query:
+    if topk_text is not None:
         try:
-            topk = check_positive_int(int(query["topk"]), "topk")
+            if not _TOPK_TEXT.fullmatch(topk_text):
+                raise ValueError
+            topk = check_positive_int(int(topk_text), "topk")
         except (ValueError, UsageError):
-            raise BadRequest(400, "bad_topk", f"topk must be a positive integer, got {query['topk']!r}") from None
+            raise BadRequest(400, "bad_topk", f"topk must be a positive integer, got {topk_text[:50]!r}") from None
     return eta, topk
 
 
@@ -101,6 +118,19 @@ async def read_body(chunks: Any, max_bytes: int) -> bytes:
             )
         parts.append(chunk)
     return b"".join(parts)
+
+
+def check_multipart_complete(content_type: str | None, body: bytes) -> None:
+    """A multipart body must end with its closing boundary: python-multipart parses a cut-off body
+    without complaint (the form then looks empty: 'missing_file'), so it is checked here."""
+    from python_multipart.multipart import parse_options_header
+
+    _, options = parse_options_header(content_type or "")
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise BadRequest(400, "bad_form", "the multipart/form-data content type has no boundary parameter")
+    if b"--" + boundary + b"--" not in body:
+        raise BadRequest(400, "bad_form", "the multipart body is unterminated (no closing boundary)")
 
 
 async def file_from_form(form: Any) -> bytes:

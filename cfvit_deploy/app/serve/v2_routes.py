@@ -27,7 +27,8 @@ from cfvit_deploy import __version__
 from cfvit_deploy.manifest import Manifest
 
 from .decoding import decode_request
-from .requests import BadRequest, check_declared_length, read_body
+from .limits import CLOSE_AFTER, internal_error, read_body_within
+from .requests import BadRequest, check_declared_length
 from .v2_codec import BYTES, HEADER_LENGTH, InferRequest, Output, V2Error, encode_response, parse_infer_request
 
 if TYPE_CHECKING:
@@ -282,9 +283,12 @@ class V2Routes:
             response = _error(_busy(exc.reason))
         except ClientDisconnect:
             response = Response(status_code=CLIENT_GONE)
-        except Exception as exc:  # a failing graph: the server goes on
-            log.exception("v2 infer failed")
-            response = _error(V2Error(500, f"internal error ({type(exc).__name__})"))
+        except Exception as exc:  # a failing graph: the server goes on, the client learns nothing internal
+            error, request_id = internal_error(exc)
+            response = _error(V2Error(500, error.message))
+            response.headers["X-Request-ID"] = request_id
+        if response.status_code in CLOSE_AFTER:  # the body may be partly unread: do not read the rest
+            response.headers["Connection"] = "close"
         seconds = perf_counter() - start
         response.headers["Server-Timing"] = f"app;dur={seconds * 1000:.3f}"
         self.state.metrics.on_request(response.status_code, seconds, "v2")
@@ -299,9 +303,15 @@ class V2Routes:
             raise not_ready
         loop = asyncio.get_running_loop()
         async with contextlib.AsyncExitStack() as admitted:
+            # one unit of the engine's counter before the body is read (a refused request buffers nothing);
+            # it becomes the first image's unit once the request's images are counted
+            if not engine.admission.try_acquire(1):
+                raise _busy("full")
+            body_unit = [1]
+            admitted.callback(lambda: body_unit[0] and engine.admission.release(body_unit[0]))
             with engine.expect():  # a coarse batch waits for these images while they are read and decoded
                 check_declared_length(request.headers.get("content-length"), state.limits.max_bytes)
-                body = await read_body(request.stream(), state.limits.max_bytes)
+                body = await read_body_within(request.stream(), state.limits.max_bytes, state.limits.body_timeout)
                 if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
                     raise V2Error(400, "compressed request bodies are not accepted (send Content-Encoding: identity)")
                 args = (body, request.headers.get(HEADER_LENGTH), self.image_size)
@@ -310,7 +320,7 @@ class V2Routes:
                 else:  # JSON of many numbers, many BYTES elements: off the event loop
                     parsed, plan = await loop.run_in_executor(state.decoder, parse_and_plan, *args)
                 del body, args
-                handed = await admitted.enter_async_context(self._admitted(len(plan.images)))
+                handed = await admitted.enter_async_context(self._admitted(len(plan.images), body_unit))
                 images = await self._decode(plan) if plan.encoded else list(plan.images)
             answers = await self._run(request, images, plan.eta, handed)
         if answers is None:
@@ -318,16 +328,19 @@ class V2Routes:
         return self._response(parsed, plan, answers)
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, n: int) -> AsyncIterator[list[int]]:
-        """Take `n` images of the engine's queue (``--max-queue``) at once, or refuse the whole request.
+    async def _admitted(self, n: int, body_unit: list[int]) -> AsyncIterator[list[int]]:
+        """Take `n` images of the engine's queue (``--max-queue``) at once, or refuse the whole request;
+        the unit taken for the body (`body_unit`) is the first of them.
 
         The units pass to the engine image by image (``submit(..., admitted=True)``), which gives each
         back when its image is answered; the units of images never submitted are given back here."""
         admission = self.state.engine.admission
         if n > admission.capacity:
             raise V2Error(413, f"{n} images in one request, over --max-queue ({admission.capacity}); split the request")
-        if not admission.try_acquire(n):
+        if n > 1 and not admission.try_acquire(n - 1):
             raise _busy("full")
+        if n >= 1:
+            body_unit[0] = 0  # from here on this block gives it back (or the engine does)
         handed = [0]  # units passed to the engine by _run
         try:
             yield handed
