@@ -85,7 +85,7 @@ check_extra train train "$WORK/data" --out "$WORK/x2.pth"
 check_extra bench bench "$WORK/export" --out "$WORK/x3"
 check_extra bench bench "$WORK/export" --precisions int8
 check_extra bench sweep "$WORK/export" "$WORK/data/val" --out "$WORK/x4"
-check_extra export demo --out "$WORK/x5"
+check_extra export,train,bench demo --out "$WORK/x5"
 check_extra parquet infer "$WORK/export" "$WORK/data" -r -o "$WORK/x6.parquet"
 check_extra ray infer "$WORK/export" "$WORK/data" -r --engine ray
 check_extra openvino infer "$WORK/export" "$WORK/data" -r --provider openvino

@@ -97,7 +97,7 @@ def demo_model(work: Path, quick: bool = False) -> tuple[Path, Path]:
         # missing, or trained with another recipe: (re)train, and drop the exports made from the old model
         for stale in work.glob("demo-*export*"):
             shutil.rmtree(stale)
-        train(data, ckpt, recipe, progress=False, force=True)
+        train(data, ckpt, recipe, force=True)
     return ckpt, data
 
 

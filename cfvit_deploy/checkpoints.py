@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .checks import check_choice, check_positive_int
 from .config import ModelConfig
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UnreadableCheckpointError, UsageError
 from .io import atomic_write_path
 from .model import CFViT
 
@@ -49,9 +49,9 @@ SAFE_GLOBALS = [argparse.Namespace]
 
 def _read(path: Path) -> Any:
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise UnreadableCheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise CheckpointError(f"checkpoint path is a directory, not a file: {path}")
+        raise UnreadableCheckpointError(f"checkpoint path is a directory, not a file: {path}")
     try:
         with warnings.catch_warnings():  # raw pickles make torch warn before it refuses them
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -60,7 +60,7 @@ def _read(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         culprit = _pickled_global(str(exc), path)
         if culprit:
-            raise CheckpointError(
+            raise UnreadableCheckpointError(
                 f"refusing to load {path}: it contains Python objects that would run code when unpickled "
                 f"({culprit}); only plain tensors and containers are accepted"
             ) from None
@@ -69,13 +69,13 @@ def _read(path: Path) -> Any:
         raise _unreadable(path) from None
 
 
-def _unreadable(path: Path) -> CheckpointError:
+def _unreadable(path: Path) -> UnreadableCheckpointError:
     """The error for a file torch cannot load: text and random bytes are not checkpoints at all; an
     empty file, a damaged zip or pickle may be a checkpoint cut short."""
     looks = describe_file(path)
     if looks.startswith(("a text file", "binary data")):
-        return CheckpointError(f"not a PyTorch checkpoint: {path} is {looks}")
-    return CheckpointError(f"not a readable PyTorch checkpoint (corrupt or truncated?): {path} is {looks}")
+        return UnreadableCheckpointError(f"not a PyTorch checkpoint: {path} is {looks}")
+    return UnreadableCheckpointError(f"not a readable PyTorch checkpoint (corrupt or truncated?): {path} is {looks}")
 
 
 def describe_file(path: Path) -> str:

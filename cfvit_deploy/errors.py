@@ -19,6 +19,10 @@ class CheckpointError(CFViTError):
     """A checkpoint is missing, unreadable, not a CF-ViT, or does not match the model."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """The file is missing or is no PyTorch checkpoint at all (text, random bytes, truncated, unsafe)."""
+
+
 class ManifestError(CFViTError):
     """An export folder is incomplete, tampered with, or of an unknown format version."""
 

@@ -25,8 +25,6 @@ import numpy as np
 from . import _torch_guard  # noqa: F401  # isort: skip  (no torch: one error line naming the extra)
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -40,6 +38,7 @@ from .flops import stage_gmacs
 from .io import atomic_write_path, check_output
 from .model import CFViT
 from .preprocessing import PreprocessConfig
+from .progress import ProgressHook, report
 from .training_recipe import (  # noqa: F401  (re-exported: cfvit_deploy.training is the public module)
     DEMO_DATA,
     DEMO_RECIPE,
@@ -173,19 +172,6 @@ def _save(path: Path, model: CFViT, meta: dict[str, Any], state: dict[str, Any])
         torch.save(payload, tmp)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[stats]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=True,
-    )
-
-
 def check_train_args(
     out: Path, init: str | Path | None, resume: str | Path | None, threads: int | None, force: bool
 ) -> None:
@@ -208,7 +194,7 @@ def train(
     resume: str | Path | None = None,
     val_fraction: float | None = None,
     force: bool = False,
-    progress: bool = True,
+    progress: ProgressHook | None = None,
     threads: int | None = None,
 ) -> TrainResult:
     """Train a CF-ViT on `data_dir` (``train/`` + ``val/``, or class folders split by `val_fraction`).
@@ -217,7 +203,10 @@ def train(
     with ``resume=out`` (its stored recipe, unless `recipe` is given; only `epochs` and the
     optimisation settings may change). `init` starts from another checkpoint's weights.
     `threads` sets torch's intra-op threads (default: the idle cores, see :func:`default_threads`).
+    `progress` is called after every batch (task ``epoch E/N phase``); the header and one line per
+    epoch go to this module's logger (INFO). Nothing is drawn or printed here.
     """
+    hook = progress if callable(progress) else None  # progress=False/True of older callers: no hook
     out = Path(out)
     check_train_args(out, init, resume, threads, force)
     model, meta, state, recipe, splits = _start(data_dir, recipe, init, resume, val_fraction)
@@ -239,22 +228,26 @@ def train(
             recipe.dense_epochs,
             recipe.epochs,
         )
-    # the bars obey `progress`; the header and the per-epoch summary lines are always printed (stderr)
-    with _threads(threads) as n_threads, _progress(progress) as bar:
-        bar.console.print(
-            f"training on {len(train_set)} images ({len(splits.classes)} classes), "
-            f"validating on {len(val_set)}; {n_threads} torch thread(s); "
-            f"{recipe.dense_epochs} warm-up + {recipe.selection_epochs} selection epoch(s)",
-            soft_wrap=True,
+    with _threads(threads) as n_threads:
+        log.info(
+            "training on %d images (%d classes), validating on %d; %d torch thread(s); "
+            "%d warm-up + %d selection epoch(s)",
+            len(train_set),
+            len(splits.classes),
+            len(val_set),
+            n_threads,
+            recipe.dense_epochs,
+            recipe.selection_epochs,
         )
         for epoch in range(int(state["epoch"]), recipe.epochs):
             selection = epoch >= recipe.dense_epochs
-            stats = _train_epoch(model, train_set, optimizer, recipe, epoch, step, steps_per_epoch, selection, bar)
+            stats = _train_epoch(model, train_set, optimizer, recipe, epoch, step, steps_per_epoch, selection, hook)
+            stats["threads"] = n_threads
             step += steps_per_epoch
             val = evaluate(model, val_set, 2 * recipe.batch_size)
             stats.update(val_coarse_acc=val.coarse_acc, val_fine_acc=val.fine_acc)
             history.append(stats)
-            bar.console.print(_epoch_line(stats, recipe.epochs), soft_wrap=True)
+            log.info("%s", _epoch_line(stats, recipe.epochs))
             meta = _metadata(recipe, splits.classes, pp, cfg, val, history, data_dir, len(train_set))
             _save(out, model, meta, {"epoch": epoch + 1, "step": step, "optimizer": optimizer.state_dict()})
     assert val is not None
@@ -295,13 +288,14 @@ def _train_epoch(
     step: int,
     steps_per_epoch: int,
     selection: bool,
-    bar: Progress,
+    progress: ProgressHook | None,
 ) -> dict[str, Any]:
     dataset.set_epoch(epoch)
     order = np.random.default_rng([recipe.seed, epoch]).permutation(len(dataset)).tolist()
     loader = DataLoader(dataset, batch_size=recipe.batch_size, sampler=order)
     phase = "selection" if selection else "warm-up"
-    task = bar.add_task(f"epoch {epoch + 1}/{recipe.epochs} {phase}", total=steps_per_epoch, stats="")
+    task = f"epoch {epoch + 1}/{recipe.epochs} {phase}"
+    report(progress, task, 0, steps_per_epoch)
     sums = dict(loss=0.0, ce=0.0, kl=0.0, coarse=0.0, fine=0.0)
     seen, start = 0, time.perf_counter()
     for i, (images, targets) in enumerate(loader):
@@ -318,16 +312,7 @@ def _train_epoch(
             sums[key] += float(value.detach()) * n
         sums["coarse"] += float((coarse.argmax(1) == targets).sum())
         sums["fine"] += float((fine.argmax(1) == targets).sum())
-        rate = seen / (time.perf_counter() - start)
-        bar.update(
-            task,
-            advance=1,
-            stats=(
-                f"loss {sums['loss'] / seen:.3f}  acc coarse {sums['coarse'] / seen:.1%} fine {sums['fine'] / seen:.1%}"
-                f"  {rate:.0f} img/s"
-            ),
-        )
-    bar.remove_task(task)
+        report(progress, task, i + 1, steps_per_epoch)
     seconds = time.perf_counter() - start
     return {
         "epoch": epoch + 1,
@@ -386,7 +371,7 @@ def resume_recipe(path: str | Path, **changes: Any) -> TrainRecipe:
 def train_demo(
     workdir: str | Path,
     force: bool = False,
-    progress: bool = True,
+    progress: ProgressHook | None = None,
     spec: SyntheticSpec = DEMO_DATA,
     recipe: TrainRecipe = DEMO_RECIPE,
 ) -> TrainResult:

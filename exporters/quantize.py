@@ -37,11 +37,15 @@ import onnx
 from cfvit_deploy.data.reader import list_images, read_images
 from cfvit_deploy.errors import ExportError, UsageError
 from cfvit_deploy.preprocessing import PreprocessConfig
+from cfvit_deploy.thirdparty import third_party_at_debug
 
 log = logging.getLogger(__name__)
 
 #: Calibration images used at most (MinMax ranges settle well before this; each costs one forward).
 MAX_CALIBRATION_IMAGES = 128
+#: Fewer calibration images than this get a warning: MinMax ranges from a handful of images miss the
+#: extremes of real inputs, which then saturate (clip) in uint8.
+MIN_CALIBRATION_IMAGES = 32
 CALIBRATION_BATCH = 8
 STATIC_OP_TYPES = ["Conv", "MatMul", "Gemm"]
 
@@ -60,6 +64,15 @@ class Calibration:
         read = read_images(list_images(folder, "--calibration"), pp, limit=limit, name="--calibration")
         if not len(read.images):
             raise UsageError(f"--calibration {folder} holds no readable image")
+        if len(read.images) < MIN_CALIBRATION_IMAGES:
+            log.warning(
+                "static int8 calibrated on only %d image(s) of %s: activation ranges from so few images can "
+                "clip real inputs; give --calibration at least %d images (up to %d are used)",
+                len(read.images),
+                folder,
+                MIN_CALIBRATION_IMAGES,
+                MAX_CALIBRATION_IMAGES,
+            )
         return cls(Path(folder), read.images.astype(np.float32), skipped=len(read.skipped))
 
     def info(self) -> dict[str, Any]:
@@ -138,7 +151,8 @@ def quantize_dynamic_graph(path: Path) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / path.name
-        quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        with third_party_at_debug(log):  # the quantizer's advice to its own users, at DEBUG
+            quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
         shutil.copyfile(out, path)
     return "int8 dynamic quantization of MatMul weights (signed int8 weights, uint8 activations)"
 
@@ -170,24 +184,25 @@ def quantize_static_graph(path: Path, calibration: Calibration, keep_fp32: list[
     with tempfile.TemporaryDirectory() as tmp:
         named, out = Path(tmp) / "named.onnx", Path(tmp) / path.name
         onnx.save(model, str(named))
-        quantize_static(
-            str(named),
-            str(out),
-            _Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=True,  # 7-bit weights: no u8s8 saturation on x86 CPUs without VNNI (AVX2, AVX-512)
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=STATIC_OP_TYPES,
-            nodes_to_exclude=exclude,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={
-                "CalibTensorRangeSymmetric": False,
-                "WeightSymmetric": True,
-                "OpTypesToExcludeOutputQuantization": STATIC_OP_TYPES,
-            },
-        )
+        with third_party_at_debug(log):  # the quantizer's advice to its own users, at DEBUG
+            quantize_static(
+                str(named),
+                str(out),
+                _Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=True,  # 7-bit weights: no u8s8 saturation on x86 CPUs without VNNI (AVX2, AVX-512)
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=STATIC_OP_TYPES,
+                nodes_to_exclude=exclude,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={
+                    "CalibTensorRangeSymmetric": False,
+                    "WeightSymmetric": True,
+                    "OpTypesToExcludeOutputQuantization": STATIC_OP_TYPES,
+                },
+            )
         shutil.copyfile(out, path)
     return (
         f"int8 static QDQ (per-channel 7-bit-range int8 weights, uint8 activations, MinMax on {len(calibration.images)} "

@@ -31,7 +31,7 @@ import torch
 from cfvit_deploy.checkpoints import EMA_KEYS, load_checkpoint
 from cfvit_deploy.checks import check_batch_sizes, check_etas, check_fraction
 from cfvit_deploy.data.reader import list_images, read_images
-from cfvit_deploy.errors import CheckpointError, UsageError
+from cfvit_deploy.errors import CheckpointError, UnreadableCheckpointError, UsageError
 from cfvit_deploy.manifest import Manifest, sha256_file
 from cfvit_deploy.model import CFViT
 from cfvit_deploy.progress import ProgressHook, report
@@ -66,16 +66,23 @@ def _real_images(files: list[Path], manifest: Manifest, report_: ValidationRepor
     return read.images
 
 
-def checkpoint_warning(manifest: Manifest, checkpoint: str | Path) -> str | None:
-    """A warning when `checkpoint` is not the file the export was made from (its sha256 differs)."""
+def checkpoint_warning(manifest: Manifest, checkpoint: str | Path | None) -> str | None:
+    """A warning when `checkpoint` (None: the one the manifest records) is not the file the export was
+    made from (its sha256 differs), e.g. a recorded checkpoint that training has since overwritten."""
     recorded = manifest.source.get("checkpoint") or {}
     want = recorded.get("sha256")
-    path = Path(checkpoint)
+    path = Path(checkpoint if checkpoint is not None else recorded.get("path") or "")
     if not want or not path.is_file():
         return None
     have = sha256_file(path)
     if have == want:
         return None
+    if checkpoint is None:
+        return (
+            f"the checkpoint recorded in the manifest, {path}, has changed since the export (sha256 {have[:12]}… "
+            f"now, {want[:12]}… then): the checks compare the graphs with another model; pass the original "
+            "as --checkpoint, or export again"
+        )
     return (
         f"--checkpoint {path} (sha256 {have[:12]}…) is not the checkpoint this export was made from "
         f"({recorded.get('path')}, sha256 {want[:12]}…): the checks compare the graphs with another model"
@@ -99,6 +106,8 @@ def _resolve_checkpoint(manifest: Manifest, checkpoint: str | Path | CFViT | Non
     weights = "auto" if not key else "ema" if key in EMA_KEYS else "model"
     try:
         model = load_checkpoint(checkpoint, config=manifest.model, weights=weights)
+    except UnreadableCheckpointError:
+        raise  # not a checkpoint at all: its own message says what the file is
     except CheckpointError as exc:
         raise CheckpointError(f"checkpoint does not match this export: {exc}") from None
     return model, str(checkpoint)
@@ -147,7 +156,7 @@ def validate(
     manifest = Manifest.load(export_dir)
     model, ckpt_name = _resolve_checkpoint(manifest, checkpoint)
     warnings: list[str] = []  # said once the checkpoint loaded (an unusable one is just one error line)
-    if checkpoint is not None and not isinstance(checkpoint, CFViT):
+    if not isinstance(checkpoint, CFViT):  # the recorded default is checked like an explicit file
         note = checkpoint_warning(manifest, checkpoint)
         if note:
             warnings.append(note)

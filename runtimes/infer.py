@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,6 +37,7 @@ from cfvit_deploy.io import atomic_write_path
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.preprocessing import DECODE_MODES, DEFAULT_MAX_PIXELS, PreprocessConfig
 from cfvit_deploy.progress import ProgressHook
+from cfvit_deploy.wording import plural
 
 from .backends import SessionConfig, check_provider
 from .inference import (
@@ -125,7 +127,7 @@ def _prepare_overlay_dir(directory: Path, names: Iterable[str], force: bool) -> 
         clash = [n for n in names if (directory / n).exists()]
         if clash:
             raise OutputExistsError(
-                f"{directory / clash[0]} already exists ({len(clash)} overlays would be "
+                f"{directory / clash[0]} already exists ({plural(len(clash), 'overlay')} would be "
                 "replaced); pass --force to overwrite them"
             )
     directory.mkdir(exist_ok=True)
@@ -195,6 +197,7 @@ def infer(
         batch_size=job.batch_size,
         export=export_identity(manifest),
     )
+    summary.settings = run_settings(source, manifest, provider, job)
     if engine == "ray":
         from .ray_engine import ray_rows
 
@@ -204,6 +207,22 @@ def infer(
             graphs_for(graph, manifest)  # no single.onnx: one error line before any work
         rows = _local_rows(source, manifest, provider, config, job, overlay, force, workers, graph)
     return run_rows(rows, summary, output=out, topk=job.topk, force=force, on_row=on_row, progress=progress)
+
+
+def run_settings(
+    source: str | Path | Manifest | CFViTPipeline, manifest: Manifest, provider: str, job: InferJob
+) -> dict[str, Any]:
+    """What the rows depend on besides the export, for the summary JSON: the η applied (the manifest's
+    default when none was given), the provider, the precision, the batch size and the image decoding."""
+    if isinstance(source, CFViTPipeline):
+        provider = getattr(source.backend, "provider", provider)
+    return {
+        "eta": manifest.default_eta if job.eta is None else job.eta,
+        "provider": provider,
+        "precision": manifest.precision,
+        "batch_size": job.batch_size,
+        "decode": job.decode,
+    }
 
 
 def _check_engine_arguments(

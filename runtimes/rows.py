@@ -78,6 +78,8 @@ class InferSummary:
     decode: str = "exact"  #: the decode mode (exact or fast)
     batch_size: int = 0  #: the batch size used (capped at the number of inputs)
     export: dict[str, Any] = field(default_factory=dict)  #: the export's identity
+    #: how the rows were made: eta, provider, precision, batch_size, decode (see runtimes.infer.run_settings)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images(self) -> int:
@@ -125,6 +127,7 @@ class InferSummary:
             "batch_size": self.batch_size,
             "output": None if self.output is None else str(self.output),
             "export": self.export,
+            "settings": self.settings,
         }
 
 

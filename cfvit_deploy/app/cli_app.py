@@ -28,9 +28,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
-    help="CF-ViT deployment toolkit: train, export, validate, infer, bench, sweep, demo.",
+    help="CF-ViT deployment toolkit: make-data, train, export, validate, infer, serve, bench, sweep, demo, triton-repo.",
 )
 console = Console(stderr=True)
+# off a terminal (a log file, a pipe) nothing is wrapped at rich's default 80 columns: one message, one line
+console.soft_wrap = not console.is_terminal
 _state = {"debug": False}
 
 

@@ -48,6 +48,19 @@ class _LibraryOrWarning(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.split(".")[0] in LIBRARY_LOGGERS
 
 
+def _stderr_handler() -> logging.Handler:
+    """Rich's handler on a terminal; elsewhere (a log file, a pipe) plain ``LEVEL    message`` lines, so
+    a redirected log is neither wrapped at 80 columns nor padded with trailing spaces."""
+    console = Console(stderr=True)
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        return RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    return handler
+
+
 @contextlib.contextmanager
 def logging_to_stderr() -> Iterator[None]:
     """One rich handler on stderr for the duration of a command, removed afterwards.
@@ -55,10 +68,8 @@ def logging_to_stderr() -> Iterator[None]:
     It sits on the root logger (pytest's caplog still sees every record) and passes the toolkit's
     loggers from INFO (DEBUG with --debug, set by the root callback) and other libraries from WARNING.
     """
-    from rich.logging import RichHandler
-
     root = logging.getLogger()
-    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
+    handler = _stderr_handler()
     handler._cfvit = True  # type: ignore[attr-defined]
     handler.addFilter(_LibraryOrWarning())
     levels = {name: logging.getLogger(name).level for name in ("", *LIBRARY_LOGGERS)}
@@ -73,6 +84,18 @@ def logging_to_stderr() -> Iterator[None]:
         root.removeHandler(handler)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def print_table(table: Any) -> None:
+    """A rich table on stdout: the terminal's width there; elsewhere (a file, a pipe) up to 200 columns,
+    no colour codes, and no trailing spaces (rich pads titles and captions to the width)."""
+    if sys.stdout.isatty():
+        Console().print(table)
+        return
+    console = Console(width=200, no_color=True, highlight=False)
+    with console.capture() as captured:
+        console.print(table)
+    print("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 @contextlib.contextmanager
@@ -103,7 +126,8 @@ def progress_bars(console: Console) -> Iterator[Optional[ProgressHook]]:
 
 
 def needs(extra: str, command: str, *modules: str) -> None:
-    """Preflight: one `error:` line naming the extra, before the command does any work."""
+    """Preflight: one `error:` line naming the extra, before the command does any work. `extra` may
+    list several ("export,train,bench"): the one pip line then installs everything the command needs."""
     for module in modules:
         require(module, extra, f"cfvit {command}")
 
@@ -125,7 +149,7 @@ def bench_needs(export_dir: Path, precisions: Optional[str], torch: bool) -> Non
     """bench: psutil and matplotlib always; onnx only when a precision variant must be built; torch with --torch."""
     needs("bench", "bench", "psutil", "matplotlib")
     if torch:
-        require("torch", "export", "cfvit bench --torch")
+        require("torch", "bench,export", "cfvit bench --torch")
     if precisions:
         from cfvit_deploy.errors import ManifestError
         from cfvit_deploy.manifest import Manifest

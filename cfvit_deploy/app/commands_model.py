@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import sys
+import contextlib
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from cfvit_deploy.app.cli_app import app, console, progress_hook
 from cfvit_deploy.app.cli_support import (
     needs,
     needs_provider,
+    print_table,
 )
 from cfvit_deploy.checks import check_fraction
 from cfvit_deploy.errors import UsageError
+from cfvit_deploy.wording import plural
 
 
 @app.command("export")
@@ -162,7 +163,7 @@ def validate_cmd(
             f"{c.threshold:.3g}",
             "[green]PASSED[/green]" if c.passed else "[red]FAILED[/red]",
         )
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    print_table(table)
     if result.skipped_images:
         console.print(f"skipped {len(result.skipped_images)} unreadable images (listed in the report)")
     path = result.save(report or export_dir / "validation.json")
@@ -234,21 +235,22 @@ def train_cmd(
     check_train_args(out or resume or Path("cfvit.pth"), init, resume, threads, force)  # before generating data
     if synthetic:
         data = ensure_synthetic_dataset(data)
-    result = train(
-        data,
-        out or resume or Path("cfvit.pth"),
-        recipe,
-        init=init,
-        resume=resume,
-        val_fraction=val_fraction,
-        force=force,
-        progress=progress,
-        threads=threads,
-    )
+    with progress_hook() if progress else contextlib.nullcontext() as hook:
+        result = train(
+            data,
+            out or resume or Path("cfvit.pth"),
+            recipe,
+            init=init,
+            resume=resume,
+            val_fraction=val_fraction,
+            force=force,
+            progress=hook,
+            threads=threads,
+        )
     val = result.val
     print(
         f"trained {recipe.arch}/{recipe.size} g={recipe.coarse_grid} on {len(result.class_names)} classes for "
-        f"{len(result.history)} epochs in {result.seconds:.0f} s: val accuracy coarse {val.coarse_acc:.1%}, "
+        f"{plural(len(result.history), 'epoch')} in {result.seconds:.0f} s: val accuracy coarse {val.coarse_acc:.1%}, "
         f"fine {val.fine_acc:.1%} -> {result.path}"
     )
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.console import Console
 
 from cfvit_deploy.app.cli_app import app, console, progress_hook
 from cfvit_deploy.app.cli_support import (
@@ -15,6 +14,7 @@ from cfvit_deploy.app.cli_support import (
     needs,
     needs_infer,
     needs_provider,
+    print_table,
 )
 from cfvit_deploy.errors import UsageError
 from cfvit_deploy.signals import exit_code_for, sigterm_as_interrupt
@@ -220,36 +220,37 @@ def bench_cmd(
     from cfvit_deploy.app.bench import NothingMeasuredError, render_table, run_bench
 
     def show(result) -> None:
-        Console(width=None if sys.stdout.isatty() else 200).print(render_table(result))
+        print_table(render_table(result))
         for note in result.notes:
             print(f"note: {note}")
 
     try:
-        result = run_bench(
-            export_dir,
-            providers=providers,
-            precisions=precisions,
-            batch_sizes=batch_sizes,
-            etas=eta or (),
-            fine_fractions=fine_fraction,
-            images=images,
-            end_to_end=end_to_end,
-            decodes=decode,
-            calibration=calibration,
-            warmup=warmup,
-            iterations=iterations,
-            duration=duration,
-            threads=threads,
-            graphs=graph,
-            repeats=repeats,
-            torch=torch,
-            checkpoint=checkpoint,
-            isolation="inline" if in_process else "process",
-            quiet_below=quiet_below,
-            out=out,
-            force=force,
-            progress=lambda task, done, total: console.print(f"[dim][{done}/{total}] {task}[/dim]"),
-        )
+        with progress_hook() as hook:  # bars only on a terminal
+            result = run_bench(
+                export_dir,
+                providers=providers,
+                precisions=precisions,
+                batch_sizes=batch_sizes,
+                etas=eta or (),
+                fine_fractions=fine_fraction,
+                images=images,
+                end_to_end=end_to_end,
+                decodes=decode,
+                calibration=calibration,
+                warmup=warmup,
+                iterations=iterations,
+                duration=duration,
+                threads=threads,
+                graphs=graph,
+                repeats=repeats,
+                torch=torch,
+                checkpoint=checkpoint,
+                isolation="inline" if in_process else "process",
+                quiet_below=quiet_below,
+                out=out,
+                force=force,
+                progress=hook,
+            )
     except NothingMeasuredError as exc:
         show(exc.result)  # the skip reasons, then the one error line
         raise
@@ -278,6 +279,14 @@ def sweep_cmd(
         "--max-latency-ms",
         help="Choose the most accurate eta within this measured ms per image (at --batch-size).",
     ),
+    repeats: int = typer.Option(
+        1, "--repeats", help="Time every eta this many passes over the folder; keep the fastest."
+    ),
+    quiet_below: Optional[float] = typer.Option(
+        None,
+        "--quiet-below",
+        help="Wait for, and re-time passes disturbed by, other processes using more than this CPU %.",
+    ),
     write_eta: bool = typer.Option(False, "--write-eta", help="Store the chosen eta as the export's default_eta."),
     decode: str = typer.Option("exact", "--decode", help="exact | fast (JPEG draft mode, reducing resize)."),
     out: Path = typer.Option(Path("sweep"), "--out", "-o", help="Output folder (sweep.json, sweep.csv, sweep.png)."),
@@ -298,23 +307,26 @@ def sweep_cmd(
         raise UsageError("--write-eta needs a budget: --max-drop or --max-latency-ms")
     check_output(out, force)
     check_plotting()
-    result = sweep(
-        export_dir,
-        folder,
-        etas,
-        provider=provider,
-        batch_size=batch_size,
-        threads=threads,
-        max_images=max_images,
-        allow_fallback=allow_fallback,
-        graph=graph,
-        max_drop=max_drop,
-        max_latency_ms=max_latency_ms,
-        decode=decode,
-        progress=lambda task, done, total: console.print(f"[dim]{task}: eta {done}/{total}[/dim]"),
-    )
+    with progress_hook() as hook:  # a bar only on a terminal; the INFO lines name each eta anyway
+        result = sweep(
+            export_dir,
+            folder,
+            etas,
+            provider=provider,
+            batch_size=batch_size,
+            threads=threads,
+            max_images=max_images,
+            allow_fallback=allow_fallback,
+            graph=graph,
+            max_drop=max_drop,
+            max_latency_ms=max_latency_ms,
+            repeats=repeats,
+            quiet_below=quiet_below,
+            decode=decode,
+            progress=hook,
+        )
     table = Table(title=f"cfvit sweep: {result.n_images} images, {provider}, batch {batch_size}")
-    for col in ("eta", "top-1", "exit rate", "GMACs/img", "img/s", "ms/img"):
+    for col in ("eta", "top-1", "exit rate", "GMACs/img", "img/s", "ms/img", "background CPU"):
         table.add_column(col, justify="right")
     for r in result.rows:
         table.add_row(
@@ -324,8 +336,9 @@ def sweep_cmd(
             f"{r.expected_gmacs:.3f}",
             f"{r.img_per_s:.1f}",
             f"{r.ms_per_image:.3f}",
+            "" if r.background_cpu_pct is None else f"{r.background_cpu_pct:.0f}%",
         )
-    Console().print(table)
+    print_table(table)
     if result.skipped_files:
         console.print(f"skipped {len(result.skipped_files)} unreadable files (listed in sweep.json)")
     console.print(f"wrote {result.save(out, force=force)}/sweep.json, sweep.csv, sweep.png")
@@ -347,31 +360,16 @@ def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="Tiny data and one epoch: a smoke test of every step."),
 ) -> None:
     """Generate data, train, export, validate, infer, sweep and bench; write OUT/report.md."""
-    needs("export", "demo", "torch", "onnx", "onnxsim", "onnxconverter_common")
-    needs("bench", "demo", "psutil", "matplotlib")
-    from cfvit_deploy.app.demo import run_demo
+    # one pip line with every extra the demo runs, whichever module is missing first
+    needs("export,train,bench", "demo", "torch", "onnx", "onnxsim", "onnxconverter_common", "psutil", "matplotlib")
+    from cfvit_deploy.app.demo import run_demo, summary_lines
 
-    result = run_demo(
-        out, force=force, quick=quick, say=lambda msg: console.print(msg, markup=False), progress=console.is_terminal
-    )  # bars only on a terminal, and on stderr
-    s = result.summary
-    console.print(
-        f"coarse top-1 {100 * s['val_coarse_acc']:.1f}%, fine top-1 {100 * s['val_fine_acc']:.1f}%, "
-        f"export validation {'PASSED' if s['validation_passed'] else 'FAILED'}; "
-        f"total {sum(result.seconds.values()):.0f} s"
-    )
-    if choice := s.get("eta_choice"):
-        console.print(
-            f"chosen eta {choice['eta']:g} (top-1 at most {choice['budget']['max_drop']:g} point below eta = 1, "
-            f"now the export's default): top-1 {100 * choice['accuracy']:.1f}%, exit at coarse "
-            f"{100 * choice['exit_rate']:.0f}%, {choice['ms_per_image']:.2f} ms/image "
-            f"(batch {choice['batch_size']})",
-            markup=False,
+    with progress_hook() as hook:  # bars only on a terminal, and on stderr
+        result = run_demo(
+            out, force=force, quick=quick, say=lambda msg: console.print(msg, markup=False), progress=hook
         )
-    console.print(
-        f"report: {result.report}\nexport: {out / 'export'}\npredictions: {out / 'predictions.csv'} "
-        f"(overlays in {out / 'overlays'})\nsweep: {out / 'sweep'}\nbench: {out / 'bench'}"
-    )
+    for line in summary_lines(result):  # the summary on stdout: `cfvit demo > log` keeps it
+        print(line)
 
 
 @app.command("serve")

@@ -67,7 +67,9 @@ def read_images(
         try:
             arrays.append(load_and_preprocess(path, pp, decode=decode))
         except ImageError as exc:
-            log.warning("skipped unreadable image %s: %s", path, exc)
+            # the decoder's message names the file already ("P: empty file"); else name it here
+            where = "" if str(path) in str(exc) else f"{path}: "
+            log.warning("skipped unreadable image %s%s", where, exc)
             skipped.append((Path(path), str(exc)))
             continue
         kept.append(Path(path))

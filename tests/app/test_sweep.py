@@ -179,3 +179,76 @@ def test_written_default_eta_still_validates(export_dir_factory, tmp_path):
     write_default_eta(export_dir, 0.35, chosen_by={"budget": {"max_drop": 1.0}})
     assert Manifest.load(export_dir).default_eta == 0.35
     assert validate(export_dir, batch_sizes=(2,)).passed
+
+
+def test_repeats_keep_the_fastest_pass_and_record_the_background_cpu(labelled, export_dir_factory, monkeypatch):
+    """Issue 23 item 2: one noisy pass chose η for --max-latency-ms; now the fastest of --repeats passes
+    is kept, and each row says how busy the machine was while it was timed."""
+    import cfvit_deploy.app.sweep as sweep_module
+
+    passes = []
+    real = sweep_module._one_pass
+
+    def counted(*args):
+        passes.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(sweep_module, "_one_pass", counted)
+    result = sweep(export_dir_factory("deit_g7"), labelled, "0,1", batch_size=4, repeats=3, quiet_below=1e9)
+    assert passes == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert all(r.background_cpu_pct is not None and r.background_cpu_pct >= 0 for r in result.rows)
+    with pytest.raises(UsageError, match="--repeats"):
+        sweep(export_dir_factory("deit_g7"), labelled, "0,1", repeats=0)
+
+
+def test_eta_labels_do_not_overlap_and_the_chosen_one_is_labelled():
+    """Issue 23 item 8: sweep.png labelled every η, and the low-η points (same accuracy and latency) piled up."""
+    from cfvit_deploy.app.sweep import label_indices
+
+    xs = [1.00, 1.01, 1.02, 1.03, 1.5, 2.0, 2.6, 3.0]
+    ys = [60.0, 60.0, 60.3, 60.3, 75.0, 88.0, 95.0, 96.0]
+    labelled = label_indices(xs, ys, first=[3])
+    assert labelled[0] == 3 and {4, 5, 6, 7} <= set(labelled) and not {0, 1, 2} & set(labelled)
+    span_x, span_y = max(xs) - min(xs), max(ys) - min(ys)
+    for i in labelled:
+        for j in labelled:
+            if i < j:
+                assert max(abs(xs[i] - xs[j]) / span_x, abs(ys[i] - ys[j]) / span_y) >= 0.07
+
+
+def test_latency_panel_joins_points_along_the_axis(tmp_path, monkeypatch):
+    """Issue 23 item 8: the latency panel joined the points in η order, a zig-zag when a timing was noisy."""
+    import matplotlib.axes
+
+    from cfvit_deploy.app.sweep import plot_sweep
+
+    lines = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        if len(args) >= 2 and len(args[0]) > 1:
+            lines.append(list(args[0]))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    rows = [
+        SweepRow(e, a, 1 - e, 0.02 + 0.07 * e, 1000 / ms, ms)
+        for e, a, ms in ((0.0, 0.6, 1.0), (0.5, 0.8, 1.6), (0.7, 0.9, 1.4), (1.0, 0.95, 2.2))
+    ]
+    result = SweepResult("e", "f", "cpu", 32, 10, [], {"coarse": 0.02, "fine": 0.09}, rows)
+    plot_sweep(result, tmp_path / "s.png")
+    assert lines and all(xs == sorted(xs) for xs in lines)
+
+
+def test_cli_output_off_a_terminal_is_unwrapped_without_progress_lines(labelled, export_dir_factory, tmp_path, capfd):
+    """Issue 23 item 4: off a terminal, messages were wrapped at 80 columns with trailing spaces, and
+    `sweep: eta 1/11` progress lines stood beside the INFO lines that say the same."""
+    from cli import main
+
+    out_dir = tmp_path / "a-folder-name-long-enough-that-an-80-column-console-would-wrap-the-message-about-it"
+    assert main(["sweep", str(export_dir_factory("deit_g7")), str(labelled), "--etas", "0,1", "-o", str(out_dir)]) == 0
+    out, err = capfd.readouterr()
+    lines = (out + err).splitlines()
+    assert all(line == line.rstrip() for line in lines), [line for line in lines if line != line.rstrip()]
+    assert not any("eta 1/2" in line or "eta 2/2" in line for line in lines)  # no progress lines
+    assert any(str(out_dir) in line and "sweep.json" in line for line in err.splitlines())  # one unwrapped line

@@ -50,7 +50,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "model.pth"
-    train(data, out, TINY, progress=False)
+    train(data, out, TINY, progress=None)
     return out
 
 
@@ -154,38 +154,38 @@ def test_checkpoint_round_trips_strictly_with_metadata(trained: Path) -> None:
 
 def test_resume_continues_from_the_saved_epoch(data: Path, trained: Path, tmp_path: Path) -> None:
     first = tmp_path / "first.pth"
-    train(data, first, replace(TINY, epochs=1), progress=False)
+    train(data, first, replace(TINY, epochs=1), progress=None)
     assert len(checkpoint_metadata(first)["history"]) == 1
-    result = train(data, first, resume_recipe(first, epochs=2), resume=first, progress=False)
+    result = train(data, first, resume_recipe(first, epochs=2), resume=first, progress=None)
     assert [h["epoch"] for h in result.history] == [1, 2]
     resumed, straight = load_checkpoint(first).state_dict(), load_checkpoint(trained).state_dict()
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, atol=1e-5, rtol=1e-4)
     with pytest.raises(UsageError, match="already finished 2 epochs"):
-        train(data, first, resume=first, progress=False)
+        train(data, first, resume=first, progress=None)
 
 
 def test_resume_needs_training_state(data: Path, tmp_path: Path) -> None:
     plain = save_checkpoint(_model(num_classes=10), tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match="no training state"):
-        train(data, tmp_path / "out.pth", resume=plain, progress=False)
+        train(data, tmp_path / "out.pth", resume=plain, progress=None)
 
 
 def test_init_keeps_backbone_and_refreshes_heads(data: Path, tmp_path: Path) -> None:
     source = _model(num_classes=len(CLASSES) + 1)
     path = save_checkpoint(source, tmp_path / "src.pth")
-    result = train(data, tmp_path / "out.pth", replace(TINY, epochs=1, lr=1e-9, min_lr=0.0), init=path, progress=False)
+    result = train(data, tmp_path / "out.pth", replace(TINY, epochs=1, lr=1e-9, min_lr=0.0), init=path, progress=None)
     model = load_checkpoint(result.path)
     key = "blocks.0.attn.qkv.weight"
     torch.testing.assert_close(model.state_dict()[key], source.state_dict()[key])
     assert model.config.num_classes == len(CLASSES)
     with pytest.raises(UsageError, match="pick matching --arch/--size"):
-        train(data, tmp_path / "o2.pth", replace(TINY, size="tiny"), init=path, progress=False)
+        train(data, tmp_path / "o2.pth", replace(TINY, size="tiny"), init=path, progress=None)
 
 
 def test_out_exists_needs_force(data: Path, trained: Path) -> None:
     with pytest.raises(UsageError, match="--force"):
-        train(data, trained, TINY, progress=False)
+        train(data, trained, TINY, progress=None)
 
 
 def test_cli_train_end_to_end(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -238,13 +238,16 @@ def test_cli_make_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 @pytest.mark.slow
 def test_demo_recipe_puts_fine_above_coarse(tmp_path: Path) -> None:
-    """The demo recipe (about 2.5 minutes on 2 cores) learns, and the fine stage clearly beats the coarse."""
-    val = train_demo(tmp_path, progress=False).val
-    assert val.fine_acc >= 0.5 and val.fine_acc >= val.coarse_acc + 0.05
+    """The demo recipe (a few minutes on 2 cores) learns, and the fine stage clearly beats the coarse, a
+    little below the worst seed-0 run measured (issue 23: 57% coarse / 77% fine with 1 thread on an AMD
+    EPYC). The goal, fine >= 90% on every thread count (DEMO_EXPECTED_FINE), is not met yet: see
+    DEMO_RECIPE and benchmarks/results/demo_recipe/."""
+    val = train_demo(tmp_path).val
+    assert val.fine_acc >= 0.7 and val.fine_acc >= val.coarse_acc + 0.1
 
 
 def test_train_splits_flat_class_folders(data: Path, tmp_path: Path) -> None:
-    result = train(data / "train", tmp_path / "flat.pth", replace(TINY, epochs=1), val_fraction=0.5, progress=False)
+    result = train(data / "train", tmp_path / "flat.pth", replace(TINY, epochs=1), val_fraction=0.5, progress=None)
     assert len(result.val.labels) == len(CLASSES) and result.class_names == sorted(CLASSES)
 
 
@@ -295,7 +298,7 @@ def test_short_run_trains_the_selection_and_no_progress_keeps_epoch_lines(
 
 def test_no_selection_epoch_is_said(data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="cfvit_deploy.training"):
-        train(data, tmp_path / "m.pth", replace(TINY, epochs=1, selection_after=1), progress=False)
+        train(data, tmp_path / "m.pth", replace(TINY, epochs=1, selection_after=1), progress=None)
     assert "no informative-selection epoch" in caplog.text and "--selection-after 1 >= --epochs 1" in caplog.text
 
 
@@ -307,3 +310,19 @@ def test_cli_checks_train_flags_before_generating_the_builtin_data(tmp_path: Pat
     assert code == 2
     assert capsys.readouterr().err.strip() == "error: --threads must be >= 1, got 0"
     assert not (tmp_path / "data").exists()
+
+
+def test_training_reports_progress_through_the_hook_and_draws_nothing(
+    data: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 21 item 4: training drew rich bars and printed its lines itself; now it calls the
+    ProgressHook per batch and logs the header and epoch lines, and the CLI decides what to draw."""
+    calls: list[tuple[str, int, int | None]] = []
+    with caplog.at_level("INFO", logger="cfvit_deploy.training"):
+        train(data, tmp_path / "m.pth", TINY, progress=lambda task, done, total: calls.append((task, done, total)))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    steps = -(-len(CLASSES) * 2 // TINY.batch_size)  # the fixture: 2 training images per class
+    assert ("epoch 1/2 warm-up", steps, steps) in calls and ("epoch 2/2 selection", steps, steps) in calls
+    assert calls[0] == ("epoch 1/2 warm-up", 0, steps)
+    assert "1 warm-up + 1 selection epoch(s)" in caplog.text and "epoch 2/2 selection: loss" in caplog.text

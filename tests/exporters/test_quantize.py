@@ -101,3 +101,20 @@ def test_export_flag_and_dynamic_record(small, tmp_path):
     with pytest.raises(UsageError, match="calibration"):
         export(model, tmp_path / "y", precision="int8", calibration=tmp_path / "missing")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_quantizer_advice_is_logged_at_debug_not_printed(small, tmp_path, capfd, caplog):
+    """Issue 23 item 4: ONNX Runtime's "Please consider to run pre-processing before quantization" went to
+    stderr once per graph (its URL broken across lines); now it is a DEBUG record of exporters.quantize."""
+    import logging
+
+    _, tmp, _ = small
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    with caplog.at_level(logging.DEBUG, logger="exporters.quantize"):
+        make_variant(tmp / "fp32", tmp_path / "int8", "int8")
+    out, err = capfd.readouterr()
+    assert "pre-processing" not in out + err
+    advice = [r for r in caplog.records if "pre-processing" in r.getMessage()]
+    assert advice and all(r.levelno == logging.DEBUG and r.name == "exporters.quantize" for r in advice)
+    assert root.handlers == handlers  # no stderr handler left behind by logging.basicConfig()

@@ -681,3 +681,15 @@ def test_parquet_without_pyarrow_names_the_extra(export_dir, folder, tmp_path, m
         "error: pyarrow is not installed (needed for cfvit infer -o *.parquet): pip install 'cfvit-deploy[parquet]'"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_summary_records_the_settings_the_rows_depend_on(export_dir, folder, tmp_path):
+    """Issue 23 item 5: the summary JSON did not say which η (nor provider, precision, decoding) made the rows."""
+    out = tmp_path / "r.csv"
+    infer(export_dir, [folder], output=out, batch_size=2, eta=0.35)
+    settings = json.loads(summary_path(out).read_text())["settings"]
+    precision = Manifest.load(export_dir).precision
+    assert settings == {"eta": 0.35, "provider": "cpu", "precision": precision, "batch_size": 2, "decode": "exact"}
+    infer(export_dir, [folder], output=out, force=True, decode="fast")  # no --eta: the manifest's default applies
+    settings = json.loads(summary_path(out).read_text())["settings"]
+    assert settings["eta"] == Manifest.load(export_dir).default_eta and settings["decode"] == "fast"

@@ -142,6 +142,11 @@ def _cpu_snapshot() -> tuple[float, float, float]:
     return perf_counter(), busy, own.user + own.system + own.children_user + own.children_system
 
 
+def cpu_snapshot() -> tuple[float, float, float]:
+    """The snapshot :func:`background_cpu_pct` measures from (wall s, machine busy CPU s, own CPU s)."""
+    return _cpu_snapshot()
+
+
 def background_cpu_pct(before: tuple[float, float, float]) -> float:
     """CPU time other processes used since `before`, as % of all cores' wall time."""
     wall, busy, own = (b - a for a, b in zip(before, _cpu_snapshot(), strict=True))

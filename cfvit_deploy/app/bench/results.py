@@ -101,6 +101,45 @@ def add_speedups(rows: list[BenchRow]) -> None:
                 break
 
 
+#: A cell measured while other processes used at least this share of the CPUs is marked as under load.
+LOADED_BACKGROUND_PCT = 25.0
+#: A speed-up more than this factor above what the GMACs allow (baseline GMACs / cell GMACs) is marked.
+GMACS_SLACK = 1.10
+
+
+def cell_caveat(row: BenchRow, baseline_gmacs: float | None) -> str:
+    """Why a measured cell should not be trusted as it stands ("" when nothing is known against it):
+    measured under load, or faster than its GMACs allow next to the baseline (a disturbed baseline)."""
+    why = []
+    if row.background_cpu_pct is not None and row.background_cpu_pct >= LOADED_BACKGROUND_PCT:
+        why.append(f"under load: other processes used {row.background_cpu_pct:.0f}% of the CPUs")
+    if row.model != "baseline" and row.speedup_vs_baseline and baseline_gmacs and row.gmacs_per_image:
+        bound = baseline_gmacs / row.gmacs_per_image
+        if row.speedup_vs_baseline > GMACS_SLACK * bound:
+            why.append(
+                f"{row.speedup_vs_baseline:.2f}x is more than 10% above the {bound:.2f}x its GMACs allow "
+                f"({row.gmacs_per_image:.3f} vs {baseline_gmacs:.3f} per image): a disturbed measurement"
+            )
+    return "; ".join(why)
+
+
+def caveats(rows: list[BenchRow]) -> dict[int, str]:
+    """index in `rows` -> :func:`cell_caveat` for every measured row that has one."""
+    base = {
+        (r.runtime, r.provider, r.precision, r.batch_size): r.gmacs_per_image
+        for r in rows
+        if r.model == "baseline" and r.status == "ok"
+    }
+    out = {}
+    for i, r in enumerate(rows):
+        if r.status != "ok":
+            continue
+        why = cell_caveat(r, base.get((r.runtime, r.provider, r.baseline_precision or r.precision, r.batch_size)))
+        if why:
+            out[i] = why
+    return out
+
+
 def make_notes(isolation: str, synthetic_gate: bool, peak: float | None, skipped_images: int) -> list[str]:
     notes = [ISOLATION_NOTES[isolation]]
     if synthetic_gate:
@@ -187,14 +226,19 @@ def render_table(result: BenchResult) -> Any:
     ):
         table.add_column(col, justify="left" if col in ("runtime", "prec", "model", "gate") else "right")
     reasons: dict[str, int] = {}
-    for r in result.rows:
+    marked = caveats(result.rows)
+    for i, r in enumerate(result.rows):
         model = f"{r.model} e2e:{r.decode}" if r.end_to_end else r.model
         head = [f"{r.runtime}/{r.provider}", r.precision, model, str(r.batch_size), _gate_text(r)]
         if r.status != "ok":
             n = reasons.setdefault(r.reason, len(reasons) + 1)
             table.add_row(*head, f"[yellow]{r.status} [{n}][/yellow]", *[""] * 10)
         else:
-            table.add_row(*head, *_measured_cells(r))
+            cells = _measured_cells(r)
+            if i in marked:  # the caveat is listed under the table, as a skip's reason
+                n = reasons.setdefault(marked[i], len(reasons) + 1)
+                cells[-1] += f" [yellow]\\[{n}][/yellow]"
+            table.add_row(*head, *cells)
     if reasons:
         table.caption = "\n".join(f"[{n}] {escape(reason)}" for reason, n in reasons.items())
         table.caption_justify = "left"

@@ -361,3 +361,21 @@ def test_bench_builds_the_pipeline_users_get(export_dir, monkeypatch):
     )
     assert seen == [(str(export_dir), "cpu", SessionConfig(threads=2))]
     assert r.settings["session_config"]["threads"] == 2
+
+
+def test_latency_plot_shows_p50_like_the_tables(tmp_path, monkeypatch):
+    """Issue 23 item 8: the plot drew mean latencies under a bare "latency" axis while the tables give p50."""
+    import cfvit_deploy.app.bench.plots as results
+    from cfvit_deploy.app.bench import BenchResult, BenchRow
+
+    drawn = []
+    real = results._plot_batch
+    monkeypatch.setattr(
+        results,
+        "_plot_batch",
+        lambda ax, r, b, metric, label: drawn.append((metric, label)) or real(ax, r, b, metric, label),
+    )
+    row = BenchRow("onnxruntime", "cpu", "fp32", "cfvit", 1, "fine_fraction", fine_fraction=0.5,
+                   mean_ms=3.0, p50_ms=2.0, img_per_s=333.0)  # fmt: skip
+    results.plot(BenchResult([row], {}, {}), tmp_path)
+    assert ("p50_ms", "p50 latency per batch (ms)") in drawn
