@@ -116,7 +116,8 @@ def run_demo(
         info["warning"] = warning
     path = _write_report(out, info, report, swept, bench, step.seconds)
     step("report")
-    (out / "summary.json").write_text(json.dumps({**info, "seconds": step.seconds}, indent=2, default=str) + "\n")
+    with atomic_write_path(out / "summary.json") as tmp:  # a full disk: one line naming it, no half-written file
+        tmp.write_text(json.dumps({**info, "seconds": step.seconds}, indent=2, default=str) + "\n")
     return DemoResult(out, path, step.seconds, info)
 
 

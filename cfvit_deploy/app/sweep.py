@@ -33,7 +33,7 @@ from ..data.listing import list_image_folder
 from ..data.reader import read_images
 from ..errors import CFViTError, UsageError
 from ..extras import require
-from ..io import atomic_directory
+from ..io import atomic_directory, output_errors
 from ..manifest import MANIFEST_NAME, Manifest
 from ..preprocessing import DECODE_MODES
 from ..progress import ProgressHook, report
@@ -290,8 +290,13 @@ def write_default_eta(export_dir: str | Path, eta: float, chosen_by: dict[str, A
     Manifest.from_dict(updated.to_dict())  # the same checks a later load applies, before anything is written
     # Manifest.save writes the file (and whatever it records with it); into a folder beside the
     # export, then one rename, so a crash leaves the old manifest or the new one, never half of one
-    with tempfile.TemporaryDirectory(prefix=".default-eta.", dir=export_dir) as tmp:
-        os.replace(updated.save(Path(tmp)), Path(export_dir) / MANIFEST_NAME)
+    # (a full or read-only disk names the manifest, not the temporary folder, and removes that folder)
+    target = Path(export_dir) / MANIFEST_NAME
+    with (
+        output_errors(target, only_output=True),
+        tempfile.TemporaryDirectory(prefix=".default-eta.", dir=export_dir) as tmp,
+    ):
+        os.replace(updated.save(Path(tmp)), target)
     return Manifest.load(export_dir)
 
 
