@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A suite started as a background job of a non-interactive shell (`bash .ci/run &`, nohup) inherits SIGINT
+# ignored, and so would every `cfvit` child it starts (an ignored signal stays ignored across exec): the
+# SIGINT tests would then test the shell, not the CLI. A handler (unlike SIG_IGN) is reset to the default at
+# exec, so children get Python's usual KeyboardInterrupt whatever started the suite.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 FIXTURES = Path(os.environ.get("CFVIT_FIXTURES", ROOT.parent / "shared" / "fixtures" / "upstream"))
 FIXTURE_NAMES = sorted(p.stem for p in FIXTURES.glob("*.pth") if (p.with_suffix(".npz")).exists())
 
