@@ -48,7 +48,9 @@ def _same(a, b) -> None:
     np.testing.assert_array_equal(a.exited, b.exited)
     np.testing.assert_array_equal(a.informative_idx, b.informative_idx)
     assert closeness_ratio(a.logits, b.logits, 1e-4, 1e-4) <= 1.0  # validate's fp32 bound
-    np.testing.assert_allclose(a.confidence, b.confidence, atol=1e-6, rtol=0)
+    # the two forms are compiled apart, so their fp32 sums may differ in order: 1.07e-6 measured on an AMX
+    # Xeon (oneDNN kernels); 1e-5 is still far inside what the logits' bound allows
+    np.testing.assert_allclose(a.confidence, b.confidence, atol=1e-5, rtol=0)
 
 
 # -- the graph ----------------------------------------------------------------------------------------
