@@ -2,7 +2,7 @@
 
 PyTorch's own model keeps its explicit softmax (it is bit-exact against the upstream code and the
 coarse stage needs the maps). Only while a graph wrapper is traced, :func:`attention_mode` swaps each
-block's :class:`~cfvit_deploy.layers.Attention` forward for :func:`_fused_forward`:
+block's :class:`~cfvit_deploy.layers.Attention` forward for :func:`fused_forward`:
 
 * ``qkv`` (one MatMul, as before) is split into q, k, v in (batch, tokens, heads*head_dim) layout, the
   input layout of ONNX Runtime's contrib ``MultiHeadAttention`` (num_heads and scale attributes), which
@@ -58,7 +58,7 @@ class _MultiHeadAttention(torch.autograd.Function):
         return out
 
 
-def _fused_forward(self: Attention, x: Tensor) -> tuple[Tensor, Tensor]:
+def fused_forward(self: Attention, x: Tensor) -> tuple[Tensor, Tensor]:
     """Attention.forward with one fused node; returns (projected output, class-token rows (B, heads, 1, N))."""
     # token count and width are static in every graph (only the batch is dynamic): Python ints and -1 for
     # the batch keep shape arithmetic (Shape/Gather/Concat nodes) out of the graph
@@ -87,7 +87,7 @@ def attention_mode(model: nn.Module, mode: str) -> Iterator[None]:
         return
     patched = [m for m in model.modules() if isinstance(m, Attention)]
     for m in patched:
-        m.forward = types.MethodType(_fused_forward, m)  # type: ignore[method-assign]
+        m.forward = types.MethodType(fused_forward, m)  # type: ignore[method-assign]
     try:
         yield
     finally:

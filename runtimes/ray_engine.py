@@ -109,7 +109,7 @@ def _export_files(manifest: Manifest) -> dict[str, bytes]:
     return {name: (manifest.directory / name).read_bytes() for name in names}
 
 
-def _load_pipeline_manifest(directory: str | Path) -> Manifest:
+def load_pipeline_manifest(directory: str | Path) -> Manifest:
     """The manifest of `directory`, restricted to the coarse and fine graphs, their sha256 verified."""
     manifest = Manifest.load(directory, verify=False)
     manifest.graphs = {name: manifest.graphs[name] for name in _GRAPHS}
@@ -365,13 +365,13 @@ class _PipelineActor:
 
         config = SessionConfig(threads=threads)
         if isinstance(export, str):  # a folder every node can read
-            self.pipeline = CFViTPipeline(_load_pipeline_manifest(export), provider, config)
+            self.pipeline = CFViTPipeline(load_pipeline_manifest(export), provider, config)
         else:  # [ObjectRef] (in a list, so Ray does not resolve it into every constructor call's arguments)
             files: dict[str, bytes] = ray.get(export[0])
             with tempfile.TemporaryDirectory(prefix="cfvit-export-") as tmp:
                 for name, data in files.items():
                     (Path(tmp) / name).write_bytes(data)
-                self.pipeline = CFViTPipeline(_load_pipeline_manifest(tmp), provider, config)
+                self.pipeline = CFViTPipeline(load_pipeline_manifest(tmp), provider, config)
         self.eta, self.topk = eta, topk
         self.labels = self.pipeline.manifest.labels()
 

@@ -97,7 +97,7 @@ def run_demo(
         out=out / "bench",
         progress=progress,
     )
-    _check_bench(bench.rows)
+    check_bench(bench.rows)
     step("bench")
     info = {
         "quick": quick,
@@ -114,7 +114,7 @@ def run_demo(
     }
     if not quick and (warning := below_expected(trained.val.coarse_acc, trained.val.fine_acc)):
         info["warning"] = warning
-    path = _write_report(out, info, report, swept, bench, step.seconds)
+    path = write_report(out, info, report, swept, bench, step.seconds)
     step("report")
     with atomic_write_path(out / "summary.json") as tmp:  # a full disk: one line naming it, no half-written file
         tmp.write_text(json.dumps({**info, "seconds": step.seconds}, indent=2, default=str) + "\n")
@@ -239,7 +239,7 @@ def _produced(name: str, ok: bool, why: str) -> None:
         raise DemoStepError(f"demo: the {name} step produced nothing: {why}")
 
 
-def _check_bench(rows: list[Any]) -> None:
+def check_bench(rows: list[Any]) -> None:
     """The short benchmark must have measured the gated model and the baseline (else its table is empty)."""
     measured = {r.model for r in rows if r.status == "ok"}
     missing = [m for m in ("cfvit", "baseline") if m not in measured]
@@ -254,7 +254,7 @@ def _plain(obj: Any) -> Any:
     return asdict(obj) if is_dataclass(obj) else obj
 
 
-def _write_report(
+def write_report(
     out: Path, info: dict[str, Any], report: Any, swept: Any, bench: Any, seconds: dict[str, float]
 ) -> Path:
     lines = [
@@ -297,13 +297,13 @@ def _write_report(
         "",
         f"At the export's default η = {info['infer_eta']:g}.",
         "",
-        *_infer_table(info["infer"]),
+        *infer_table(info["infer"]),
         "",
         "Overlays show the coarse patches the fine stage refined, for the images that went on.",
         "",
         "## Short benchmark (`bench/`)",
         "",
-        *_bench_table(bench.rows),
+        *bench_table(bench.rows),
     ]
     lines += ["", "## Measured on", "", *[f"- {line}" for line in info.get("machine", [])]]
     lines += [
@@ -323,7 +323,7 @@ def _write_report(
     return path
 
 
-def _bench_table(rows: list[Any]) -> list[str]:
+def bench_table(rows: list[Any]) -> list[str]:
     """The measured benchmark cells as a Markdown table; a cell not to be trusted says why."""
     from .bench.results import caveats
 
@@ -354,7 +354,7 @@ def _eta_choice_section(choice: dict[str, Any]) -> list[str]:
     ]
 
 
-def _infer_table(s: dict[str, Any]) -> list[str]:
+def infer_table(s: dict[str, Any]) -> list[str]:
     """The `cfvit infer` summary as a two-column table (counts and rates, not a raw dict)."""
     s = {key: s.get(key) or 0 for key in ("inputs", "exited", "fine", "errors", "overlays", "seconds")}
     images = s["exited"] + s["fine"]

@@ -97,14 +97,22 @@ def random_resized_crop(
 
 
 def random_crop(img: Image.Image, pp: PreprocessConfig, rng: np.random.Generator) -> Image.Image:
-    """The evaluation resize (shorter side to `resize_size`, a no-op at that size) and a random crop."""
+    """The evaluation resize (shorter side to `resize_size`, a no-op at that size), a random crop and a
+    horizontal flip half of the time, the crop's offsets chosen so that every output pixel keeps the
+    parity of its image coordinates (even offsets; odd horizontally when flipped): a 1 px pattern keeps
+    its phase, as the built-in set's aligned images need (:mod:`cfvit_deploy.data.synthetic`)."""
     w, h = img.size
     scale = pp.resize_size / min(w, h)
     size = (max(pp.resize_size, int(w * scale)), max(pp.resize_size, int(h * scale)))
     img = img.resize(size, Image.Resampling.BICUBIC)
-    left = int(rng.integers(0, size[0] - pp.crop_size + 1))
-    top = int(rng.integers(0, size[1] - pp.crop_size + 1))
-    return img.crop((left, top, left + pp.crop_size, top + pp.crop_size))
+    flip = bool(rng.random() < 0.5)
+    # flipped, output column u shows input column left + crop - 1 - u, of u's parity when left + crop - 1 is
+    # even: an odd left for the usual even crop (no room for one when the resize equals the crop)
+    shift = int(flip and pp.crop_size % 2 == 0 and size[0] > pp.crop_size)
+    left = 2 * int(rng.integers(0, (size[0] - pp.crop_size - shift) // 2 + 1)) + shift
+    top = 2 * int(rng.integers(0, (size[1] - pp.crop_size) // 2 + 1))
+    img = img.crop((left, top, left + pp.crop_size, top + pp.crop_size))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
 
 
 def normalize(img: Image.Image, pp: PreprocessConfig) -> np.ndarray:
@@ -170,7 +178,7 @@ class ImageFolderDataset(Dataset):
                 img = random_resized_crop(item, self.pp.crop_size, rng, (self.crop_scale, 1.0))
             else:
                 img = random_crop(item, self.pp, rng)
-            if rng.random() < 0.5:
+            if self.crop_scale < 1.0 and rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             item = normalize(img, self.pp)
         return torch.from_numpy(item), self.samples[index][1]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from cfvit_deploy.app.bench import BenchRow
-from cfvit_deploy.app.demo import DemoStepError, _bench_table, _check_bench, _infer_table, _write_report
+from cfvit_deploy.app.demo import DemoStepError, bench_table, check_bench, infer_table, write_report
 
 
 @pytest.mark.slow
@@ -72,17 +72,17 @@ def test_demo_fails_when_the_benchmark_measured_nothing():
         match=r"^demo: the bench step produced nothing: no cfvit or baseline cell "
         r"was measured \(export folder not found: exp\)$",
     ):
-        _check_bench(
+        check_bench(
             [
                 _row("cfvit", "skipped", "export folder not found: exp"),
                 _row("baseline", "skipped", "export folder not found: exp"),
             ]
         )
     with pytest.raises(DemoStepError, match="no baseline cell"):
-        _check_bench([_row("cfvit"), _row("baseline", "error", "boom")])
+        check_bench([_row("cfvit"), _row("baseline", "error", "boom")])
     with pytest.raises(DemoStepError, match="no cell was planned"):
-        _check_bench([])
-    _check_bench([_row("cfvit"), _row("baseline")])  # both measured: fine
+        check_bench([])
+    check_bench([_row("cfvit"), _row("baseline")])  # both measured: fine
 
 
 def test_demo_step_error_is_one_line_exit_1(capfd, monkeypatch):
@@ -90,7 +90,7 @@ def test_demo_step_error_is_one_line_exit_1(capfd, monkeypatch):
     from cli import main
 
     def empty_step(*args, **kwargs):
-        cfvit_deploy.app.demo._check_bench([])
+        cfvit_deploy.app.demo.check_bench([])
 
     monkeypatch.setattr(cfvit_deploy.app.demo, "run_demo", empty_step)
     assert main(["demo", "--out", "x"]) == 1
@@ -100,7 +100,7 @@ def test_demo_step_error_is_one_line_exit_1(capfd, monkeypatch):
 
 
 def test_report_inference_section_is_a_table():
-    lines = _infer_table(
+    lines = infer_table(
         {
             "inputs": 30,
             "exited": 12,
@@ -160,7 +160,7 @@ def test_report_names_the_eta_chosen_for_the_budget(tmp_path):
         status="ok",
     )
     bench = SimpleNamespace(rows=[BenchRow(**cell), BenchRow(**{**cell, "status": "skipped"})])
-    report = _write_report(tmp_path, info, validation, SimpleNamespace(rows=rows), bench, {})
+    report = write_report(tmp_path, info, validation, SimpleNamespace(rows=rows), bench, {})
     benchmark = report.read_text().split("## Short benchmark")[1].split("\n## ")[0]
     assert [line for line in benchmark.splitlines() if line.startswith("| onnxruntime")] == [
         "| onnxruntime/cpu | cfvit | fp32 | 32 | forced | 0.24 | 12.50 | 2560 | 2.50 |  |"
@@ -211,7 +211,7 @@ def test_report_marks_cells_measured_under_load_or_faster_than_their_gmacs(tmp_p
         _bench_cell("cfvit", 0.25, 0.040, 250.0, 5.0),  # within 0.117 / 0.040 = 2.9x: trusted
     ]
     add_speedups(rows)
-    table = "\n".join(_bench_table(rows))
+    table = "\n".join(bench_table(rows))
     loaded, fast = (line for line in table.splitlines() if line.startswith("| onnxruntime/cpu | cfvit"))
     assert "under load: other processes used 75% of the CPUs" in loaded
     assert "2.04x is more than 10% above the 1.31x its GMACs allow" in loaded

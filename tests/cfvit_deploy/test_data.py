@@ -20,7 +20,13 @@ from cfvit_deploy.data.folder import (
     random_crop,
     random_resized_crop,
 )
-from cfvit_deploy.data.synthetic import CLASSES, _texels, ensure_synthetic_dataset, make_synthetic_dataset, read_meta
+from cfvit_deploy.data.synthetic import (
+    CLASSES,
+    ensure_synthetic_dataset,
+    make_synthetic_dataset,
+    pattern_texels,
+    read_meta,
+)
 from cfvit_deploy.errors import OutputExistsError, UsageError
 from cfvit_deploy.preprocessing import PreprocessConfig, load_image, preprocess
 
@@ -56,7 +62,7 @@ def test_patterns_vanish_at_half_resolution() -> None:
     for seed in range(4):
         full = set()
         for label in range(len(CLASSES)):
-            texels = _texels(label, 32, 32, np.random.default_rng(seed))
+            texels = pattern_texels(label, 32, 32, np.random.default_rng(seed))
             assert len(np.unique(texels[::2, ::2])) == 1
             full.add(texels.tobytes())
         assert len(full) == len(CLASSES)
@@ -158,11 +164,59 @@ def test_normalize_matches_preprocess_bitwise() -> None:
 
 
 def test_random_crop_keeps_pixels_at_the_resize_size() -> None:
-    """crop_scale=1: the evaluation resize (a no-op for 256 px images) and a translation only."""
+    """crop_scale=1: the evaluation resize (a no-op for 256 px images), a translation and maybe a flip."""
     pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    out = np.asarray(random_crop(Image.fromarray(pixels), PP, np.random.default_rng(1)))
-    assert out.shape == (224, 224, 3)
-    assert any(np.array_equal(out, pixels[y : y + 224, x : x + 224]) for y in range(33) for x in range(33))
+    for seed in range(6):
+        out = np.asarray(random_crop(Image.fromarray(pixels), PP, np.random.default_rng(seed)))
+        assert out.shape == (224, 224, 3)
+        windows = [pixels[y : y + 224, x : x + 224] for y in range(33) for x in range(33)]
+        assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
+
+
+def test_random_crop_keeps_every_pixels_parity() -> None:
+    """A 1 px pattern keeps its phase through the training crop, flipped or not (the built-in set's aligned
+    images rely on it); both flips and several offsets occur."""
+    x_parity = np.broadcast_to((np.arange(256) % 2 * 255).astype(np.uint8)[None, :], (256, 256))
+    y_parity = x_parity.T
+    column = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :], (256, 256))  # tells offset and flip apart
+    marked = Image.fromarray(np.stack([x_parity, y_parity, column], axis=-1))
+    seen = set()
+    for seed in range(40):
+        out = np.asarray(random_crop(marked, PP, np.random.default_rng(seed)))
+        assert np.array_equal(out[:, :, 0], x_parity[:224, :224]) and np.array_equal(out[:, :, 1], y_parity[:224, :224])
+        seen.add((int(out[0, 0, 2]), bool(out[0, 1, 2] < out[0, 0, 2])))
+    assert {flipped for _, flipped in seen} == {False, True} and len(seen) > 10
+
+
+def test_aligned_texels_follow_the_image_grid() -> None:
+    """Given its box's origin, a pattern's tile cell (0, 0) sits on even image coordinates whatever the
+    rng draws; without one, both phases occur."""
+    for label in range(len(CLASSES)):
+        tile = pattern_texels(label, 2, 2, np.random.default_rng(0), origin=(0, 0))
+        for origin in ((0, 0), (3, 0), (0, 5), (7, 9)):
+            got = pattern_texels(label, 6, 6, np.random.default_rng(origin), origin=origin)
+            ys, xs = np.arange(6)[:, None] + origin[1], np.arange(6)[None, :] + origin[0]
+            assert np.array_equal(got, tile[ys % 2, xs % 2])
+    phases = {pattern_texels(2, 4, 4, np.random.default_rng(s)).tobytes() for s in range(8)}
+    assert len(phases) == 2  # hstripes at both phases
+
+
+def test_every_second_training_image_is_aligned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training images 0, 2, 4, ... of each class are aligned; held-out images never are."""
+    from cfvit_deploy.data import synthetic as syn
+
+    calls: list[tuple[int, bool]] = []
+    real = syn.render
+
+    def spy(label: int, hard: bool, rng: np.random.Generator, size: int = 256, aligned: bool = False) -> Image.Image:
+        calls.append((label, aligned))
+        return real(label, hard, rng, 32, aligned)
+
+    monkeypatch.setattr(syn, "render", spy)
+    make_synthetic_dataset(tmp_path / "d", 4, 3, seed=0)
+    per_class_train = [aligned for _, aligned in calls[: 4 * len(CLASSES)]]
+    assert per_class_train == [True, False, True, False] * len(CLASSES)
+    assert not any(aligned for _, aligned in calls[4 * len(CLASSES) :]) and len(calls) == 7 * len(CLASSES)
 
 
 @settings(max_examples=30, deadline=None)

@@ -27,6 +27,7 @@ from cfvit_deploy.training import (
     train_demo,
     train_forward,
 )
+from cfvit_deploy.training_recipe import DEMO_EXPECTED_FINE, DEMO_EXPECTED_GAP
 
 #: g=2 keeps the real depth and width but makes the input 64 px (fast on 2 cores).
 TINY = TrainRecipe(coarse_grid=2, epochs=2, batch_size=10, lr=1e-3, warmup_epochs=0.5, selection_after=1)
@@ -237,13 +238,12 @@ def test_cli_make_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 @pytest.mark.slow
-def test_demo_recipe_puts_fine_above_coarse(tmp_path: Path) -> None:
-    """The demo recipe (a few minutes on 2 cores) learns, and the fine stage clearly beats the coarse, a
-    little below the worst seed-0 run measured (issue 23: 57% coarse / 77% fine with 1 thread on an AMD
-    EPYC). The goal, fine >= 90% on every thread count (DEMO_EXPECTED_FINE), is not met yet: see
-    DEMO_RECIPE and benchmarks/results/demo_recipe/."""
+def test_demo_recipe_reaches_the_promised_range(tmp_path: Path) -> None:
+    """The demo recipe (a few minutes on 2 cores) reaches the range `cfvit demo` promises: fine top-1 >=
+    90% and >= 20 points above the coarse stage, on whatever CPU and thread count CI has (measured over
+    seeds and 1/2 threads: benchmarks/results/demo_recipe/aligned/)."""
     val = train_demo(tmp_path).val
-    assert val.fine_acc >= 0.7 and val.fine_acc >= val.coarse_acc + 0.1
+    assert val.fine_acc >= DEMO_EXPECTED_FINE and val.fine_acc - val.coarse_acc >= DEMO_EXPECTED_GAP
 
 
 def test_train_splits_flat_class_folders(data: Path, tmp_path: Path) -> None:

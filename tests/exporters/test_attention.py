@@ -14,7 +14,7 @@ from cfvit_deploy.layers import Attention
 from cfvit_deploy.manifest import Manifest
 from cfvit_deploy.model import CFViT
 from exporters import export, validate
-from exporters.attention import _fused_forward, attention_mode
+from exporters.attention import attention_mode, fused_forward
 
 
 @pytest.mark.parametrize("scale_query", [False, True])
@@ -25,7 +25,7 @@ def test_fused_forward_matches_attention_and_its_class_row(scale_query):
     x = torch.randn(2, 17, 48)
     with torch.no_grad():
         out, full = attn(x)
-        fused_out, row = _fused_forward(attn, x)
+        fused_out, row = fused_forward(attn, x)
     assert row.shape == (2, 3, 1, 17)
     torch.testing.assert_close(fused_out, out, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(row, full[:, :, :1], atol=1e-7, rtol=1e-5)

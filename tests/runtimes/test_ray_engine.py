@@ -18,7 +18,7 @@ import cli
 from cfvit_deploy.errors import ManifestError, MissingExtraError, UsageError
 from runtimes.infer import InferInterrupted, InferRow, InferStopped, RayOptions, infer
 from runtimes.ray_cluster import layout_pool, plan_actors
-from runtimes.ray_engine import _load_pipeline_manifest
+from runtimes.ray_engine import load_pipeline_manifest
 from runtimes.sinks import summary_path
 from tests.conftest import FIXTURES
 
@@ -280,12 +280,12 @@ def test_actor_verifies_checksums(export, tmp_path) -> None:
     """What each actor loads: coarse and fine only (baseline.onnx is not shipped), sha256 verified."""
     copy = tmp_path / "copy"
     shutil.copytree(export, copy)
-    manifest = _load_pipeline_manifest(copy)
+    manifest = load_pipeline_manifest(copy)
     assert set(manifest.graphs) == {"coarse", "fine"}
     fine = copy / manifest.graphs["fine"].file
     fine.write_bytes(fine.read_bytes()[:-1] + b"\0")
     with pytest.raises(ManifestError, match="checksum mismatch"):
-        _load_pipeline_manifest(copy)
+        load_pipeline_manifest(copy)
 
 
 def test_cli_starts_and_stops_its_own_cluster(export, images, local_rows, tmp_path) -> None:
