@@ -59,3 +59,10 @@ def test_either_condition_failing_keeps_exact_the_default(flips, stage_flips):
     s = da.summarize(_rows(1000, flips, stage_flips))
     assert s["fast_may_be_default"] is False
     assert "does NOT meet" in da.report(s, {"eta": 0.7, "machine": "test"})
+
+
+def test_report_labels_decode_times_busy_only_when_told():
+    s = da.summarize(_rows(1000, 0, 0))
+    assert "BUSY machine" in da.report(s, {"eta": 0.7, "machine": "m", "busy": True})
+    assert "BUSY" not in da.report(s, {"eta": 0.7, "machine": "m", "busy": False})
+    assert "BUSY machine" in da.report(s, {"eta": 0.7, "machine": "m"})  # results written before --busy existed
