@@ -13,6 +13,7 @@ implementation and an install without OpenVINO never loads its backend:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -74,6 +75,22 @@ class SessionConfig:
     #: Process-wide: once a session uses it, every later session of the process must too, with the same
     #: `threads` (ONNX Runtime cannot mix them), so it is opt-in.
     shared_threads: bool = False
+
+    @property
+    def effective_threads(self) -> int | None:
+        """`threads`, or where it is None and this process may run on fewer CPUs than the machine has
+        (`taskset`, a container's cpuset), that many: a runtime's own default counts the machine's cores
+        and would put several spinning threads on one allowed core. None otherwise (the runtime's default)."""
+        return self.threads or pinned_cpus()
+
+
+def pinned_cpus() -> int | None:
+    """How many CPUs this process may run on, where that is fewer than the machine has; else None."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no affinity to honour
+        return None
+    return allowed if allowed < (os.cpu_count() or allowed) else None
 
 
 def check_provider(provider: str) -> str:

@@ -39,7 +39,7 @@ from cfvit_deploy.preprocessing import DECODE_MODES, DEFAULT_MAX_PIXELS, Preproc
 from cfvit_deploy.progress import ProgressHook
 from cfvit_deploy.wording import plural
 
-from .backends import SessionConfig, check_provider
+from .backends import SessionConfig, check_provider, pinned_cpus
 from .inference import (
     OUTPUT_SUFFIXES,
     PREFETCH_BATCHES,
@@ -273,7 +273,7 @@ def _local_rows(
 
 def default_decode_workers() -> int:
     """Threads of the local engine's decode-ahead pool when `workers` is not given."""
-    return min(4, os.cpu_count() or 1)
+    return min(4, pinned_cpus() or os.cpu_count() or 1)
 
 
 def _manifest(source: str | Path | Manifest | CFViTPipeline) -> Manifest:

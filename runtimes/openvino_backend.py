@@ -36,8 +36,8 @@ class OpenVinoBackend:
         self.manifest = manifest
         self.config = config or SessionConfig()
         properties: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
-        if self.config.threads:
-            properties["INFERENCE_NUM_THREADS"] = int(self.config.threads)
+        if self.config.effective_threads:
+            properties["INFERENCE_NUM_THREADS"] = int(self.config.effective_threads)
         core = ov.Core()
         self.compiled: dict[str, Any] = {}
         for name in graphs or DEFAULT_GRAPHS:

@@ -120,11 +120,12 @@ class OrtBackend:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[cfg.graph_optimization]
-        shared = _use_shared_pool(cfg.shared_threads, cfg.threads)
+        threads = cfg.effective_threads
+        shared = _use_shared_pool(cfg.shared_threads, threads)
         if shared:
             so.use_per_session_threads = False
-        elif cfg.threads:
-            so.intra_op_num_threads = cfg.threads
+        elif threads:
+            so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
         if not cfg.spin and not shared:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")

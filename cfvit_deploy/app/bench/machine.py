@@ -128,8 +128,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def default_threads() -> int:
-    """Physical cores (the default for every runtime's intra-op threads)."""
-    return _psutil().cpu_count(logical=False) or os.cpu_count() or 1
+    """Physical cores (the default for every runtime's intra-op threads), at most the CPUs this process
+    may run on (`taskset`, a cpuset)."""
+    from runtimes.backends import pinned_cpus
+
+    physical = _psutil().cpu_count(logical=False) or os.cpu_count() or 1
+    return min(physical, pinned_cpus() or physical)
 
 
 # -- concurrent load ----------------------------------------------------------------------------------
