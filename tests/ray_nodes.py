@@ -126,10 +126,15 @@ class LocalCluster:
         return next((c for c in children if _name(c) == "raylet"), None)
 
     def kill_node(self, node: int) -> None:
-        """Lose node `node` as a machine would: SIGKILL its raylet (its workers then exit)."""
+        """Lose node `node` as a machine would: SIGKILL its raylet and the worker processes it started, at once.
+
+        Killing the raylet alone leaves its workers alive until they notice, still answering the actor calls
+        other workers send them directly, so a short run could finish on the "lost" node."""
         raylet = self.raylet(node)
         assert raylet is not None, f"node {node} has no raylet"
-        raylet.kill()
+        for proc in [raylet, *raylet.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL, every process this cluster started: its process groups and their descendants
