@@ -30,10 +30,10 @@ from cfvit_deploy.app.serve.metrics import ServeMetrics  # noqa: E402
 from cfvit_deploy.app.serve.requests import Limits  # noqa: E402
 from cfvit_deploy.manifest import Manifest  # noqa: E402
 from cfvit_deploy.preprocessing import load_and_preprocess  # noqa: E402
-from runtimes import CFViTPipeline  # noqa: E402
 from runtimes.backends import create_backend  # noqa: E402
 from runtimes.batching import BatchingEngine, EngineConfig, StageRunner  # noqa: E402
 from runtimes.infer import infer  # noqa: E402
+from tests.app.serve.media import make_images, midpoint_eta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT = 90  # seconds: the server's start, and any single request
@@ -54,27 +54,12 @@ def export_dir(export_dir_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("v2-images")
-    paths = []
-    for seed in range(8):
-        small = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
-        path = folder / f"img{seed:02d}.{'png' if seed % 2 else 'jpg'}"
-        Image.fromarray(small).resize([(240, 200), (300, 180), (224, 224)][seed % 3], Image.Resampling.BICUBIC).save(
-            path
-        )
-        paths.append(path)
-    return paths
+    return make_images(tmp_path_factory.mktemp("v2-images"), 8)
 
 
 @pytest.fixture(scope="module")
 def mixed_eta(export_dir, images) -> float:
-    """Between two middle coarse confidences (a float32 value): about half the images exit."""
-    manifest = Manifest.load(export_dir)
-    batch = np.stack([load_and_preprocess(p, manifest.preprocessing) for p in images])
-    c = np.sort(CFViTPipeline(manifest).run(batch, 0.0).confidence.astype(np.float64))
-    mid = len(c) // 2
-    assert c[mid] - c[mid - 1] > 1e-4
-    return float(np.float32((c[mid - 1] + c[mid]) / 2))
+    return midpoint_eta(export_dir, images)
 
 
 def _rows(export_dir, images, eta) -> list[dict]:
